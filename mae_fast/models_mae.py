@@ -1,0 +1,426 @@
+"""Masked Autoencoder with a ViT backbone, exact to the official code (see REFERENCE.md).
+
+Names, public methods and ``state_dict`` keys follow facebookresearch/mae ``models_mae.py`` so that
+official checkpoints load unchanged and code calling ``forward_encoder`` / ``forward_decoder`` /
+``forward_loss`` / ``patchify`` / ``unpatchify`` ports as is. What differs is only *how* it is
+computed: the encoder embeds just the visible patches (gather, then one GEMM) instead of embedding
+every patch and throwing 75% away, and attention goes through a pluggable backend.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import get_attention
+from .pos_embed import get_2d_sincos_pos_embed
+
+LN_EPS = 1e-6
+NORM_PIX_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class MAEConfig:
+    """Shape of a MAE model: everything the FLOPs counter and checkpoints need to know."""
+
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    embed_dim: int = 1024
+    depth: int = 24
+    num_heads: int = 16
+    decoder_embed_dim: int = 512
+    decoder_depth: int = 8
+    decoder_num_heads: int = 16
+    mlp_ratio: float = 4.0
+    norm_pix_loss: bool = False
+
+    @property
+    def grid_size(self) -> int:
+        return self.img_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def patch_dim(self) -> int:
+        return self.patch_size**2 * self.in_chans
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class PatchEmbed(nn.Module):
+    """Stride-p convolution (key ``proj``, as timm's) that can also embed pre-extracted patches.
+
+    The conv weight is (D, C, p, p), i.e. (c, py, px) order; ``embed_patches`` permutes it to
+    patchify's (py, px, c) order so that one GEMM on gathered patches equals conv-then-gather.
+    """
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def weight_in_patch_order(self) -> torch.Tensor:
+        """Conv weight as a (D, p*p*C) matrix in patchify's (py, px, c) order."""
+        w = self.proj.weight
+        return w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)
+
+    def embed_patches(self, patches: torch.Tensor) -> torch.Tensor:
+        """(N, K, p*p*C) patchified pixels -> (N, K, D) embeddings."""
+        return F.linear(patches, self.weight_in_patch_order(), self.proj.bias)
+
+    def forward(self, imgs: torch.Tensor) -> torch.Tensor:
+        """All patches, as the official code: (N, C, H, W) -> (N, L, D)."""
+        return self.proj(imgs).flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused qkv Linear (columns q|k|v, then heads)."""
+
+    def __init__(self, dim: int, num_heads: int, attn_backend: str = "sdpa"):
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+        self.attn_backend = attn_backend
+        self._attend = get_attention(attn_backend)
+
+    def set_backend(self, attn_backend: str) -> None:
+        self._attend = get_attention(attn_backend)
+        self.attn_backend = attn_backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
+        return self.proj(self._attend(qkv).reshape(B, N, C))
+
+
+class Mlp(nn.Module):
+    """fc1 -> exact (erf) GELU -> fc2."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x += attn(LN(x)); x += mlp(LN(x)). No dropout, no drop path."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, attn_backend: str = "sdpa"):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.attn = Attention(dim, num_heads, attn_backend)
+        self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class MaskedAutoencoderViT(nn.Module):
+    """MAE: ViT encoder on the visible patches, light decoder with a learned mask token."""
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 1024,
+        depth: int = 24,
+        num_heads: int = 16,
+        decoder_embed_dim: int = 512,
+        decoder_depth: int = 8,
+        decoder_num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        norm_pix_loss: bool = False,
+        attn_backend: str = "sdpa",
+    ):
+        super().__init__()
+        if img_size % patch_size != 0:
+            raise ValueError(
+                f"img_size {img_size} is not a multiple of patch_size {patch_size} "
+                f"({img_size} / {patch_size} = {img_size / patch_size:g})"
+            )
+        self.config = MAEConfig(
+            img_size, patch_size, in_chans, embed_dim, depth, num_heads,
+            decoder_embed_dim, decoder_depth, decoder_num_heads, mlp_ratio, norm_pix_loss,
+        )
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.in_chans = in_chans
+        self.norm_pix_loss = norm_pix_loss
+        num_patches = self.config.num_patches
+
+        # encoder
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim), requires_grad=False)
+        self.blocks = nn.ModuleList(
+            [Block(embed_dim, num_heads, mlp_ratio, attn_backend) for _ in range(depth)]
+        )
+        self.norm = nn.LayerNorm(embed_dim, eps=LN_EPS)
+
+        # decoder
+        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        self.decoder_pos_embed = nn.Parameter(
+            torch.zeros(1, num_patches + 1, decoder_embed_dim), requires_grad=False
+        )
+        self.decoder_blocks = nn.ModuleList(
+            [Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, attn_backend) for _ in range(decoder_depth)]
+        )
+        self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=LN_EPS)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, self.config.patch_dim)
+
+        self.initialize_weights()
+
+    # ------------------------------------------------------------------ init
+    def initialize_weights(self) -> None:
+        """Official init: fixed sin-cos tables, xavier_uniform Linears/patch embed, tokens N(0, 0.02)."""
+        g = self.config.grid_size
+        pos = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], g, cls_token=True)
+        self.pos_embed.data.copy_(torch.from_numpy(pos).float().unsqueeze(0))
+        dec_pos = get_2d_sincos_pos_embed(self.decoder_pos_embed.shape[-1], g, cls_token=True)
+        self.decoder_pos_embed.data.copy_(torch.from_numpy(dec_pos).float().unsqueeze(0))
+
+        w = self.patch_embed.proj.weight.data
+        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+        nn.init.normal_(self.cls_token, std=0.02)
+        nn.init.normal_(self.mask_token, std=0.02)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.constant_(m.bias, 0)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.constant_(m.bias, 0)
+            nn.init.constant_(m.weight, 1.0)
+
+    def set_attn_backend(self, attn_backend: str) -> None:
+        """Switch every block's attention backend (see ``mae_fast.attention``)."""
+        for blk in [*self.blocks, *self.decoder_blocks]:
+            blk.attn.set_backend(attn_backend)
+
+    # ---------------------------------------------------------- layout utils
+    def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) -> (N, L, p*p*3); patches row-major, (py, px, c) inside a patch."""
+        p = self.patch_size
+        N, C, H, W = imgs.shape
+        h, w = H // p, W // p
+        x = imgs.reshape(N, C, h, p, w, p)
+        x = torch.einsum("nchpwq->nhwpqc", x)
+        return x.reshape(N, h * w, p * p * C)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, L, p*p*3) -> (N, 3, H, W); the exact inverse of ``patchify`` for square grids."""
+        p = self.patch_size
+        h = w = int(x.shape[1] ** 0.5)
+        if h * w != x.shape[1]:
+            raise ValueError(f"unpatchify needs a square number of patches, got {x.shape[1]}")
+        C = x.shape[2] // (p * p)
+        x = x.reshape(x.shape[0], h, w, p, p, C)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(x.shape[0], C, h * p, w * p)
+
+    # ------------------------------------------------------------- checks
+    def check_images(self, imgs: torch.Tensor) -> None:
+        """Raise ValueError naming the numbers if ``imgs`` is not (N, in_chans, img_size, img_size)."""
+        if imgs.dim() != 4:
+            raise ValueError(f"images must be (N, C, H, W), got a {imgs.dim()}-D tensor {tuple(imgs.shape)}")
+        N, C, H, W = imgs.shape
+        p = self.patch_size
+        if C != self.in_chans:
+            raise ValueError(f"images have {C} channels; this model takes {self.in_chans} (shape {tuple(imgs.shape)})")
+        if H % p or W % p:
+            raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {p}")
+        if H != self.img_size or W != self.img_size:
+            raise ValueError(
+                f"image size {H}x{W} does not match the model's img_size {self.img_size}x{self.img_size} "
+                f"(its position table has {self.config.num_patches} patches); build the model with "
+                f"img_size={H} or resize the images"
+            )
+        if N == 0:
+            raise ValueError("got an empty batch (N = 0)")
+
+    def num_visible(self, mask_ratio: float) -> int:
+        """len_keep = int(L * (1 - mask_ratio)), validated: ValueError unless 0 < ratio < 1 and >= 1 kept."""
+        L = self.config.num_patches
+        if not 0.0 < mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
+        len_keep = int(L * (1 - mask_ratio))
+        if len_keep < 1:
+            raise ValueError(
+                f"mask_ratio {mask_ratio} leaves no visible patch: int({L} * (1 - {mask_ratio})) = {len_keep}"
+            )
+        return len_keep
+
+    # ------------------------------------------------------------ masking
+    def masking_ids(
+        self, N: int, mask_ratio: float, noise: Optional[torch.Tensor] = None, device=None
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-sample random masking from ``noise`` (N, L) (small noise = kept).
+
+        Returns ids_keep (N, len_keep) in noise order, mask (N, L) float32 in patch order with
+        1 = removed, and ids_restore (N, L) = argsort(ids_shuffle).
+        """
+        L = self.config.num_patches
+        len_keep = self.num_visible(mask_ratio)
+        if noise is None:
+            noise = torch.rand(N, L, device=device)
+        elif tuple(noise.shape) != (N, L):
+            raise ValueError(f"noise must have shape (N, L) = ({N}, {L}), got {tuple(noise.shape)}")
+        ids_shuffle = torch.argsort(noise, dim=1)
+        ids_restore = torch.argsort(ids_shuffle, dim=1)
+        ids_keep = ids_shuffle[:, :len_keep]
+        mask = (ids_restore >= len_keep).to(torch.float32)
+        return ids_keep, mask, ids_restore
+
+    def random_masking(
+        self, x: torch.Tensor, mask_ratio: float, noise: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Official API: keep tokens of ``x`` (N, L, D); returns (x_masked, mask, ids_restore)."""
+        N, L, D = x.shape
+        ids_keep, mask, ids_restore = self.masking_ids(N, mask_ratio, noise, x.device)
+        x_masked = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, D))
+        return x_masked, mask, ids_restore
+
+    # ------------------------------------------------------------ encoder
+    def forward_encoder(
+        self, imgs: torch.Tensor, mask_ratio: float, noise: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Visible patches -> (latent (N, 1+len_keep, D), mask (N, L), ids_restore (N, L))."""
+        self.check_images(imgs)
+        ids_keep, mask, ids_restore = self.masking_ids(imgs.shape[0], mask_ratio, noise, imgs.device)
+
+        # gather raw patches first, then embed only those (equals embed-then-gather)
+        patches = self.patchify(imgs)
+        patches = torch.gather(patches, 1, ids_keep.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+        x = self.patch_embed.embed_patches(patches)
+        pos = self.pos_embed[:, 1:].expand(x.shape[0], -1, -1)
+        x = x + torch.gather(pos, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+        cls_tokens = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        x = torch.cat((cls_tokens, x), dim=1)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x), mask, ids_restore
+
+    def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
+        """Encoder on all patches in spatial order, no masking: (N, 1+L, D), as timm's ViT."""
+        self.check_images(imgs)
+        x = self.patch_embed(imgs) + self.pos_embed[:, 1:]
+        cls_tokens = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        x = torch.cat((cls_tokens, x), dim=1)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
+    # ------------------------------------------------------------ decoder
+    def forward_decoder(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """Latent (N, 1+len_keep, D) -> predictions (N, L, p*p*3) for every patch."""
+        x = self.decoder_embed(x)
+        N, T, Dd = x.shape
+        L = ids_restore.shape[1]
+        mask_tokens = self.mask_token.expand(N, L + 1 - T, Dd)
+        x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)
+        x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, Dd))
+        x = torch.cat([x[:, :1, :], x_], dim=1)
+        x = x + self.decoder_pos_embed
+
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        x = self.decoder_norm(x)
+        x = self.decoder_pred(x)
+        return x[:, 1:, :]
+
+    # --------------------------------------------------------------- loss
+    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean squared error over masked patches; with norm_pix_loss the target is each patch
+        normalized by its own mean and unbiased variance (eps 1e-6). Float32 result."""
+        target = self.patchify(imgs).float()
+        if self.norm_pix_loss:
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + NORM_PIX_EPS) ** 0.5
+        loss = (pred.float() - target) ** 2
+        loss = loss.mean(dim=-1)
+        return (loss * mask).sum() / mask.sum()
+
+    def forward(
+        self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (loss, pred (N, L, p*p*3), mask (N, L) with 1 = removed)."""
+        self.num_visible(mask_ratio)  # fail on a bad ratio before any work
+        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
+        pred = self.forward_decoder(latent, ids_restore)
+        loss = self.forward_loss(imgs, pred, mask)
+        return loss, pred, mask
+
+
+# ------------------------------------------------------------------ factories
+def _mae(defaults: dict, kwargs: dict) -> MaskedAutoencoderViT:
+    return MaskedAutoencoderViT(**{**defaults, **kwargs})
+
+
+def mae_vit_tiny_patch8(**kwargs) -> MaskedAutoencoderViT:
+    """Tiny model for tests and CPU demos: 64 px, patch 8 (64 patches), 96-d x 4, decoder 64-d x 2."""
+    return _mae(dict(img_size=64, patch_size=8, embed_dim=96, depth=4, num_heads=3,
+                     decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=2), kwargs)
+
+
+def mae_vit_base_patch16(**kwargs) -> MaskedAutoencoderViT:
+    """ViT-B/16 encoder (768-d, 12 blocks, 12 heads), 512-d x 8 decoder."""
+    return _mae(dict(patch_size=16, embed_dim=768, depth=12, num_heads=12,
+                     decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16), kwargs)
+
+
+def mae_vit_large_patch16(**kwargs) -> MaskedAutoencoderViT:
+    """ViT-L/16 encoder (1024-d, 24 blocks, 16 heads), 512-d x 8 decoder."""
+    return _mae(dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16,
+                     decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16), kwargs)
+
+
+def mae_vit_huge_patch14(**kwargs) -> MaskedAutoencoderViT:
+    """ViT-H/14 encoder (1280-d, 32 blocks, 16 heads of 80), 512-d x 8 decoder."""
+    return _mae(dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16,
+                     decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16), kwargs)
+
+
+# official aliases
+mae_vit_base_patch16_dec512d8b = mae_vit_base_patch16
+mae_vit_large_patch16_dec512d8b = mae_vit_large_patch16
+mae_vit_huge_patch14_dec512d8b = mae_vit_huge_patch14
+
+MODELS = {
+    "mae_vit_tiny_patch8": mae_vit_tiny_patch8,
+    "mae_vit_base_patch16": mae_vit_base_patch16,
+    "mae_vit_large_patch16": mae_vit_large_patch16,
+    "mae_vit_huge_patch14": mae_vit_huge_patch14,
+}
+
+
+def create_model(name: str, **kwargs) -> MaskedAutoencoderViT:
+    """Build a model by factory name (``MODELS``); unknown names list the known ones."""
+    try:
+        factory = MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}") from None
+    return factory(**kwargs)

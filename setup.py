@@ -1,0 +1,43 @@
+"""mae-fast: one distribution, one import namespace (``mae_fast``).
+
+The top-level source folders ``kernels/``, ``train/`` and ``bench/`` are installed as
+``mae_fast.kernels``, ``mae_fast.train`` and ``mae_fast.bench`` so that nothing generic
+(``kernels``, ``train``, ``bench``) lands in site-packages.
+"""
+from setuptools import setup
+
+TEST = ["pytest>=7", "pytest-benchmark>=4"]
+GPU = ["xformers", "nvidia-dali-cuda130"]
+
+setup(
+    name="mae-fast",
+    version="0.1.0",
+    description="Fast, exact Masked Autoencoders (He et al., 2021) for PyTorch",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["mae_fast", "mae_fast.kernels", "mae_fast.train", "mae_fast.bench"],
+    package_dir={
+        "mae_fast": "mae_fast",
+        "mae_fast.kernels": "kernels",
+        "mae_fast.train": "train",
+        "mae_fast.bench": "bench",
+    },
+    install_requires=[
+        "torch>=2.5",
+        # timm >= 0.9 works with current torch (0.3.2, the official pin, does not);
+        # no upper pin so pip never swaps the user's torch for another build.
+        "timm>=0.9",
+        "numpy",
+    ],
+    extras_require={
+        "test": TEST,
+        "gpu": GPU,
+        "all": TEST + GPU,
+    },
+    entry_points={
+        "console_scripts": [
+            "mae-flops=mae_fast.bench.flops:main",
+        ],
+    },
+)
