@@ -354,13 +354,15 @@ class MaskedAutoencoderViT(nn.Module):
     # --------------------------------------------------------------- loss
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Mean squared error over masked patches; with norm_pix_loss the target is each patch
-        normalized by its own mean and unbiased variance (eps 1e-6). Float32 result."""
-        target = self.patchify(imgs).float()
+        normalized by its own mean and unbiased variance (eps 1e-6). Computed in float32 at least
+        (bf16/fp16 predictions are upcast; float64 stays float64)."""
+        dtype = torch.promote_types(pred.dtype, torch.float32)
+        target = self.patchify(imgs).to(dtype)
         if self.norm_pix_loss:
             mean = target.mean(dim=-1, keepdim=True)
             var = target.var(dim=-1, keepdim=True)
             target = (target - mean) / (var + NORM_PIX_EPS) ** 0.5
-        loss = (pred.float() - target) ** 2
+        loss = (pred.to(dtype) - target) ** 2
         loss = loss.mean(dim=-1)
         return (loss * mask).sum() / mask.sum()
 

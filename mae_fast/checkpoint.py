@@ -1,0 +1,203 @@
+"""Official-format checkpoints: load them with clear errors, save them atomically, export to timm.
+
+An official checkpoint file is a dict whose ``"model"`` entry is the state_dict (REFERENCE.md §7);
+the released ``mae_pretrain_vit_*.pth`` files hold the encoder only.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Union
+
+import torch
+import torch.nn as nn
+
+from .pos_embed import resize_pos_embed
+
+log = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+StateDict = Dict[str, torch.Tensor]
+
+#: state_dict prefixes that belong to the decoder (everything else is the encoder)
+DECODER_PREFIXES = ("mask_token", "decoder_")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded into the model; the message names file, key and shapes."""
+
+
+def is_decoder_key(key: str) -> bool:
+    return key.startswith(DECODER_PREFIXES)
+
+
+def read_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> dict:
+    """``torch.load`` a checkpoint with weights_only, allowing the argparse Namespace official files hold.
+
+    Raises CheckpointError naming the file when it is missing, empty, truncated or not a checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path}: no such file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path}: file is empty (0 bytes)")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises several types for corrupt/truncated/pickled files
+        raise CheckpointError(
+            f"checkpoint {path}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            f"the file is truncated, corrupt, or not a PyTorch checkpoint"
+        ) from e
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"checkpoint {path}: holds a {type(obj).__name__}, expected a dict")
+    return obj
+
+
+def extract_state_dict(ckpt: Mapping, source: str = "checkpoint") -> StateDict:
+    """The model weights of a checkpoint dict: its ``"model"`` entry, or the dict itself if it is one."""
+    if "model" in ckpt and isinstance(ckpt["model"], Mapping):
+        sd = ckpt["model"]
+    elif ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        sd = ckpt
+    else:
+        raise CheckpointError(
+            f"{source}: no 'model' key and not a state_dict (top-level keys: {sorted(ckpt)[:10]})"
+        )
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+@dataclass
+class LoadReport:
+    """What ``load_mae_checkpoint`` did: which keys were loaded and which the file lacked."""
+
+    source: str
+    loaded: List[str] = field(default_factory=list)
+    missing_decoder: List[str] = field(default_factory=list)
+
+    @property
+    def encoder_only(self) -> bool:
+        return bool(self.missing_decoder)
+
+    def summary(self) -> str:
+        if not self.missing_decoder:
+            return f"{self.source}: loaded all {len(self.loaded)} tensors"
+        return (
+            f"{self.source}: encoder-only checkpoint: loaded {len(self.loaded)} encoder tensors; "
+            f"{len(self.missing_decoder)} decoder tensors missing "
+            f"({_summarize_keys(self.missing_decoder)}) keep their initialization"
+        )
+
+
+def _summarize_keys(keys: List[str]) -> str:
+    """Collapse 'decoder_blocks.3.attn.qkv.weight'-style keys to 'decoder_blocks.0-7.*'."""
+    groups: Dict[str, set] = {}
+    plain: List[str] = []
+    for k in keys:
+        parts = k.split(".")
+        if len(parts) > 2 and parts[1].isdigit():
+            groups.setdefault(parts[0], set()).add(int(parts[1]))
+        else:
+            top = parts[0] + (".*" if len(parts) > 1 else "")
+            if top not in plain:
+                plain.append(top)
+    for name, idx in groups.items():
+        plain.append(f"{name}.{min(idx)}-{max(idx)}.*" if len(idx) > 1 else f"{name}.{min(idx)}.*")
+    return ", ".join(plain)
+
+
+def check_compatible(model_sd: Mapping[str, torch.Tensor], ckpt_sd: Mapping[str, torch.Tensor], source: str) -> List[str]:
+    """Raise CheckpointError on the first unexpected key or shape mismatch; return the missing keys.
+
+    Keys are checked in the model's order so the error names the first mismatching key.
+    """
+    for key, ref in model_sd.items():
+        if key in ckpt_sd and tuple(ckpt_sd[key].shape) != tuple(ref.shape):
+            hint = ""
+            if key in ("pos_embed", "decoder_pos_embed"):
+                hint = " (another img_size or patch size? build the model to match, or resize with mae_fast.pos_embed.resize_pos_embed)"
+            raise CheckpointError(
+                f"{source}: key '{key}' has shape {tuple(ckpt_sd[key].shape)} in the checkpoint but "
+                f"{tuple(ref.shape)} in the model: the checkpoint is of another model or size{hint}"
+            )
+    unexpected = [k for k in ckpt_sd if k not in model_sd]
+    if unexpected:
+        raise CheckpointError(
+            f"{source}: key '{unexpected[0]}' is not in this model ({len(unexpected)} unexpected keys: "
+            f"{_summarize_keys(unexpected)}); the checkpoint is of another model"
+        )
+    return [k for k in model_sd if k not in ckpt_sd]
+
+
+def load_mae_checkpoint(
+    model: nn.Module, checkpoint: Union[PathLike, Mapping], map_location: Union[str, torch.device] = "cpu"
+) -> LoadReport:
+    """Load an mae-fast or official MAE checkpoint (file path or dict) into ``model``.
+
+    Full checkpoints load exactly; encoder-only ones load the encoder and log one line listing the
+    missing decoder keys. Anything else raises CheckpointError naming the first bad key and shapes.
+    """
+    if isinstance(checkpoint, Mapping):
+        source, ckpt = "checkpoint", checkpoint
+    else:
+        source, ckpt = str(checkpoint), read_checkpoint(checkpoint, map_location)
+    ckpt_sd = extract_state_dict(ckpt, source)
+    model_sd = model.state_dict()
+    missing = check_compatible(model_sd, ckpt_sd, source)
+    missing_encoder = [k for k in missing if not is_decoder_key(k)]
+    if missing_encoder:
+        raise CheckpointError(
+            f"{source}: encoder key '{missing_encoder[0]}' is missing ({len(missing_encoder)} encoder keys "
+            f"missing: {_summarize_keys(missing_encoder)}); the checkpoint is not an MAE encoder of this size"
+        )
+    model.load_state_dict(ckpt_sd, strict=False)
+    report = LoadReport(source, loaded=list(ckpt_sd), missing_decoder=missing)
+    if report.encoder_only:
+        log.warning(report.summary())
+    return report
+
+
+def encoder_state_dict(model_or_sd: Union[nn.Module, Mapping], img_size: Optional[int] = None) -> StateDict:
+    """The encoder weights under timm ``VisionTransformer`` key names (decoder dropped).
+
+    timm's ``vit_base_patch16_224`` / ``vit_large_patch16_224`` / ``vit_huge_patch14_224`` load the
+    result with only ``head.*`` missing. With ``img_size`` the position table is resized for it.
+    """
+    sd = model_or_sd.state_dict() if isinstance(model_or_sd, nn.Module) else extract_state_dict(model_or_sd)
+    enc = {k: v.detach().clone() for k, v in sd.items() if not is_decoder_key(k)}
+    if img_size is not None:
+        patch = enc["patch_embed.proj.weight"].shape[-1]
+        if img_size % patch:
+            raise ValueError(f"img_size {img_size} is not a multiple of the patch size {patch}")
+        enc["pos_embed"] = resize_pos_embed(enc["pos_embed"], img_size // patch)
+    return enc
+
+
+def save_checkpoint(obj: dict, path: PathLike) -> Path:
+    """Write ``obj`` with torch.save atomically: temp file in the same folder, fsync, rename.
+
+    A crash mid-write leaves the previous file untouched, never a truncated one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return path

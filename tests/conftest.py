@@ -1,0 +1,22 @@
+"""Shared test helpers: small models and fresh random inputs (never zeros)."""
+import pytest
+import torch
+
+from mae_fast import mae_vit_tiny_patch8
+
+
+@pytest.fixture
+def tiny():
+    """A tiny norm-pix MAE (64 px, patch 8, 64 patches) with a fixed init seed."""
+    torch.manual_seed(0)
+    return mae_vit_tiny_patch8(norm_pix_loss=True)
+
+
+def random_images(n: int, size: int, seed: int = 1, channels: int = 3) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, channels, size, size, generator=g)
+
+
+def random_noise(n: int, length: int, seed: int = 2) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, length, generator=g)
