@@ -1,0 +1,297 @@
+"""Data pipeline tests (CPU): loaders, sharding, bad files, determinism, resume."""
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mae_fast.train.augment import (IMAGENET_MEAN, IMAGENET_STD, load_rgb, normalize,
+                                    sample_params, sample_params_batch)
+from mae_fast.train.dali_loader import dali_available
+from mae_fast.train.data import build_loader, epoch_order
+from mae_fast.train.sources import UnreadableImageError, demo_dir, list_images, scan_images
+
+BAD = Path(__file__).parent / "assets" / "bad"
+UNREADABLE = ["empty.jpg", "not_an_image.jpg", "truncated.jpg"]
+READABLE = ["cmyk.jpg", "extreme_aspect_1200x40.jpg", "grayscale.jpg", "png_named_jpg.jpg",
+            "rgba.png", "tiny_7x5.jpg"]
+N_DEMO = 19
+S = 32
+needs_dali = pytest.mark.skipif(not dali_available(),
+                                reason="NVIDIA DALI not installed (pip install nvidia-dali-cuda130)")
+KINDS = ["pil", pytest.param("dali", marks=needs_dali)]
+
+
+def make(source="demo", kind="pil", **kw):
+    kw = {"batch_size": 8, "img_size": S, "device": "cpu", "num_workers": 0, **kw}
+    return build_loader(source, kind=kind, **kw)
+
+
+def collect(loader) -> torch.Tensor:
+    return torch.cat(list(loader))
+
+
+@pytest.fixture(scope="module")
+def per_file_classes(tmp_path_factory) -> Path:
+    """ImageFolder tree with one demo image per class: the label identifies the file."""
+    root = tmp_path_factory.mktemp("classes")
+    for f in sorted(demo_dir().glob("*.jpg")):
+        (root / f.stem).mkdir()
+        shutil.copy(f, root / f.stem / f.name)
+    return root
+
+
+# ------------------------------------------------------------------ augmentation
+def test_demo_images_bundled():
+    assert len(list(demo_dir().glob("*.jpg"))) == N_DEMO
+
+
+def test_crop_params_follow_random_resized_crop():
+    n = 4000
+    W, H = np.full(n, 500), np.full(n, 375)
+    boxes, flips = sample_params_batch(W, H, seed=3, epoch=1, index=np.arange(n))
+    top, left, h, w = boxes.T
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= 375).all() and (left + w <= 500).all()
+    frac = h * w / (500 * 375)
+    assert frac.min() > 0.19 and frac.max() <= 1.0
+    assert 0.45 < flips.mean() < 0.55
+    ratio = w / h
+    assert ratio.min() > 0.74 and ratio.max() < 1.35
+    # same distribution as torchvision's RandomResizedCrop(scale=(0.2, 1)) on this size
+    from torchvision.transforms import RandomResizedCrop
+    torch.manual_seed(0)
+    img = torch.empty(3, 375, 500)
+    ref = np.array([RandomResizedCrop.get_params(img, [0.2, 1.0], [3 / 4, 4 / 3])
+                    for _ in range(n)])
+    assert abs(frac.mean() - (ref[:, 2] * ref[:, 3] / (500 * 375)).mean()) < 0.02
+    # one sample at a time gives the same as the batch, and it is a pure function of the key
+    assert sample_params(500, 375, 3, 1, 7) == (tuple(boxes[7]), bool(flips[7]))
+    assert sample_params(500, 375, 3, 2, 7) != sample_params(500, 375, 3, 1, 7)
+    assert sample_params(7, 5, 0, 0, 0)[0][2:] <= (5, 7)  # tiny image: box inside it
+
+
+def test_normalize_matches_imagenet_constants():
+    x = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(normalize(x), (x.float() / 255 - mean) / std)
+    assert normalize(x, torch.bfloat16).dtype == torch.bfloat16
+
+
+# ------------------------------------------------------------------ loaders
+@pytest.mark.parametrize("kind", KINDS)
+def test_loader_yields_normalized_batches(kind):
+    ld = make(kind=kind)
+    assert len(ld) == 3 and ld.kind == kind
+    batches = list(ld)
+    assert [b.shape for b in batches] == [(8, 3, S, S)] * 2 + [(3, 3, S, S)]
+    x = torch.cat(batches)
+    assert x.dtype == torch.float32 and torch.isfinite(x).all()
+    lo = (0 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    hi = (1 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    assert (x.amin((0, 2, 3)) >= lo - 0.05).all() and (x.amax((0, 2, 3)) <= hi + 0.05).all()
+    assert x.mean().abs() < 0.5 and 0.6 < x.std() < 1.6
+    assert ld.epoch == 1 and ld.batch == 0  # advanced after a full pass
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bf16_and_labels(kind, per_file_classes):
+    ld = make(per_file_classes, kind=kind, dtype=torch.bfloat16, with_labels=True)
+    images, labels = next(iter(ld))
+    assert images.dtype == torch.bfloat16 and labels.dtype == torch.long
+    assert images.shape == (8, 3, S, S) and labels.shape == (8,)
+
+
+@needs_dali
+def test_dali_cpu_pipeline_agrees_with_pil():
+    pil, dali = collect(make(kind="pil")), collect(make(kind="dali", num_workers=2))
+    assert pil.shape == dali.shape
+    torch.testing.assert_close(dali.mean((0, 2, 3)), pil.mean((0, 2, 3)), atol=0.01, rtol=0)
+    torch.testing.assert_close(dali.std((0, 2, 3)), pil.std((0, 2, 3)), atol=0.01, rtol=0)
+    # same files, same crops: pixels agree up to decoder / resampling differences
+    assert (dali - pil).abs().mean() < 0.02
+
+
+def test_synthetic_loader():
+    ld = build_loader(None, kind="synthetic", batch_size=4, img_size=S, device="cpu",
+                      num_batches=5, dtype=torch.bfloat16)
+    xs = list(ld)
+    assert len(ld) == 5 and len(xs) == 5
+    assert xs[0].shape == (4, 3, S, S) and xs[0].dtype == torch.bfloat16
+
+
+def test_auto_is_pil_without_gpu(caplog):
+    import mae_fast.train.data as data
+    data._AUTO_LOGGED = False
+    with caplog.at_level(logging.INFO, logger="mae_fast.data"):
+        a = make(kind="auto")
+        make(kind="auto")
+    assert a.kind == "pil"
+    assert sum("data loader:" in r.message for r in caplog.records) == 1
+
+
+def test_pil_workers_match_in_process():
+    a = collect(make(num_workers=0, seed=5))
+    b = collect(make(num_workers=1, seed=5))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_deterministic_given_seed(kind):
+    a, b = collect(make(kind=kind, seed=1)), collect(make(kind=kind, seed=1))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.equal(a, collect(make(kind=kind, seed=2)))
+    ld = make(kind=kind, seed=1)
+    ld.set_epoch(1)
+    assert not torch.equal(a, collect(ld))  # new order and crops each epoch
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_resume_mid_epoch(kind):
+    ref = make(kind=kind, batch_size=4, seed=7)
+    ref.set_epoch(2)
+    full = list(ref)  # 5 batches
+    ld = make(kind=kind, batch_size=4, seed=7)
+    ld.set_epoch(2)
+    it = iter(ld)
+    torch.testing.assert_close(next(it), full[0], rtol=0, atol=0)
+    next(it)
+    state = ld.state_dict()
+    assert (state["epoch"], state["batch"]) == (2, 2)
+    resumed = make(kind=kind, batch_size=4, seed=7)
+    resumed.load_state_dict(state)
+    resumed.set_epoch(2)  # a training loop calling set_epoch keeps the restored position
+    rest = list(resumed)
+    assert len(rest) == 3
+    for got, want in zip(rest, full[2:]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert resumed.state_dict()["epoch"] == 3
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_two_ranks_cover_every_file_once(kind, drop_last, per_file_classes):
+    seen = []
+    lens = []
+    for rank in range(2):
+        ld = make(per_file_classes, kind=kind, batch_size=4, rank=rank, world_size=2,
+                  with_labels=True, drop_last=drop_last, seed=11)
+        ld.set_epoch(3)
+        labels = [lab for _, lab in ld]
+        lens.append(len(labels))
+        assert len(labels) == len(ld)
+        seen += torch.cat(labels).tolist()
+    assert len(seen) == len(set(seen))  # no file twice
+    if drop_last:
+        assert lens[0] == lens[1] == (N_DEMO // 2) // 4
+    else:
+        assert sorted(seen) == list(range(N_DEMO))  # every file once
+        assert sorted(lens) == [3, 3]
+
+
+def test_epoch_order_shards_partition():
+    shards = [epoch_order(103, seed=0, epoch=4, rank=r, world_size=4) for r in range(4)]
+    assert sorted(i for s in shards for i in s) == list(range(103))
+    assert epoch_order(103, 0, 4) != epoch_order(103, 0, 5)
+
+
+# ------------------------------------------------------------------ sources and bad input
+def test_sources_flat_imagefolder_and_list(tmp_path, per_file_classes):
+    paths, labels, classes = list_images(per_file_classes)
+    assert len(paths) == N_DEMO and labels == list(range(N_DEMO)) and len(classes) == N_DEMO
+    paths, labels, classes = list_images("demo")
+    assert len(paths) == N_DEMO and set(labels) == {-1} and classes == []
+    (tmp_path / "sub").mkdir()
+    shutil.copy(demo_dir() / "astronaut.jpg", tmp_path / "sub" / "a.jpg")
+    lst = tmp_path / "list.txt"
+    lst.write_text(f"# comment\nsub/a.jpg\t4\n{demo_dir() / 'coffee.jpg'}\n\n")
+    paths, labels, _ = list_images(lst)
+    assert paths == [str(tmp_path / "sub" / "a.jpg"), str(demo_dir() / "coffee.jpg")]
+    assert labels == [4, -1]
+    assert len(collect(make(lst, batch_size=2))) == 2
+
+
+def test_readable_odd_images_become_rgb():
+    for name in READABLE:
+        img = load_rgb(str(BAD / name))
+        assert img.mode == "RGB", name
+    assert Image.open(BAD / "cmyk.jpg").mode == "CMYK"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bad_folder_skips_unreadable_files_with_warnings(kind, caplog):
+    with caplog.at_level(logging.WARNING, logger="mae_fast.data"):
+        ld = make(BAD, kind=kind, batch_size=4)
+        x = collect(ld)
+    assert x.shape == (len(READABLE), 3, S, S) and torch.isfinite(x).all()
+    msgs = [r.getMessage() for r in caplog.records]
+    for name in UNREADABLE:
+        assert sum(name in m for m in msgs) == 1, name
+    for name in READABLE:
+        assert not any(name in m for m in msgs), name
+    assert any("epoch 0: 3 unreadable image(s) skipped" in m for m in msgs)
+    assert sorted(Path(p).name for p, _ in ld.skipped) == UNREADABLE
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bad_folder_strict_names_the_file(kind):
+    with pytest.raises(UnreadableImageError, match="empty.jpg"):
+        make(BAD, kind=kind, strict=True)
+
+
+def test_truncated_file_caught_by_fast_scan():
+    out = scan_images(BAD)
+    reasons = dict(out.skipped)
+    assert "truncated" in reasons[str(BAD / "truncated.jpg")]
+    assert dict(zip(map(lambda p: Path(p).name, out.paths), out.sizes))["tiny_7x5.jpg"] == (7, 5)
+
+
+def test_pil_skips_files_failing_at_decode_time(caplog):
+    """With the pre-scan off, workers report unreadable files instead of crashing."""
+    with caplog.at_level(logging.WARNING, logger="mae_fast.data"):
+        ld = make(BAD, verify="none", batch_size=4, num_workers=1)
+        x = collect(ld)
+    assert x.shape[0] == len(READABLE)
+    msgs = [r.getMessage() for r in caplog.records]
+    for name in UNREADABLE:
+        assert sum(name in m for m in msgs) == 1, name
+    assert any("epoch 0: 3 unreadable image(s) skipped (0 found before training, 3 while "
+               "decoding" in m for m in msgs)
+    with pytest.raises(UnreadableImageError, match="empty.jpg"):
+        collect(make(BAD, verify="none", strict=True, shuffle=False))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_missing_empty_or_imageless_source_fails_at_start(kind, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        make(tmp_path / "nope", kind=kind)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"no images found in .*empty.*\.jpg, \.jpeg"):
+        make(tmp_path / "empty", kind=kind)
+    (tmp_path / "docs" / "sub").mkdir(parents=True)
+    (tmp_path / "docs" / "readme.txt").write_text("hi")
+    (tmp_path / "docs" / "sub" / "notes.md").write_text("hi")
+    with pytest.raises(FileNotFoundError, match="no images found"):
+        make(tmp_path / "docs", kind=kind)
+    only_bad = tmp_path / "only_bad"
+    only_bad.mkdir()
+    shutil.copy(BAD / "empty.jpg", only_bad / "empty.jpg")
+    with pytest.raises(RuntimeError, match="could be read"):
+        make(only_bad, kind=kind)
+
+
+def test_labels_required_but_missing():
+    with pytest.raises(ValueError, match="no labels"):
+        make("demo", with_labels=True)
+
+
+def test_dali_missing_message(monkeypatch):
+    import mae_fast.train.dali_loader as dl
+    monkeypatch.setattr(dl, "dali_available", lambda: False)
+    with pytest.raises(ImportError, match="pip install nvidia-dali-cuda130"):
+        make(kind="dali")

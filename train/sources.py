@@ -1,0 +1,187 @@
+"""Image sources for the loaders: list the files of a folder, an ImageFolder tree or a list file,
+and screen out unreadable ones before training starts."""
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from PIL import Image, UnidentifiedImageError
+
+log = logging.getLogger("mae_fast.data")
+
+IMG_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+DEMO_DIR = Path(__file__).resolve().parent.parent / "mae_fast" / "assets" / "demo"
+
+
+class UnreadableImageError(RuntimeError):
+    """An image file that cannot be decoded (raised with strict=True)."""
+
+
+@dataclass
+class ImageList:
+    """Readable images (path, label, width, height) plus the files that were skipped."""
+
+    paths: list[str]
+    labels: list[int]
+    sizes: list[tuple[int, int]]  # (width, height) as stored (no EXIF rotation)
+    classes: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    root: str = ""
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def demo_dir() -> Path:
+    """Folder of the bundled demo photographs (public-domain scikit-image samples)."""
+    try:  # installed package: mae_fast/assets/demo
+        import mae_fast
+
+        p = Path(mae_fast.__file__).resolve().parent / "assets" / "demo"
+        if p.is_dir():
+            return p
+    except ImportError:  # pragma: no cover
+        pass
+    return DEMO_DIR
+
+
+def _is_image(name: str, extensions: Sequence[str]) -> bool:
+    return name.lower().endswith(tuple(extensions)) and not name.startswith(".")
+
+
+def _walk(root: Path, extensions: Sequence[str]) -> list[Path]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        out.extend(Path(dirpath) / f for f in sorted(filenames) if _is_image(f, extensions))
+    return out
+
+
+def list_images(source: str | os.PathLike, extensions: Sequence[str] = IMG_EXTENSIONS
+                ) -> tuple[list[str], list[int], list[str]]:
+    """Resolve ``source`` to (paths, labels, class names).
+
+    ``source``: "demo"; a folder whose sub-folders are classes (ImageFolder; images directly in the
+    root are ignored then); a flat folder (label -1); or a text file with one path per line,
+    optionally followed by a TAB and an integer label (relative paths are relative to the file).
+    """
+    if str(source) == "demo":
+        source = demo_dir()
+    root = Path(source).expanduser()
+    exts = ", ".join(extensions)
+    if not root.exists():
+        raise FileNotFoundError(f"image source {str(root)!r} does not exist (expected a folder of "
+                                f"images, an ImageFolder tree, a text file listing images, or 'demo')")
+    if root.is_file():
+        return _read_list_file(root)
+    subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    classes, paths, labels = [], [], []
+    for d in subdirs:
+        files = _walk(d, extensions)
+        if files:
+            labels.extend([len(classes)] * len(files))
+            classes.append(d.name)
+            paths.extend(str(f) for f in files)
+    if not paths:  # flat folder
+        paths = [str(root / f) for f in sorted(os.listdir(root))
+                 if _is_image(f, extensions) and (root / f).is_file()]
+        labels = [-1] * len(paths)
+    if not paths:
+        raise FileNotFoundError(f"no images found in {str(root)!r}: looked for files ending in "
+                                f"{exts} (case-insensitive) directly in it and in its sub-folders")
+    return paths, labels, classes
+
+
+def _read_list_file(path: Path) -> tuple[list[str], list[int], list[str]]:
+    paths, labels = [], []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, label = line, -1
+        if "\t" in line:
+            name, _, lab = line.rpartition("\t")
+            try:
+                label = int(lab)
+            except ValueError:
+                name, label = line, -1
+        p = Path(name.strip()).expanduser()
+        paths.append(str(p if p.is_absolute() else path.parent / p))
+        labels.append(label)
+    if not paths:
+        raise FileNotFoundError(f"image list {str(path)!r} names no images (expected one path per "
+                                f"line, optionally followed by a TAB and an integer label)")
+    return paths, labels, []
+
+
+def _tail_ok(path: str, fmt: str | None) -> bool:
+    """Cheap truncation check: a JPEG ends with EOI (FFD9), a PNG with its IEND chunk."""
+    if fmt not in ("JPEG", "PNG"):
+        return True
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        n = f.tell()
+        f.seek(max(0, n - 64))
+        tail = f.read()
+    return (b"\xff\xd9" in tail) if fmt == "JPEG" else (b"IEND" in tail)
+
+
+def check_image(path: str, full: bool = False) -> tuple[int, int] | str:
+    """Return (width, height) of a readable image, else the reason it is unreadable.
+
+    The fast check reads the header and the file's tail; a file whose tail looks truncated (or any
+    file with ``full=True``) is decoded completely with Pillow.
+    """
+    try:
+        with Image.open(path) as im:
+            size, fmt = im.size, im.format
+            if full or not _tail_ok(path, fmt):
+                im.load()
+        if size[0] < 1 or size[1] < 1:
+            return f"empty image ({size[0]}x{size[1]} px)"
+        return size
+    except FileNotFoundError:
+        return "file not found"
+    except UnidentifiedImageError:
+        return "not an image Pillow can identify (empty, text or unsupported format)"
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        return f"cannot decode: {e}"
+
+
+def scan_images(source: str | os.PathLike, strict: bool = False, verify: str = "fast",
+                num_threads: int | None = None,
+                extensions: Sequence[str] = IMG_EXTENSIONS) -> ImageList:
+    """List ``source`` and check every file (``verify``: "fast", "full" decode, or "none").
+
+    Unreadable files are logged (one warning line each) and left out, or with ``strict=True`` the
+    first one raises :class:`UnreadableImageError` naming it.
+    """
+    if verify not in ("fast", "full", "none"):
+        raise ValueError(f"verify must be 'fast', 'full' or 'none', not {verify!r}")
+    paths, labels, classes = list_images(source, extensions)
+    if verify == "none":
+        sizes: list = [(0, 0)] * len(paths)
+    else:
+        threads = num_threads or min(32, (os.cpu_count() or 1) * 4)
+        with ThreadPoolExecutor(threads) as ex:
+            sizes = list(ex.map(lambda p: check_image(p, verify == "full"), paths, chunksize=64))
+    out = ImageList([], [], [], classes, [], str(source))
+    for p, lab, s in zip(paths, labels, sizes):
+        if isinstance(s, str):
+            if strict:
+                raise UnreadableImageError(f"unreadable image {p!r}: {s} (strict=True; pass "
+                                           f"strict=False to skip unreadable files)")
+            log.warning("skipping unreadable image %s: %s", p, s)
+            out.skipped.append((p, s))
+        else:
+            out.paths.append(p)
+            out.labels.append(lab)
+            out.sizes.append(s)
+    if not out.paths:
+        raise RuntimeError(f"none of the {len(paths)} image file(s) in {str(source)!r} could be "
+                           f"read (see the warnings above)")
+    return out
