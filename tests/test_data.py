@@ -173,6 +173,20 @@ def test_resume_mid_epoch(kind):
     assert resumed.state_dict()["epoch"] == 3
 
 
+def test_pil_workers_break_and_continue():
+    """Leaving a pass early and iterating again continues the epoch (persistent workers)."""
+    ref = list(make(batch_size=4, num_workers=1))
+    ld = make(batch_size=4, num_workers=1)
+    for i, x in enumerate(ld):
+        if i == 1:
+            break
+    rest = list(ld)
+    assert len(rest) == 3
+    for got, want in zip(rest, ref[2:]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    ld.close()
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("drop_last", [False, True])
 def test_two_ranks_cover_every_file_once(kind, drop_last, per_file_classes):
@@ -285,6 +299,26 @@ def test_missing_empty_or_imageless_source_fails_at_start(kind, tmp_path):
         make(only_bad, kind=kind)
 
 
+def test_scan_cache_round_trip(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    first = scan_images(BAD, cache=True)
+    assert len(list((tmp_path / "mae_fast" / "scans").glob("*.json"))) == 1
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="mae_fast.data"):
+        second = scan_images(BAD, cache=True)
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any("loaded from" in m for m in msgs)
+    assert sum("truncated.jpg" in m for m in msgs) == 1  # still warned on every start
+    assert (second.paths, second.sizes, second.skipped) == (first.paths, first.sizes, first.skipped)
+    with pytest.raises(UnreadableImageError, match="empty.jpg"):
+        scan_images(BAD, cache=True, strict=True)
+
+
+def test_image_file_as_source_is_rejected():
+    with pytest.raises(ValueError, match="is an image file"):
+        make(demo_dir() / "coffee.jpg")
+
+
 def test_labels_required_but_missing():
     with pytest.raises(ValueError, match="no labels"):
         make("demo", with_labels=True)
@@ -295,3 +329,30 @@ def test_dali_missing_message(monkeypatch):
     monkeypatch.setattr(dl, "dali_available", lambda: False)
     with pytest.raises(ImportError, match="pip install nvidia-dali-cuda130"):
         make(kind="dali")
+
+
+# ------------------------------------------------------------------ GPU (skipped without CUDA)
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_cuda
+def test_pil_loader_to_cuda_bf16():
+    x = next(iter(make(device="cuda", dtype=torch.bfloat16)))
+    assert x.device.type == "cuda" and x.dtype == torch.bfloat16 and x.shape == (8, 3, S, S)
+
+
+@needs_cuda
+@needs_dali
+def test_dali_gpu_decoding_agrees_with_pil():
+    import mae_fast.train.data as data
+    data._AUTO_LOGGED = False
+    auto = make(kind="auto", device="cuda")
+    assert auto.kind == "dali"
+    dali, pil = collect(auto), collect(make(kind="pil", device="cuda"))
+    assert dali.device.type == "cuda" and dali.shape == pil.shape
+    torch.testing.assert_close(dali.mean((0, 2, 3)), pil.mean((0, 2, 3)), atol=0.02, rtol=0)
+    assert (dali - pil).abs().mean() < 0.03
+    bad = collect(make(BAD, kind="dali", device="cuda", batch_size=4))  # CMYK, PNG, ... on nvJPEG
+    assert bad.shape == (len(READABLE), 3, S, S) and torch.isfinite(bad).all()
+    ref = collect(make(BAD, kind="pil", device="cuda", batch_size=4))
+    assert (bad - ref).abs().mean() < 0.05

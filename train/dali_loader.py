@@ -77,9 +77,11 @@ def _build_pipeline(paths: list[str], source: _CropSource, batch_size: int, img_
                                   shard_id=0, num_shards=1, pad_last_batch=True)
         start, shape, mirror = fn.external_source(source=source, num_outputs=3, batch=True,
                                                   batch_info=True)
+        # nvJPEG buffer paddings sized for ImageNet-like JPEGs avoid re-allocations
+        pads = dict(device_memory_padding=211025920, host_memory_padding=140544512) if gpu else {}
         images = fn.decoders.image_slice(data, start=start, shape=shape, axis_names="WH",
                                          device="mixed" if gpu else "cpu",
-                                         output_type=types.RGB, adjust_orientation=False)
+                                         output_type=types.RGB, adjust_orientation=False, **pads)
         images = fn.resize(images, size=[img_size, img_size], interp_type=types.INTERP_CUBIC,
                            antialias=True)
         return fn.crop_mirror_normalize(images, mirror=mirror, dtype=types.FLOAT,

@@ -264,6 +264,20 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def _scan(source: str | os.PathLike, strict: bool, verify: str, rank: int, world_size: int
+          ) -> ImageList:
+    """Scan the files; under torch.distributed rank 0 goes first so the others hit its cache."""
+    dist = torch.distributed
+    coordinated = world_size > 1 and dist.is_available() and dist.is_initialized()
+    if coordinated and rank != 0:
+        dist.barrier()
+    try:
+        return scan_images(source, strict=strict, verify=verify)
+    finally:
+        if coordinated and rank == 0:
+            dist.barrier()
+
+
 def build_loader(source: str | os.PathLike | None = "demo", kind: str = "auto",
                  batch_size: int = 64, img_size: int = 224, seed: int = 0, rank: int = 0,
                  world_size: int = 1, device: torch.device | str | None = None,
@@ -306,7 +320,7 @@ def build_loader(source: str | os.PathLike | None = "demo", kind: str = "auto",
         raise ValueError("source is required for the dali and pil loaders (a folder, a list "
                          "file or 'demo')")
     workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
-    images = scan_images(source, strict=strict, verify=verify)
+    images = _scan(source, strict, verify, rank, world_size)
     if with_labels and all(lab < 0 for lab in images.labels):
         raise ValueError(f"with_labels=True but {str(source)!r} has no labels (use an ImageFolder "
                          f"tree with one sub-folder per class, or a list file with TAB labels)")

@@ -2,6 +2,8 @@
 and screen out unreadable ones before training starts."""
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -77,6 +79,9 @@ def list_images(source: str | os.PathLike, extensions: Sequence[str] = IMG_EXTEN
         raise FileNotFoundError(f"image source {str(root)!r} does not exist (expected a folder of "
                                 f"images, an ImageFolder tree, a text file listing images, or 'demo')")
     if root.is_file():
+        if _is_image(root.name, extensions):
+            raise ValueError(f"{str(root)!r} is an image file: pass the folder that holds it, or a "
+                             f"text file listing images")
         return _read_list_file(root)
     subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     classes, paths, labels = [], [], []
@@ -86,6 +91,8 @@ def list_images(source: str | os.PathLike, extensions: Sequence[str] = IMG_EXTEN
             labels.extend([len(classes)] * len(files))
             classes.append(d.name)
             paths.extend(str(f) for f in files)
+    if paths and any(_is_image(f.name, extensions) and f.is_file() for f in root.iterdir()):
+        log.warning("%s has class sub-folders: the images directly in it are not used", root)
     if not paths:  # flat folder
         paths = [str(root / f) for f in sorted(os.listdir(root))
                  if _is_image(f, extensions) and (root / f).is_file()]
@@ -152,23 +159,58 @@ def check_image(path: str, full: bool = False) -> tuple[int, int] | str:
         return f"cannot decode: {e}"
 
 
+def _cache_file(source: str | os.PathLike, paths: list[str], verify: str) -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mae_fast" / "scans"
+    h = hashlib.sha1(f"{Path(source).resolve()}|{verify}|".encode())
+    h.update("\n".join(paths).encode())
+    return base / f"{h.hexdigest()[:20]}.json"
+
+
+def _load_cache(path: Path, n: int) -> list | None:
+    try:
+        sizes = json.loads(path.read_text())["sizes"]
+        return sizes if len(sizes) == n else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _save_cache(path: Path, sizes: list) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"sizes": [s if isinstance(s, str) else list(s) for s in sizes]}))
+        os.replace(tmp, path)
+    except OSError as e:  # a read-only home only costs the next start a re-scan
+        log.debug("could not write the scan cache %s: %s", path, e)
+
+
 def scan_images(source: str | os.PathLike, strict: bool = False, verify: str = "fast",
-                num_threads: int | None = None,
-                extensions: Sequence[str] = IMG_EXTENSIONS) -> ImageList:
+                num_threads: int | None = None, extensions: Sequence[str] = IMG_EXTENSIONS,
+                cache: bool | None = None) -> ImageList:
     """List ``source`` and check every file (``verify``: "fast", "full" decode, or "none").
 
     Unreadable files are logged (one warning line each) and left out, or with ``strict=True`` the
-    first one raises :class:`UnreadableImageError` naming it.
+    first one raises :class:`UnreadableImageError` naming it. ``cache`` (default: on for 10,000
+    files or more) keeps the results under ~/.cache/mae_fast/scans, keyed by the list of paths.
     """
     if verify not in ("fast", "full", "none"):
         raise ValueError(f"verify must be 'fast', 'full' or 'none', not {verify!r}")
     paths, labels, classes = list_images(source, extensions)
+    sizes: list | None = None
+    use_cache = (len(paths) >= 10_000) if cache is None else cache
+    cache_path = _cache_file(source, paths, verify) if use_cache and verify != "none" else None
     if verify == "none":
-        sizes: list = [(0, 0)] * len(paths)
-    else:
+        sizes = [(0, 0)] * len(paths)
+    elif cache_path is not None:
+        sizes = _load_cache(cache_path, len(paths))
+        if sizes is not None:
+            log.info("image scan of %d files loaded from %s", len(paths), cache_path)
+    if sizes is None:
         threads = num_threads or min(32, (os.cpu_count() or 1) * 4)
         with ThreadPoolExecutor(threads) as ex:
             sizes = list(ex.map(lambda p: check_image(p, verify == "full"), paths, chunksize=64))
+        if cache_path is not None:
+            _save_cache(cache_path, sizes)
     out = ImageList([], [], [], classes, [], str(source))
     for p, lab, s in zip(paths, labels, sizes):
         if isinstance(s, str):
@@ -180,7 +222,7 @@ def scan_images(source: str | os.PathLike, strict: bool = False, verify: str = "
         else:
             out.paths.append(p)
             out.labels.append(lab)
-            out.sizes.append(s)
+            out.sizes.append((int(s[0]), int(s[1])))
     if not out.paths:
         raise RuntimeError(f"none of the {len(paths)} image file(s) in {str(source)!r} could be "
                            f"read (see the warnings above)")
