@@ -1,0 +1,253 @@
+"""Benchmark of the three MAE Triton ops against their eager and torch.compile'd PyTorch references.
+
+Run:   pytest bench/bench_kernels.py            (not part of the default test run: testpaths = tests)
+
+For each op (patch_embed_gather, unshuffle_mask_tokens, masked_loss), pass (fwd, fwd+bwd), shape
+(ViT-L/16 @ 224 batch 256, ViT-H/14 @ 448 batch 64) and implementation (eager reference,
+torch.compile(reference), Triton), it reports the time per call, the achieved GB/s counted on the
+minimum bytes the op must read and write, and that as a fraction of a measured device-to-device copy
+bandwidth (patch_embed_gather also reports TFLOP/s: its GEMM is 2*N*K*P*D FLOPs).
+
+Dtypes are those of bf16-autocast training: images float32, GEMM weights bf16 (as autocast casts
+them), position tables / mask token float32, decoder tokens and predictions bf16.
+
+On a machine without CUDA it runs the eager (and, with MAE_FAST_BENCH_CPU_COMPILE=1, the compiled)
+reference at batch 2 and skips the Triton rows with the reason. On a GPU it writes a JSON record to
+bench/results/ (device, date, git commit, command, numbers).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import pytest
+import torch
+
+from mae_fast.kernels import (
+    masked_loss,
+    masked_loss_reference,
+    patch_embed_gather,
+    patch_embed_gather_reference,
+    unshuffle_mask_tokens,
+    unshuffle_mask_tokens_reference,
+)
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RECORDS: List[dict] = []
+
+# name: (batch on GPU, patch, grid, encoder width, decoder width)
+SHAPES = {
+    "vit_l16_224_b256": (256, 16, 14, 1024, 512),
+    "vit_h14_448_b64": (64, 14, 32, 1280, 512),
+}
+CPU_BATCH = 2
+MASK_RATIO = 0.75
+IMPLS = ("eager", "compiled", "triton")
+PASSES = ("fwd", "fwd_bwd")
+
+
+# ----------------------------------------------------------------------------- measurement
+def _sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def _time_per_call(fn: Callable[[], object], min_time: float = 0.2) -> float:
+    """Median seconds per call over repeated batches of calls (one sync per batch)."""
+    fn()
+    _sync()
+    t0 = time.perf_counter()
+    fn()
+    _sync()
+    one = max(time.perf_counter() - t0, 1e-6)
+    inner = max(1, min(200, int(0.02 / one)))
+    samples = []
+    deadline = time.perf_counter() + min_time
+    while len(samples) < 5 or (time.perf_counter() < deadline and len(samples) < 50):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        _sync()
+        samples.append((time.perf_counter() - t0) / inner)
+    samples.sort()
+    return samples[len(samples) // 2]
+
+
+_COPY_BW: Dict[str, float] = {}
+
+
+def copy_bandwidth() -> float:
+    """Measured device-to-device copy bandwidth in bytes/s (read + write counted)."""
+    if DEVICE not in _COPY_BW:
+        nbytes = (1 << 30) if CUDA else (1 << 27)
+        src = torch.empty(nbytes // 4, dtype=torch.float32, device=DEVICE).fill_(1.0)
+        dst = torch.empty_like(src)
+        t = _time_per_call(lambda: dst.copy_(src))
+        _COPY_BW[DEVICE] = 2 * nbytes / t
+        del src, dst
+    return _COPY_BW[DEVICE]
+
+
+# ----------------------------------------------------------------------------- cases
+def _isz(dt: torch.dtype) -> int:
+    return torch.empty((), dtype=dt).element_size()
+
+
+def _masking(N: int, L: int, device: str, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    K = int(L * (1 - MASK_RATIO))
+    ids_shuffle = torch.argsort(torch.rand(N, L, generator=g), dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    mask = (ids_restore >= K).float()
+    return K, ids_shuffle.to(device), ids_restore.to(device), mask.to(device)
+
+
+def make_case(op: str, shape: str, pas: str):
+    """Returns (run(impl) -> callable, bytes, flops) for one op / shape / pass."""
+    N, p, grid, D, Dd = SHAPES[shape]
+    if not CUDA:
+        N = CPU_BATCH
+    L, C = grid * grid, 3
+    P = p * p * C
+    bwd = pas == "fwd_bwd"
+    g = torch.Generator().manual_seed(zlib.crc32(f"{op}/{shape}".encode()))
+    K, ids_shuffle, ids_restore, mask = _masking(N, L, DEVICE, 1)
+    imgs = torch.randn(N, C, grid * p, grid * p, generator=g).to(DEVICE)
+    bf16, f32 = torch.bfloat16, torch.float32
+    flops = 0
+
+    if op == "patch_embed_gather":
+        ids_keep = ids_shuffle[:, :K].contiguous()
+        weight = (torch.randn(D, P, generator=g) * 0.02).to(DEVICE, bf16).requires_grad_(bwd)
+        bias = torch.randn(D, generator=g).to(DEVICE, bf16).requires_grad_(bwd)
+        pos = torch.randn(L, D, generator=g).to(DEVICE)
+        args = (imgs, ids_keep, weight, bias, pos, p)
+        leaves = (weight, bias)
+        fns = {"eager": patch_embed_gather_reference,
+               "triton": lambda *a: patch_embed_gather(*a, backend="triton")}
+        M = N * K
+        nbytes = M * P * 4 + M * 8 + D * P * 2 + D * 2 + L * D * 4 + M * D * 4
+        flops = 2 * M * P * D
+        if bwd:  # grad_out, visible pixels again, weight, ids; write grad_weight, grad_bias
+            nbytes += M * D * 4 + M * P * 4 + M * 8 + D * P * 2 + D * P * 2 + D * 2
+            flops *= 2  # + grad_weight GEMM (images need no grad)
+    elif op == "unshuffle_mask_tokens":
+        x = torch.randn(N, 1 + K, Dd, generator=g).to(DEVICE, bf16).requires_grad_(bwd)
+        mask_token = torch.randn(1, 1, Dd, generator=g).to(DEVICE).requires_grad_(bwd)
+        pos = torch.randn(1, 1 + L, Dd, generator=g).to(DEVICE)
+        args = (x, mask_token, ids_restore, pos)
+        leaves = (x, mask_token)
+        fns = {"eager": unshuffle_mask_tokens_reference,
+               "triton": lambda *a: unshuffle_mask_tokens(*a, backend="triton")}
+        nbytes = N * (1 + K) * Dd * 2 + Dd * 4 + N * L * 8 + (1 + L) * Dd * 4 + N * (1 + L) * Dd * 4
+        if bwd:  # read grad_out and ids, write grad_x and grad_mask_token
+            nbytes += N * (1 + L) * Dd * 4 + N * L * 8 + N * (1 + K) * Dd * 2 + Dd * 4
+    elif op == "masked_loss":
+        pred = torch.randn(N, L, P, generator=g).to(DEVICE, bf16).requires_grad_(bwd)
+        args = (pred, imgs, mask, p, True)
+        leaves = (pred,)
+        fns = {"eager": masked_loss_reference,
+               "triton": lambda *a: masked_loss(*a, backend="triton")}
+        Mm = N * (L - K)
+        nbytes = Mm * P * 2 + Mm * P * 4 + N * L * 4  # masked pred rows, masked pixels, mask
+        if bwd:  # read them again, write the full grad_pred (zeros included)
+            nbytes += Mm * P * 2 + Mm * P * 4 + N * L * 4 + N * L * P * 2
+    else:
+        raise ValueError(op)
+
+    def run(impl: str) -> Callable[[], object]:
+        if impl == "compiled":
+            fn = torch.compile(fns["eager"], dynamic=False)
+        else:
+            fn = fns[impl]
+        if not bwd:
+            def call():
+                with torch.no_grad():
+                    return fn(*args)
+        else:
+            def call():
+                out = fn(*args)
+                return torch.autograd.grad(out, leaves, torch.ones_like(out))
+        return call
+
+    return run, nbytes, flops
+
+
+# ----------------------------------------------------------------------------- the benchmark
+def _git_commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                                       text=True, stderr=subprocess.DEVNULL).strip()
+    except Exception:
+        return "unknown"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _write_record():
+    yield
+    if not CUDA or not RECORDS:
+        return
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    now = _dt.datetime.now(_dt.timezone.utc)
+    name = torch.cuda.get_device_name()
+    record = {
+        "benchmark": "bench_kernels",
+        "device": name,
+        "date": now.isoformat(timespec="seconds"),
+        "git_commit": _git_commit(),
+        "command": " ".join([Path(sys.executable).name, "-m", "pytest", *sys.argv[1:]]),
+        "torch": torch.__version__,
+        "copy_bandwidth_GBps": _COPY_BW.get("cuda", 0.0) / 1e9,
+        "results": RECORDS,
+    }
+    slug = "".join(c if c.isalnum() else "-" for c in name).strip("-").lower()
+    path = RESULTS_DIR / f"kernels-{slug}-{now.strftime('%Y%m%dT%H%M%SZ')}.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"\nwrote {path}")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("pas", PASSES)
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("op", ["patch_embed_gather", "unshuffle_mask_tokens", "masked_loss"])
+def test_bench(benchmark, op: str, shape: str, pas: str, impl: str):
+    if impl == "triton" and not CUDA:
+        pytest.skip("Triton timing needs a CUDA GPU (the CPU interpreter checks correctness, it is not a speed)")
+    if impl == "compiled" and not CUDA and os.environ.get("MAE_FAST_BENCH_CPU_COMPILE") != "1":
+        pytest.skip("torch.compile on CPU is slow to build and not the target; set MAE_FAST_BENCH_CPU_COMPILE=1")
+    run, nbytes, flops = make_case(op, shape, pas)
+    call = run(impl)
+    seconds = _time_per_call(call)  # warms up (compiles) first
+    inner = max(1, min(100, int(0.01 / seconds)))
+
+    def batch():
+        for _ in range(inner):
+            call()
+        _sync()
+
+    benchmark.pedantic(batch, rounds=5 if CUDA else 2, iterations=1, warmup_rounds=1)
+    bw = copy_bandwidth()
+    gbps = nbytes / seconds / 1e9
+    row = {
+        "op": op, "shape": shape, "pass": pas, "impl": impl,
+        "batch": SHAPES[shape][0] if CUDA else CPU_BATCH,
+        "time_us": seconds * 1e6,
+        "min_bytes": nbytes,
+        "GBps": gbps,
+        "fraction_of_copy_bw": gbps * 1e9 / bw,
+    }
+    if flops:
+        row["TFLOPs"] = flops / seconds / 1e12
+    benchmark.extra_info.update(row)
+    RECORDS.append(row)
+    print(f"\n{op:24s} {shape:18s} {pas:8s} {impl:9s} {seconds * 1e6:10.1f} us "
+          f"{gbps:9.4g} GB/s ({gbps * 1e9 / bw:5.1%} of copy)" + (f" {row['TFLOPs']:.1f} TFLOP/s" if flops else ""))
