@@ -115,6 +115,9 @@ def test_dali_cpu_pipeline_agrees_with_pil():
     torch.testing.assert_close(dali.std((0, 2, 3)), pil.std((0, 2, 3)), atol=0.01, rtol=0)
     # same files, same crops: pixels agree up to decoder / resampling differences
     assert (dali - pil).abs().mean() < 0.02
+    kw = dict(batch_size=6, shuffle=False)  # odd inputs (CMYK, gray, RGBA, PNG bytes, tiny) too
+    pil, dali = next(iter(make(BAD, **kw))), next(iter(make(BAD, kind="dali", **kw)))
+    assert ((dali - pil).abs().mean((1, 2, 3)) < 0.03).all()
 
 
 def test_synthetic_loader():
@@ -230,11 +233,18 @@ def test_sources_flat_imagefolder_and_list(tmp_path, per_file_classes):
     assert len(collect(make(lst, batch_size=2))) == 2
 
 
-def test_readable_odd_images_become_rgb():
+def test_readable_odd_images_become_rgb(tmp_path):
     for name in READABLE:
         img = load_rgb(str(BAD / name))
         assert img.mode == "RGB", name
     assert Image.open(BAD / "cmyk.jpg").mode == "CMYK"
+    Image.fromarray(np.full((6, 6), 60000, np.uint16)).save(tmp_path / "g16.png")
+    pal = Image.new("P", (6, 6))
+    pal.info["transparency"] = 0
+    pal.save(tmp_path / "pal.png", transparency=0)
+    g16 = load_rgb(str(tmp_path / "g16.png"))
+    assert g16.mode == "RGB" and g16.getpixel((0, 0)) == (233, 233, 233)  # scaled, not clipped
+    assert load_rgb(str(tmp_path / "pal.png")).mode == "RGB"
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -83,7 +83,15 @@ def load_rgb(path: str) -> Image.Image:
     """Decode with Pillow and convert any mode (L, CMYK, RGBA, P, ...) to 3-channel RGB."""
     with Image.open(path) as im:
         im.load()
-        return im if im.mode == "RGB" else im.convert("RGB")
+        if im.mode == "RGB":
+            return im
+        if im.mode.startswith("I"):  # 16/32-bit grayscale: scale to 8 bits instead of clipping
+            arr = np.asarray(im).astype(np.float64)
+            arr = arr / 257.0 if arr.max() > 255 else arr
+            im = Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), "L")
+        elif im.mode == "P" and "transparency" in im.info:
+            im = im.convert("RGBA")  # Pillow wants palette transparency expanded first
+        return im.convert("RGB")  # L, LA, CMYK, RGBA (alpha dropped, as torchvision does), ...
 
 
 def augment_pil(img: Image.Image, size: int, box: tuple[int, int, int, int], flip: bool
