@@ -29,7 +29,14 @@ setup(
         # no upper pin so pip never swaps the user's torch for another build.
         "timm>=0.9",
         "numpy",
+        "pyyaml",
+        "tqdm",
+        "matplotlib",
+        "pillow",
+        "tensorboard",
     ],
+    package_data={"mae_fast": ["assets/demo/*.jpg"]},
+    include_package_data=True,
     extras_require={
         "test": TEST,
         "gpu": GPU,
@@ -38,6 +45,8 @@ setup(
     entry_points={
         "console_scripts": [
             "mae-flops=mae_fast.bench.flops:main",
+            "mae-pretrain=mae_fast.train.pretrain:main",
+            "mae-visualize=mae_fast.train.visualize:main",
         ],
     },
 )

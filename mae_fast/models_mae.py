@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from torch.utils.checkpoint import checkpoint
+
 from .attention import get_attention
 from .pos_embed import get_2d_sincos_pos_embed
 
@@ -187,6 +189,7 @@ class MaskedAutoencoderViT(nn.Module):
         self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=LN_EPS)
         self.decoder_pred = nn.Linear(decoder_embed_dim, self.config.patch_dim)
 
+        self.grad_checkpointing = 0  # 0: off; k: checkpoint every k-th block (activation memory)
         self.initialize_weights()
 
     # ------------------------------------------------------------------ init
@@ -218,6 +221,21 @@ class MaskedAutoencoderViT(nn.Module):
         """Switch every block's attention backend (see ``mae_fast.attention``)."""
         for blk in [*self.blocks, *self.decoder_blocks]:
             blk.attn.set_backend(attn_backend)
+
+    def set_grad_checkpointing(self, every: int = 1) -> None:
+        """Recompute activations of every ``every``-th block in backward (0 turns it off)."""
+        if every < 0:
+            raise ValueError(f"grad checkpointing interval must be >= 0, got {every}")
+        self.grad_checkpointing = every
+
+    def _run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+        k = self.grad_checkpointing
+        for i, blk in enumerate(blocks):
+            if k and self.training and i % k == 0 and torch.is_grad_enabled():
+                x = checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        return x
 
     # ---------------------------------------------------------- layout utils
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
@@ -319,8 +337,7 @@ class MaskedAutoencoderViT(nn.Module):
 
         cls_tokens = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         x = torch.cat((cls_tokens, x), dim=1)
-        for blk in self.blocks:
-            x = blk(x)
+        x = self._run_blocks(self.blocks, x)
         return self.norm(x), mask, ids_restore
 
     def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
@@ -345,8 +362,7 @@ class MaskedAutoencoderViT(nn.Module):
         x = torch.cat([x[:, :1, :], x_], dim=1)
         x = x + self.decoder_pos_embed
 
-        for blk in self.decoder_blocks:
-            x = blk(x)
+        x = self._run_blocks(self.decoder_blocks, x)
         x = self.decoder_norm(x)
         x = self.decoder_pred(x)
         return x[:, 1:, :]

@@ -1,0 +1,388 @@
+"""``mae-pretrain``: MAE pretraining, single process or under torchrun (DDP or FSDP2).
+
+    mae-pretrain --demo                                         # tiny model, bundled images, CPU
+    mae-pretrain --model mae_vit_large_patch16 --data /imagenet/train --output-dir runs/l
+    torchrun --nproc_per_node 8 -m mae_fast.train.pretrain --preset vit_h14_448 --data ...
+
+Runs are exactly resumable (``--resume auto``): checkpoints hold model (official keys), optimizer,
+step, epoch, loader position, RNG states and config; masks are drawn from a per-step generator so
+that the same global batch gives the same masks whatever the number of processes.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from mae_fast.checkpoint import load_mae_checkpoint
+from mae_fast.models_mae import MaskedAutoencoderViT, create_model
+
+from .checkpoints import CheckpointManager, rng_state, set_rng_state
+from .config import PretrainConfig, parse_config
+from .optim import build_adamw, lr_at, set_lr
+
+log = logging.getLogger("mae_fast.train")
+
+# fault injection for the tests (kill / NaN at a given optimizer step)
+FAULT_KILL_AT_STEP = "MAE_FAST_FAULT_KILL_AT_STEP"
+FAULT_NAN_AT_STEP = "MAE_FAST_FAULT_NAN_AT_STEP"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf; the message names the step and the last good checkpoint."""
+
+
+@dataclasses.dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_type: str) -> DistInfo:
+    """torchrun environment → process group (NCCL on CUDA, gloo on CPU); single process otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    return info
+
+
+def resolve_device(cfg: PretrainConfig, info: DistInfo) -> torch.device:
+    if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but no CUDA device is visible")
+    torch.cuda.set_device(info.local_rank)
+    return torch.device("cuda", info.local_rank)
+
+
+def mask_noise(seed: int, step: int, micro: int, global_batch: int, num_patches: int, info: DistInfo,
+               device: torch.device) -> torch.Tensor:
+    """Masking noise of this process's rows of the global batch, from a (seed, step, micro) generator.
+
+    Rank r holds global rows r, r + W, r + 2W, ... (the loader strides files the same way).
+    """
+    g = torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009 + micro)
+    noise = torch.rand(global_batch, num_patches, generator=g)
+    return noise[info.rank::info.world_size].to(device, non_blocking=True)
+
+
+def wrap_model(model: MaskedAutoencoderViT, cfg: PretrainConfig, info: DistInfo, device: torch.device):
+    """DDP (no find_unused_parameters) or FSDP2 ``fully_shard`` per block then the root."""
+    if not info.enabled:
+        return model
+    if cfg.distributed == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for blk in [*model.blocks, *model.decoder_blocks]:
+            fully_shard(blk)
+        return fully_shard(model)
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def unwrap(model) -> MaskedAutoencoderViT:
+    return model.module if hasattr(model, "module") else model
+
+
+def full_state(model, optimizer, info: DistInfo) -> Dict[str, Any]:
+    """Model (official keys) and optimizer state gathered in full, valid for any world size."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=opts)
+    return {"model": {k.removeprefix("module."): v for k, v in model_sd.items()}, "optimizer": optim_sd}
+
+
+def load_full_state(model, optimizer, state: Dict[str, Any]) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=opts)
+
+
+def autocast_for(cfg: PretrainConfig, device: torch.device):
+    if cfg.precision in ("fp32", "fp64"):
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def all_finite(model) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in unwrap(model).parameters())
+
+
+class RunLog:
+    """CSV + TensorBoard scalars on the main process."""
+
+    def __init__(self, folder: Path, enabled: bool, tensorboard: bool):
+        self.enabled = enabled
+        self.writer = None
+        if not enabled:
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        new = not (folder / "log.csv").exists()
+        self.csv_file = open(folder / "log.csv", "a", newline="")
+        self.csv = csv.writer(self.csv_file)
+        if new:
+            self.csv.writerow(["step", "epoch", "loss", "lr", "images_per_s"])
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(folder / "tensorboard"))
+            except ImportError:
+                log.info("tensorboard is not installed: CSV log only")
+
+    def write(self, step: int, epoch: float, loss: float, lr: float, ips: float) -> None:
+        if not self.enabled:
+            return
+        self.csv.writerow([step, f"{epoch:.4f}", f"{loss:.6f}", f"{lr:.6e}", f"{ips:.1f}"])
+        self.csv_file.flush()
+        if self.writer:
+            self.writer.add_scalar("train/loss", loss, step)
+            self.writer.add_scalar("train/lr", lr, step)
+            self.writer.add_scalar("train/images_per_s", ips, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.csv_file.close()
+            if self.writer:
+                self.writer.close()
+
+
+def train(cfg: PretrainConfig) -> Dict[str, Any]:
+    """Run pretraining as configured; returns the summary also written to ``summary.json``."""
+    from .data import build_loader
+
+    requested_device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+    info = init_distributed(requested_device)
+    device = resolve_device(cfg, info)
+    out = Path(cfg.output_dir)
+    torch.manual_seed(cfg.seed)
+
+    model = create_model(cfg.model, img_size=cfg.img_size, norm_pix_loss=cfg.norm_pix_loss)
+    model = model.to(device, torch.float64 if cfg.precision == "fp64" else None)
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(cfg.grad_checkpointing)
+    if cfg.init_from:
+        report = load_mae_checkpoint(model, cfg.init_from)
+        if info.is_main:
+            log.info(report.summary())
+    num_patches = model.config.num_patches
+    loader = build_loader(cfg.data, kind=cfg.loader, batch_size=cfg.batch_size, img_size=cfg.img_size,
+                          seed=cfg.seed, rank=info.rank, world_size=info.world_size, device=device,
+                          strict=cfg.strict_data, num_workers=cfg.num_workers, drop_last=True)
+    if len(loader) < cfg.accum_iter:
+        raise ValueError(f"{cfg.data}: {len(loader)} batches of {cfg.batch_size} per process per epoch, fewer "
+                         f"than --accum-iter {cfg.accum_iter}: use more images or a smaller batch")
+    wrapped = wrap_model(model, cfg, info, device)
+    eff_batch = cfg.effective_batch * info.world_size
+    base_lr = cfg.lr if cfg.lr is not None else cfg.blr * eff_batch / 256
+    optimizer = build_adamw(wrapped, base_lr, cfg.weight_decay)
+    scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
+    steps_per_epoch = len(loader) // cfg.accum_iter
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+
+    ckpts = CheckpointManager(out / "checkpoints", keep=cfg.keep_checkpoints)
+    step, skipped_nonfinite, last_ckpt = 0, 0, None
+    resumed = ckpts.load_latest() if cfg.resume == "auto" else None
+    if cfg.resume and cfg.resume != "auto":
+        from mae_fast.checkpoint import read_checkpoint
+        resumed = (Path(cfg.resume), read_checkpoint(cfg.resume))
+    if resumed:
+        last_ckpt, state = resumed
+        load_full_state(wrapped, optimizer, state)
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        step, skipped_nonfinite = int(state["step"]), int(state.get("skipped_nonfinite", 0))
+        loader.load_state_dict(state["loader"])
+        set_rng_state(state["rng"][info.rank] if isinstance(state["rng"], list) else state["rng"])
+        if info.is_main:
+            log.info("resumed from %s at step %d (epoch %d, batch %d)", last_ckpt, step,
+                     state["loader"]["epoch"], state["loader"]["batch"])
+
+    def save() -> Path:
+        if not all_finite(wrapped):
+            raise NonFiniteLossError(f"step {step}: weights are not finite; no checkpoint written "
+                                     f"(last good: {last_ckpt or 'none'})")
+        st = full_state(wrapped, optimizer, info)
+        rngs: Any = rng_state()
+        if info.enabled:
+            gathered: List[Any] = [None] * info.world_size
+            dist.all_gather_object(gathered, rngs)
+            rngs = gathered
+        path = None
+        if info.is_main:
+            st.update(step=step, epoch=loader.epoch, loader=loader.state_dict(), rng=rngs,
+                      config=dataclasses.asdict(cfg), scaler=scaler.state_dict() if scaler else None,
+                      skipped_nonfinite=skipped_nonfinite, world_size=info.world_size)
+            path = ckpts.save(st)
+        if info.enabled:
+            dist.barrier()
+        return path or ckpts.path_for(step)
+
+    runlog = RunLog(out, info.is_main, cfg.tensorboard)
+    if info.is_main:
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        log.info("model %s, %d processes, effective batch %d, lr %.3g, %d steps/epoch, %d steps, device %s",
+                 cfg.model, info.world_size, eff_batch, base_lr, steps_per_epoch, total_steps, device)
+    bar = None
+    if cfg.progress and info.is_main:
+        from tqdm import tqdm
+        bar = tqdm(total=total_steps, initial=step, desc="pretrain", dynamic_ncols=True)
+
+    kill_at = int(os.environ.get(FAULT_KILL_AT_STEP, "-1"))
+    nan_at = int(os.environ.get(FAULT_NAN_AT_STEP, "-1"))
+    wrapped.train()
+    loss_sum = torch.zeros((), device=device)
+    loss_count, t_log, images_since = 0, time.perf_counter(), 0
+    last_loss = float("nan")
+    start_step = step
+    while step < total_steps:
+        epoch = loader.epoch
+        loader.set_epoch(epoch)
+        for imgs in loader:
+            if loader.batch > steps_per_epoch * cfg.accum_iter:
+                continue  # an epoch's tail that does not fill a whole accumulation
+            micro = (loader.batch - 1) % cfg.accum_iter
+            if micro == 0:
+                if step == kill_at:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                lr = lr_at(step / steps_per_epoch, base_lr, cfg.warmup_epochs, cfg.epochs, cfg.min_lr)
+                set_lr(optimizer, lr)
+                step_ok = True
+            imgs = imgs.to(device, torch.float64 if cfg.precision == "fp64" else None, non_blocking=True)
+            noise = mask_noise(cfg.seed, step, micro, cfg.batch_size * info.world_size, num_patches, info, device)
+            last_micro = micro == cfg.accum_iter - 1
+            sync_ctx = contextlib.nullcontext()
+            if info.enabled and not last_micro:
+                if hasattr(wrapped, "no_sync"):
+                    sync_ctx = wrapped.no_sync()
+                else:
+                    wrapped.set_requires_gradient_sync(False)
+            elif info.enabled and hasattr(wrapped, "set_requires_gradient_sync"):
+                wrapped.set_requires_gradient_sync(True)
+            with sync_ctx:
+                with autocast_for(cfg, device):
+                    loss, _, _ = wrapped(imgs, mask_ratio=cfg.mask_ratio, noise=noise)
+                if step == nan_at:
+                    loss = loss * float("nan")
+                finite = torch.isfinite(loss.detach()).to(torch.int32)
+                if info.enabled:
+                    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+                if not bool(finite):
+                    step_ok = False
+                if step_ok:
+                    scaled = loss / cfg.accum_iter
+                    (scaler.scale(scaled) if scaler else scaled).backward()
+                    loss_sum += loss.detach()
+                    loss_count += 1
+            images_since += imgs.shape[0] * info.world_size
+            if not last_micro:
+                continue
+            if not step_ok:
+                optimizer.zero_grad(set_to_none=True)
+                if skipped_nonfinite >= cfg.skip_nonfinite:
+                    raise NonFiniteLossError(
+                        f"loss is not finite at step {step} (epoch {epoch}, batch {loader.batch}); last good "
+                        f"checkpoint: {last_ckpt or 'none'}. Resume from it with --resume auto and a lower lr, "
+                        f"bf16 instead of fp16, or --skip-nonfinite K to skip such steps")
+                skipped_nonfinite += 1
+                log.warning("step %d: non-finite loss, step skipped (%d of at most %d)",
+                            step, skipped_nonfinite, cfg.skip_nonfinite)
+            elif scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if bar:
+                bar.update(1)
+            if step % cfg.log_every == 0 or step == total_steps:
+                if info.enabled:
+                    dist.all_reduce(loss_sum)
+                    loss_sum /= info.world_size
+                last_loss = loss_sum.item() / max(1, loss_count)
+                now = time.perf_counter()
+                ips = images_since / (now - t_log)
+                runlog.write(step, step / steps_per_epoch, last_loss, lr, ips)
+                if bar:
+                    bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
+                loss_sum.zero_()
+                loss_count, t_log, images_since = 0, now, 0
+            if step % cfg.save_every == 0 or step == total_steps:
+                last_ckpt = save()
+            if step >= total_steps:
+                break
+    if bar:
+        bar.close()
+    runlog.close()
+    summary = {"steps": step, "steps_this_run": step - start_step, "final_loss": last_loss,
+               "skipped_nonfinite": skipped_nonfinite, "last_checkpoint": str(last_ckpt) if last_ckpt else None,
+               "world_size": info.world_size, "effective_batch": eff_batch, "lr": base_lr,
+               "skipped_images": [p for p, _ in loader.skipped]}
+    if info.is_main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        if cfg.visualize:
+            from .visualize import reconstruction_figure
+            from .sources import demo_dir
+            first = sorted(Path(demo_dir()).glob("*.jpg"))[0] if cfg.data == "demo" else None
+            if first is not None:
+                fig = reconstruction_figure(unwrap(wrapped), str(first), out / "reconstruction.png",
+                                            mask_ratio=cfg.mask_ratio, seed=cfg.seed)
+                summary["figure"] = str(fig)
+                log.info("reconstruction figure: %s", fig)
+    return summary
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        cfg = parse_config(argv)
+    except ValueError as e:
+        print(f"mae-pretrain: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        summary = train(cfg)
+    except (ValueError, NonFiniteLossError, FileNotFoundError) as e:
+        print(f"mae-pretrain: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""``mae-visualize``: the paper's reconstruction panels (original, masked, reconstruction,
+reconstruction + visible) for one image and a checkpoint (mae-fast or official format)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+import torch
+
+from mae_fast.checkpoint import extract_state_dict, load_mae_checkpoint, read_checkpoint
+from mae_fast.models_mae import MODELS, MaskedAutoencoderViT, create_model
+
+from .augment import load_rgb
+
+IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+
+
+def load_image(path: str, size: int) -> torch.Tensor:
+    """Resize the shorter side to ``size`` (bicubic), center crop, normalize: (1, 3, size, size)."""
+    from PIL import Image
+
+    img = load_rgb(path)
+    w, h = img.size
+    s = size / min(w, h)
+    img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return ((x - IMAGENET_MEAN) / IMAGENET_STD).unsqueeze(0)
+
+
+def to_rgb(x: torch.Tensor) -> np.ndarray:
+    """(3, H, W) normalized → (H, W, 3) in [0, 1]."""
+    return (x.cpu().float() * IMAGENET_STD + IMAGENET_MEAN).clamp(0, 1).permute(1, 2, 0).numpy()
+
+
+@torch.no_grad()
+def reconstruct(model: MaskedAutoencoderViT, imgs: torch.Tensor, mask_ratio: float = 0.75, seed: int = 0):
+    """(masked, reconstruction, reconstruction + visible) images; norm-pix predictions are shown with
+    each patch's true mean and variance (the model only predicts the normalized shape)."""
+    model.eval()
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.rand(imgs.shape[0], model.config.num_patches, generator=g)
+    _, pred, mask = model(imgs, mask_ratio=mask_ratio, noise=noise)
+    pred = pred.float()
+    if model.norm_pix_loss:
+        target = model.patchify(imgs)
+        mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+        pred = pred * (var + 1e-6) ** 0.5 + mean
+    rec = model.unpatchify(pred)
+    m = model.unpatchify(mask.unsqueeze(-1).expand(-1, -1, model.config.patch_dim).float())  # 1 = removed
+    gray = (torch.full_like(imgs, 0.5) - IMAGENET_MEAN) / IMAGENET_STD  # mid-gray for removed patches
+    masked = imgs * (1 - m) + gray * m
+    return masked, rec, imgs * (1 - m) + rec * m
+
+
+def reconstruction_figure(model: MaskedAutoencoderViT, image: str, out: str | Path, mask_ratio: float = 0.75,
+                          seed: int = 0) -> Path:
+    """Write the four-panel PNG for ``image`` and return its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    imgs = load_image(image, model.img_size).to(next(model.parameters()).device)
+    masked, rec, both = reconstruct(model, imgs, mask_ratio, seed)
+    fig, axes = plt.subplots(1, 4, figsize=(12, 3.6))
+    titles = ["original", f"masked ({mask_ratio:.0%})", "reconstruction", "reconstruction + visible"]
+    for ax, x, title in zip(axes, [imgs, masked, rec, both], titles):
+        ax.imshow(to_rgb(x[0]))
+        ax.set_title(title)
+        ax.axis("off")
+    note = Path(image).name
+    if model.norm_pix_loss:
+        note += ("   |   norm-pix model: predicted patches are shown with the true patch mean/variance")
+    fig.suptitle(note, fontsize=9)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def model_from_checkpoint(path: str, model_name: Optional[str] = None, norm_pix_loss: Optional[bool] = None,
+                          img_size: Optional[int] = None) -> MaskedAutoencoderViT:
+    """Build the model a checkpoint describes (mae-fast ``config`` or official ``args``) and load it."""
+    ckpt = read_checkpoint(path)
+    cfg = ckpt.get("config") or {}
+    args = vars(ckpt["args"]) if "args" in ckpt and hasattr(ckpt["args"], "__dict__") else {}
+    name = model_name or cfg.get("model") or args.get("model")
+    if name is None:
+        raise ValueError(f"checkpoint {path}: it does not name its model; pass --model ({', '.join(sorted(MODELS))})")
+    name = {"mae_vit_base_patch16_dec512d8b": "mae_vit_base_patch16",
+            "mae_vit_large_patch16_dec512d8b": "mae_vit_large_patch16",
+            "mae_vit_huge_patch14_dec512d8b": "mae_vit_huge_patch14"}.get(name, name)
+    npl = norm_pix_loss if norm_pix_loss is not None else cfg.get("norm_pix_loss", args.get("norm_pix_loss", False))
+    sd = extract_state_dict(ckpt, path)
+    size = img_size or cfg.get("img_size") or args.get("input_size")
+    if size is None and "pos_embed" in sd and "patch_embed.proj.weight" in sd:
+        size = int(round((sd["pos_embed"].shape[1] - 1) ** 0.5)) * sd["patch_embed.proj.weight"].shape[-1]
+    model = create_model(name, norm_pix_loss=bool(npl), **({"img_size": int(size)} if size else {}))
+    report = load_mae_checkpoint(model, ckpt if not isinstance(ckpt, dict) else {"model": sd})
+    if report.encoder_only:
+        raise ValueError(f"checkpoint {path}: encoder-only (no decoder weights), it cannot reconstruct; "
+                         f"use a full checkpoint (e.g. the official *_full.pth or mae_visualize_*.pth)")
+    return model
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="mae-visualize", description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True, help="mae-fast or official MAE checkpoint with the decoder")
+    p.add_argument("--image", required=True, help="an image file")
+    p.add_argument("--out", required=True, help="PNG to write")
+    p.add_argument("--model", choices=sorted(MODELS), help="model name, if the checkpoint does not say")
+    p.add_argument("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=None,
+                   help="whether the model was trained with norm-pix loss (default: from the checkpoint)")
+    p.add_argument("--mask-ratio", type=float, default=0.75)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random mask")
+    a = p.parse_args(argv)
+    try:
+        model = model_from_checkpoint(a.checkpoint, a.model, a.norm_pix_loss)
+        if not Path(a.image).is_file():
+            raise ValueError(f"image {a.image}: no such file")
+        out = reconstruction_figure(model, a.image, a.out, a.mask_ratio, a.seed)
+    except ValueError as e:
+        print(f"mae-visualize: error: {e}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
