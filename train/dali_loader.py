@@ -138,11 +138,14 @@ class DALILoader(Loader):
         pipe = _build_pipeline([self.images.paths[i] for i in files], source, self.batch_size,
                                self.img_size, self.num_threads, self.device_id,
                                (self.seed * 7919 + epoch) % (2 ** 31))
-        it = DALIGenericIterator([pipe], ["images"], reader_name="Reader", auto_reset=False,
-                                 last_batch_policy=LastBatchPolicy.PARTIAL)
+        it = None
         try:
-            for b, idx in enumerate(batches):
+            for idx in batches:
                 try:
+                    if it is None:  # the constructor already runs the first batch
+                        it = DALIGenericIterator([pipe], ["images"], reader_name="Reader",
+                                                 auto_reset=False,
+                                                 last_batch_policy=LastBatchPolicy.PARTIAL)
                     out = next(it)
                 except StopIteration:
                     return
