@@ -87,3 +87,22 @@ def check_patch_grid(imgs: torch.Tensor, p: int, op: str) -> tuple:
     if p <= 0 or H % p or W % p:
         raise ValueError(f"{op}: image size {H}x{W} is not a multiple of the patch size {p}")
     return N, C, H, W, H // p, W // p
+
+
+def compile_for_gpu(kernel, arg_types: dict, constexprs: dict, options: dict | None = None, arch: int = 90):
+    """Compile a ``@triton.jit`` kernel ahead of time to a CUDA binary (default sm_90, H100) with no
+    GPU present: catches GPU-only errors that the interpreter cannot (tl.dot dtypes, layouts, ptxas).
+
+    arg_types maps pointer / non-default argument names to Triton type strings ("*bf16", "i64");
+    other non-constexpr arguments are "i32". Must run without ``TRITON_INTERPRET=1``.
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if interpreting():
+        raise RuntimeError("compile_for_gpu cannot run under TRITON_INTERPRET=1")
+    names = kernel.arg_names
+    signature = {a: "constexpr" if a in constexprs else arg_types.get(a, "i32") for a in names}
+    src = ASTSource(fn=kernel, signature=signature,
+                    constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(options or {}))

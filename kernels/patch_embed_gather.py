@@ -15,8 +15,6 @@ pixel written once, no zero-fill pass and no atomics). Bias / pos gradients are 
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 import torch.nn.functional as F
 
