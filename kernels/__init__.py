@@ -2,6 +2,12 @@
 
 Every public op takes ``backend="auto" | "triton" | "torch"``: "auto" runs Triton on CUDA tensors and
 the reference elsewhere; "triton" on CPU tensors needs ``TRITON_INTERPRET=1`` (tests).
+
+The ops are registered with ``torch.library.custom_op`` + ``register_fake`` + ``register_autograd``
+(namespace ``mae_fast::``), so torch.compile traces them without graph breaks. ``triton_op`` +
+``wrap_triton`` was not used: under the interpreter ``wrap_triton`` is a pass-through, so its
+fake-tensor / functionalization tracing launches the kernel on fake tensors and fails; custom_op keeps
+one registration that is tested on CPU and used unchanged on the GPU (Inductor calls it as an opaque op).
 """
 from .masked_loss import masked_loss, masked_loss_reference
 from .patch_embed_gather import patch_embed_gather, patch_embed_gather_reference

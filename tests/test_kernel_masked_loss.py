@@ -81,6 +81,21 @@ def test_masked_only_equals_full():
     torch.testing.assert_close(full, sub, rtol=1e-6, atol=0)
 
 
+
+def test_strided_pred_view():
+    """The model passes decoder_pred(x)[:, 1:, :], a non-contiguous view: strides are honoured."""
+    p = 16
+    pred, imgs, mask, _ = _inputs(2, p, 7, 0.75, BF16, 45)
+    full = torch.cat([torch.randn_like(pred[:, :1]), pred], dim=1).requires_grad_()
+    view = full[:, 1:, :]
+    loss = masked_loss(view, imgs, mask, p, True, backend="triton")
+    ref = masked_loss_reference(view, imgs, mask, p, True)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    (grad,) = torch.autograd.grad(loss, full)
+    (grad_ref,) = torch.autograd.grad(ref, full)
+    assert (grad[:, 0] == 0).all()
+    torch.testing.assert_close(grad.float(), grad_ref.float(), rtol=2.0**-7, atol=2.0**-7 * grad_ref.abs().max().item())
+
 @pytest.mark.parametrize("norm", [True, False])
 def test_reference_is_the_model_loss(norm):
     model = mae_vit_tiny_patch8(norm_pix_loss=norm)
