@@ -45,6 +45,7 @@ setup(
     entry_points={
         "console_scripts": [
             "mae-flops=mae_fast.bench.flops:main",
+            "mae-bench=mae_fast.bench.throughput:main",
             "mae-pretrain=mae_fast.train.pretrain:main",
             "mae-visualize=mae_fast.train.visualize:main",
         ],

@@ -62,6 +62,15 @@ def use_triton(backend: str, tensors: Sequence[torch.Tensor], op: str) -> bool:
     return True
 
 
+def autocast_dtype(device_type: str) -> "torch.dtype | None":
+    """The active autocast dtype for ``device_type``, or None (also for devices autocast does not
+    know, such as meta)."""
+    try:
+        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    except RuntimeError:
+        return None
+
+
 def new_empty(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``torch.empty``, or a NaN-filled tensor when ``MAE_FAST_KERNELS_POISON=1`` (tests: catches
     any element a kernel forgets to write)."""

@@ -39,8 +39,10 @@ def masked_loss_reference(
     norm_pix_loss: bool,
     ids_masked: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Official forward_loss; with ids_masked, pred holds only those patches (rows gathered)."""
-    target = patchify_reference(imgs, patch_size).float()
+    """Official forward_loss; with ids_masked, pred holds only those patches (rows gathered).
+    Computed in float32 at least (float64 inputs stay float64)."""
+    dtype = torch.promote_types(pred.dtype, torch.float32)
+    target = patchify_reference(imgs, patch_size).to(dtype)
     weight = mask
     if ids_masked is not None:
         target = torch.gather(target, 1, ids_masked.unsqueeze(-1).expand(-1, -1, target.shape[-1]))
@@ -49,7 +51,7 @@ def masked_loss_reference(
         mean = target.mean(dim=-1, keepdim=True)
         var = target.var(dim=-1, keepdim=True)
         target = (target - mean) / (var + NORM_PIX_EPS) ** 0.5
-    loss = (pred.float() - target) ** 2
+    loss = (pred.to(dtype) - target) ** 2
     loss = loss.mean(dim=-1)
     return (loss * weight).sum() / mask.sum()
 

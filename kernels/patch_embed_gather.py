@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._utils import check_patch_grid, interpreting, new_empty, patchify_reference, tl, triton, use_triton
+from ._utils import autocast_dtype, check_patch_grid, interpreting, new_empty, patchify_reference, tl, triton, use_triton
 
 __all__ = ["patch_embed_gather", "patch_embed_gather_reference"]
 
@@ -289,9 +289,8 @@ def patch_embed_gather(
     backend: "auto" (Triton on CUDA, PyTorch elsewhere), "triton" or "torch". Under autocast the GEMM
     runs in the autocast dtype like F.linear; the output dtype is promote(GEMM dtype, pos dtype).
     """
-    dev = imgs.device.type
-    if torch.is_autocast_enabled(dev):
-        dt = torch.get_autocast_dtype(dev)
+    dt = autocast_dtype(imgs.device.type)
+    if dt is not None:
         weight, bias = weight.to(dt), bias.to(dt)
     if not use_triton(backend, (imgs, ids_keep, weight, bias, pos_embed), "patch_embed_gather"):
         return patch_embed_gather_reference(imgs, ids_keep, weight, bias, pos_embed, patch_size)

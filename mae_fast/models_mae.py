@@ -4,7 +4,10 @@ Names, public methods and ``state_dict`` keys follow facebookresearch/mae ``mode
 official checkpoints load unchanged and code calling ``forward_encoder`` / ``forward_decoder`` /
 ``forward_loss`` / ``patchify`` / ``unpatchify`` ports as is. What differs is only *how* it is
 computed: the encoder embeds just the visible patches (gather, then one GEMM) instead of embedding
-every patch and throwing 75% away, and attention goes through a pluggable backend.
+every patch and throwing 75% away, and attention goes through a pluggable backend. Three steps run
+as fused Triton kernels on CUDA (``kernel_backend``): visible-patch embedding (gather + GEMM + pos),
+decoder unshuffle with the mask token, and the masked normalized-pixel loss; their plain PyTorch
+references (in ``mae_fast.kernels``) are the CPU path and the specification.
 """
 from __future__ import annotations
 
@@ -17,11 +20,14 @@ import torch.nn.functional as F
 
 from torch.utils.checkpoint import checkpoint
 
-from .attention import get_attention
+from mae_fast.kernels import masked_loss, patch_embed_gather, unshuffle_mask_tokens
+from mae_fast.kernels._utils import patchify_reference
+
+from .attention import get_attention, pick_attention_backend
 from .pos_embed import get_2d_sincos_pos_embed
 
 LN_EPS = 1e-6
-NORM_PIX_EPS = 1e-6
+KERNEL_BACKENDS = ("auto", "triton", "torch")
 
 
 @dataclass(frozen=True)
@@ -57,10 +63,10 @@ class MAEConfig:
 
 
 class PatchEmbed(nn.Module):
-    """Stride-p convolution (key ``proj``, as timm's) that can also embed pre-extracted patches.
+    """Stride-p convolution (key ``proj``, as timm's) whose weight also serves a GEMM on patches.
 
-    The conv weight is (D, C, p, p), i.e. (c, py, px) order; ``embed_patches`` permutes it to
-    patchify's (py, px, c) order so that one GEMM on gathered patches equals conv-then-gather.
+    The conv weight is (D, C, p, p), i.e. (c, py, px) order; ``weight_in_patch_order`` permutes it
+    to patchify's (py, px, c) order so that one GEMM on gathered patches equals conv-then-gather.
     """
 
     def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
@@ -72,10 +78,6 @@ class PatchEmbed(nn.Module):
         """Conv weight as a (D, p*p*C) matrix in patchify's (py, px, c) order."""
         w = self.proj.weight
         return w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)
-
-    def embed_patches(self, patches: torch.Tensor) -> torch.Tensor:
-        """(N, K, p*p*C) patchified pixels -> (N, K, D) embeddings."""
-        return F.linear(patches, self.weight_in_patch_order(), self.proj.bias)
 
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:
         """All patches, as the official code: (N, C, H, W) -> (N, L, D)."""
@@ -151,6 +153,7 @@ class MaskedAutoencoderViT(nn.Module):
         mlp_ratio: float = 4.0,
         norm_pix_loss: bool = False,
         attn_backend: str = "sdpa",
+        kernel_backend: str = "auto",
     ):
         super().__init__()
         if img_size % patch_size != 0:
@@ -167,13 +170,14 @@ class MaskedAutoencoderViT(nn.Module):
         self.in_chans = in_chans
         self.norm_pix_loss = norm_pix_loss
         num_patches = self.config.num_patches
+        concrete = "sdpa" if attn_backend == "auto" else attn_backend
 
         # encoder
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim), requires_grad=False)
         self.blocks = nn.ModuleList(
-            [Block(embed_dim, num_heads, mlp_ratio, attn_backend) for _ in range(depth)]
+            [Block(embed_dim, num_heads, mlp_ratio, concrete) for _ in range(depth)]
         )
         self.norm = nn.LayerNorm(embed_dim, eps=LN_EPS)
 
@@ -184,13 +188,16 @@ class MaskedAutoencoderViT(nn.Module):
             torch.zeros(1, num_patches + 1, decoder_embed_dim), requires_grad=False
         )
         self.decoder_blocks = nn.ModuleList(
-            [Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, attn_backend) for _ in range(decoder_depth)]
+            [Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, concrete) for _ in range(decoder_depth)]
         )
         self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=LN_EPS)
         self.decoder_pred = nn.Linear(decoder_embed_dim, self.config.patch_dim)
 
         self.grad_checkpointing = 0  # 0: off; k: checkpoint every k-th block (activation memory)
+        self.set_kernel_backend(kernel_backend)
         self.initialize_weights()
+        if attn_backend == "auto":
+            self.set_attn_backend("auto")
 
     # ------------------------------------------------------------------ init
     def initialize_weights(self) -> None:
@@ -217,10 +224,33 @@ class MaskedAutoencoderViT(nn.Module):
             nn.init.constant_(m.bias, 0)
             nn.init.constant_(m.weight, 1.0)
 
-    def set_attn_backend(self, attn_backend: str) -> None:
-        """Switch every block's attention backend (see ``mae_fast.attention``)."""
+    def set_attn_backend(self, attn_backend: str, dtype: Optional[torch.dtype] = None) -> str:
+        """Switch every block's attention backend (see ``mae_fast.attention``); returns the one used.
+
+        "auto" picks, for the model's device and ``dtype`` (default bf16 on CUDA), the fastest backend
+        that runs all of the model's head sizes; call it after moving the model to its device.
+        """
+        if attn_backend == "auto":
+            device = self.cls_token.device
+            dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+            heads = {blk.attn.head_dim for blk in [*self.blocks, *self.decoder_blocks]}
+            attn_backend = pick_attention_backend(device, dtype, heads)
         for blk in [*self.blocks, *self.decoder_blocks]:
             blk.attn.set_backend(attn_backend)
+        return attn_backend
+
+    def set_kernel_backend(self, kernel_backend: str) -> None:
+        """"auto": Triton kernels on CUDA tensors, PyTorch elsewhere; "triton": always (CPU tensors need
+        TRITON_INTERPRET=1); "torch": the plain PyTorch references."""
+        if kernel_backend not in KERNEL_BACKENDS:
+            raise ValueError(f"unknown kernel_backend {kernel_backend!r}; choose one of {list(KERNEL_BACKENDS)}")
+        self.kernel_backend = kernel_backend
+
+    def _ops_backend(self, x: torch.Tensor) -> str:
+        """The concrete backend ("triton" | "torch") of the fused ops for tensors like ``x``."""
+        if self.kernel_backend == "auto":
+            return "triton" if x.is_cuda else "torch"
+        return self.kernel_backend
 
     def set_grad_checkpointing(self, every: int = 1) -> None:
         """Recompute activations of every ``every``-th block in backward (0 turns it off)."""
@@ -240,12 +270,7 @@ class MaskedAutoencoderViT(nn.Module):
     # ---------------------------------------------------------- layout utils
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> (N, L, p*p*3); patches row-major, (py, px, c) inside a patch."""
-        p = self.patch_size
-        N, C, H, W = imgs.shape
-        h, w = H // p, W // p
-        x = imgs.reshape(N, C, h, p, w, p)
-        x = torch.einsum("nchpwq->nhwpqc", x)
-        return x.reshape(N, h * w, p * p * C)
+        return patchify_reference(imgs, self.patch_size)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(N, L, p*p*3) -> (N, 3, H, W); the exact inverse of ``patchify`` for square grids."""
@@ -328,12 +353,10 @@ class MaskedAutoencoderViT(nn.Module):
         self.check_images(imgs)
         ids_keep, mask, ids_restore = self.masking_ids(imgs.shape[0], mask_ratio, noise, imgs.device)
 
-        # gather raw patches first, then embed only those (equals embed-then-gather)
-        patches = self.patchify(imgs)
-        patches = torch.gather(patches, 1, ids_keep.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
-        x = self.patch_embed.embed_patches(patches)
-        pos = self.pos_embed[:, 1:].expand(x.shape[0], -1, -1)
-        x = x + torch.gather(pos, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        # embed only the visible patches: gather raw patches, one GEMM, + their position rows
+        # (equals the official embed-all, add pos, then gather)
+        x = patch_embed_gather(imgs, ids_keep, self.patch_embed.weight_in_patch_order(), self.patch_embed.proj.bias,
+                               self.pos_embed[0, 1:], self.patch_size, backend=self._ops_backend(imgs))
 
         cls_tokens = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         x = torch.cat((cls_tokens, x), dim=1)
@@ -354,13 +377,9 @@ class MaskedAutoencoderViT(nn.Module):
     def forward_decoder(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """Latent (N, 1+len_keep, D) -> predictions (N, L, p*p*3) for every patch."""
         x = self.decoder_embed(x)
-        N, T, Dd = x.shape
-        L = ids_restore.shape[1]
-        mask_tokens = self.mask_token.expand(N, L + 1 - T, Dd)
-        x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)
-        x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, Dd))
-        x = torch.cat([x[:, :1, :], x_], dim=1)
-        x = x + self.decoder_pos_embed
+        # append mask tokens, unshuffle to patch order with ids_restore, cls first, + decoder positions
+        x = unshuffle_mask_tokens(x, self.mask_token, ids_restore, self.decoder_pos_embed,
+                                  backend=self._ops_backend(x))
 
         x = self._run_blocks(self.decoder_blocks, x)
         x = self.decoder_norm(x)
@@ -372,15 +391,7 @@ class MaskedAutoencoderViT(nn.Module):
         """Mean squared error over masked patches; with norm_pix_loss the target is each patch
         normalized by its own mean and unbiased variance (eps 1e-6). Computed in float32 at least
         (bf16/fp16 predictions are upcast; float64 stays float64)."""
-        dtype = torch.promote_types(pred.dtype, torch.float32)
-        target = self.patchify(imgs).to(dtype)
-        if self.norm_pix_loss:
-            mean = target.mean(dim=-1, keepdim=True)
-            var = target.var(dim=-1, keepdim=True)
-            target = (target - mean) / (var + NORM_PIX_EPS) ** 0.5
-        loss = (pred.to(dtype) - target) ** 2
-        loss = loss.mean(dim=-1)
-        return (loss * mask).sum() / mask.sum()
+        return masked_loss(pred, imgs, mask, self.patch_size, self.norm_pix_loss, backend=self._ops_backend(pred))
 
     def forward(
         self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: Optional[torch.Tensor] = None
@@ -394,32 +405,46 @@ class MaskedAutoencoderViT(nn.Module):
 
 
 # ------------------------------------------------------------------ factories
-def _mae(defaults: dict, kwargs: dict) -> MaskedAutoencoderViT:
-    return MaskedAutoencoderViT(**{**defaults, **kwargs})
+MODEL_CONFIGS = {
+    # tiny model for tests and CPU demos: 64 px, patch 8 (64 patches), 96-d x 4, decoder 64-d x 2
+    "mae_vit_tiny_patch8": dict(img_size=64, patch_size=8, embed_dim=96, depth=4, num_heads=3,
+                                decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=2),
+    "mae_vit_base_patch16": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12,
+                                 decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
+    "mae_vit_large_patch16": dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16,
+                                  decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
+    "mae_vit_huge_patch14": dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16,
+                                 decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
+}
+
+
+def create_model(name: str, cls: type = MaskedAutoencoderViT, **kwargs) -> MaskedAutoencoderViT:
+    """Build model ``name`` (a key of ``MODEL_CONFIGS``), keyword arguments overriding its shape."""
+    try:
+        defaults = MODEL_CONFIGS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODEL_CONFIGS)}") from None
+    return cls(**{**defaults, **kwargs})
 
 
 def mae_vit_tiny_patch8(**kwargs) -> MaskedAutoencoderViT:
     """Tiny model for tests and CPU demos: 64 px, patch 8 (64 patches), 96-d x 4, decoder 64-d x 2."""
-    return _mae(dict(img_size=64, patch_size=8, embed_dim=96, depth=4, num_heads=3,
-                     decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=2), kwargs)
+    return create_model("mae_vit_tiny_patch8", **kwargs)
 
 
 def mae_vit_base_patch16(**kwargs) -> MaskedAutoencoderViT:
     """ViT-B/16 encoder (768-d, 12 blocks, 12 heads), 512-d x 8 decoder."""
-    return _mae(dict(patch_size=16, embed_dim=768, depth=12, num_heads=12,
-                     decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16), kwargs)
+    return create_model("mae_vit_base_patch16", **kwargs)
 
 
 def mae_vit_large_patch16(**kwargs) -> MaskedAutoencoderViT:
     """ViT-L/16 encoder (1024-d, 24 blocks, 16 heads), 512-d x 8 decoder."""
-    return _mae(dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16,
-                     decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16), kwargs)
+    return create_model("mae_vit_large_patch16", **kwargs)
 
 
 def mae_vit_huge_patch14(**kwargs) -> MaskedAutoencoderViT:
     """ViT-H/14 encoder (1280-d, 32 blocks, 16 heads of 80), 512-d x 8 decoder."""
-    return _mae(dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16,
-                     decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16), kwargs)
+    return create_model("mae_vit_huge_patch14", **kwargs)
 
 
 # official aliases
@@ -433,12 +458,3 @@ MODELS = {
     "mae_vit_large_patch16": mae_vit_large_patch16,
     "mae_vit_huge_patch14": mae_vit_huge_patch14,
 }
-
-
-def create_model(name: str, **kwargs) -> MaskedAutoencoderViT:
-    """Build a model by factory name (``MODELS``); unknown names list the known ones."""
-    try:
-        factory = MODELS[name]
-    except KeyError:
-        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}") from None
-    return factory(**kwargs)
