@@ -17,10 +17,7 @@ bench/results/ (device, date, git commit, command, numbers).
 """
 from __future__ import annotations
 
-import datetime as _dt
-import json
 import os
-import subprocess
 import sys
 import time
 import zlib
@@ -28,6 +25,8 @@ from pathlib import Path
 from typing import Callable, Dict, List
 
 import pytest
+
+from mae_fast.bench.records import record_header, write_result
 import torch
 
 from mae_fast.kernels import (
@@ -41,7 +40,6 @@ from mae_fast.kernels import (
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 RECORDS: List[dict] = []
 
 # name: (batch on GPU, patch, grid, encoder width, decoder width)
@@ -189,35 +187,17 @@ def make_case(op: str, shape: str, pas: str):
 
 
 # ----------------------------------------------------------------------------- the benchmark
-def _git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
-                                       text=True, stderr=subprocess.DEVNULL).strip()
-    except Exception:
-        return "unknown"
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _write_record():
     yield
     if not CUDA or not RECORDS:
         return
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    now = _dt.datetime.now(_dt.timezone.utc)
-    name = torch.cuda.get_device_name()
     record = {
-        "benchmark": "bench_kernels",
-        "device": name,
-        "date": now.isoformat(timespec="seconds"),
-        "git_commit": _git_commit(),
-        "command": " ".join([Path(sys.executable).name, "-m", "pytest", *sys.argv[1:]]),
-        "torch": torch.__version__,
+        **record_header("bench_kernels", command=" ".join([Path(sys.executable).name, "-m", "pytest", *sys.argv[1:]])),
         "copy_bandwidth_GBps": _COPY_BW.get("cuda", 0.0) / 1e9,
         "results": RECORDS,
     }
-    slug = "".join(c if c.isalnum() else "-" for c in name).strip("-").lower()
-    path = RESULTS_DIR / f"kernels-{slug}-{now.strftime('%Y%m%dT%H%M%SZ')}.json"
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    path = write_result("kernels", record)
     print(f"\nwrote {path}")
 
 

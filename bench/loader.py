@@ -7,12 +7,7 @@ On a GPU it also writes a JSON record to bench/results/ (device, date, commit, c
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,20 +15,10 @@ from typing import Any
 
 import torch
 
+from mae_fast.bench.records import record_header, write_result
 from mae_fast.train.dali_loader import dali_available
 from mae_fast.train.data import build_loader
 from mae_fast.train.sources import list_images
-
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
 
 def _repeated_list(data: str, repeat: int, tmpdir: str) -> str:
     """A list file naming every image of ``data`` ``repeat`` times (a longer epoch from few files)."""
@@ -107,19 +92,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                   flush=True)
     if device.type == "cuda" and not args.no_save:
         record = {
-            "benchmark": "loader", "device": torch.cuda.get_device_name(device),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "commit": _commit(), "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-            "cpu_count": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__, "args": vars(args), "results": results,
+            **record_header("loader", device),
+            "cpu_count": os.cpu_count(), "args": vars(args), "results": results,
         }
         if dali_available():
             import nvidia.dali
             record["dali"] = nvidia.dali.__version__
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        out = RESULTS / f"loader-{stamp}.json"
-        out.write_text(json.dumps(record, indent=2) + "\n")
+        out = write_result("loader", record)
         print(f"wrote {out}")
     return results
 

@@ -14,12 +14,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as _dt
 import json
 import math
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,11 +24,11 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from mae_fast.bench.records import record_header, write_result
 from mae_fast.flops import count_flops
-from mae_fast.models_mae import MODELS, MaskedAutoencoderViT, create_model
+from mae_fast.models_mae import MODELS, create_model
 
 VARIANTS = ("fused", "torch", "compile", "official", "hf")
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 #: dense bf16 tensor-core peaks (TFLOP/s) by device-name substring, most specific first
 PEAK_TFLOPS = [("H100 PCIe", 756.5), ("H100", 989.5), ("H200", 989.5), ("GH200", 989.5), ("B200", 2250.0),
@@ -51,18 +48,6 @@ def peak_tflops(device: torch.device) -> Optional[float]:
         return None
     name = torch.cuda.get_device_name(device)
     return next((tf for key, tf in PEAK_TFLOPS if key in name), None)
-
-
-def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})"
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or "unknown"
-    except Exception:
-        return "unknown"
 
 
 def build_variant(variant: str, args: argparse.Namespace, device: torch.device):
@@ -160,17 +145,18 @@ def run_variant(variant: str, args: argparse.Namespace, device: torch.device, fl
         torch.manual_seed(0)
         model, loss_fn, precision = build_variant(variant, args, device)
         imgs = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
-        next_batch = None
+        next_batch: Optional[Callable[[], torch.Tensor]] = None
         if data_loader is not None:
             it = iter(data_loader)
 
-            def next_batch():
+            def next_from_loader() -> torch.Tensor:
                 nonlocal it
                 try:
                     return next(it).to(device, non_blocking=True)
                 except StopIteration:
                     it = iter(data_loader)
                     return next(it).to(device, non_blocking=True)
+            next_batch = next_from_loader
         times = time_steps(model, loss_fn, precision, imgs, args.steps, args.warmup, next_batch)
     except Exception as e:  # report, keep benchmarking the others
         return {**row, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
@@ -205,9 +191,7 @@ def benchmark(args: argparse.Namespace) -> Dict:
         if base and "images_per_s" in r:
             r["vs_official"] = r["images_per_s"] / base["images_per_s"]
     return {
-        "device": device_name(device), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "commit": git_commit(), "command": "mae-bench " + " ".join(args.argv),
-        "torch": torch.__version__, "model": args.model, "img_size": args.img_size, "batch_size": args.batch_size,
+        **record_header("mae-bench", device, "mae-bench " + " ".join(args.argv)), "model": args.model, "img_size": args.img_size, "batch_size": args.batch_size,
         "precision": args.precision, "mask_ratio": args.mask_ratio, "grad_checkpointing": args.grad_checkpointing,
         "attn_backend": args.attn_backend, "steps": args.steps, "warmup": args.warmup,
         "train_gflops_per_image": flops / 1e9, "peak_tflops": peak, "results": rows,
@@ -303,12 +287,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(records, indent=2))
-    if records and records[0]["device"].startswith("cpu") is False:
-        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        out = RESULTS_DIR / f"mae-bench-{args.models[0]}-{args.img_size}-{stamp}.json"
-        out.write_text(json.dumps(records, indent=2))
-        print(f"wrote {out}")
+    if records and not records[0]["device"].startswith("cpu"):
+        print(f"wrote {write_result(f'mae-bench-{args.models[0]}-{args.img_size}', records)}")
     if args.plot:
         plot(records, args.plot)
         print(f"wrote {args.plot}")

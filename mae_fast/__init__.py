@@ -11,3 +11,7 @@ from .models_mae import (
 )
 
 __version__ = "0.1.0"
+__all__ = [
+    "MODELS", "MAEConfig", "MaskedAutoencoderViT", "create_model", "mae_vit_base_patch16",
+    "mae_vit_huge_patch14", "mae_vit_large_patch16", "mae_vit_tiny_patch8",
+]

@@ -16,7 +16,6 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from torch.utils.checkpoint import checkpoint
 

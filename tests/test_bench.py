@@ -58,7 +58,7 @@ def test_grad_checkpointing_same_gradients():
 def test_mae_bench_cpu_runs_and_writes_json(tmp_path, capsys):
     out = tmp_path / "b.json"
     rc = bench_main(["--device", "cpu", "--model", "mae_vit_tiny_patch8", "--img-size", "32", "--batch-size", "4",
-                     "--steps", "2", "--warmup", "1", "--variants", "fused,torch,official,hf",
+                     "--steps", "2", "--warmup", "1", "--variants", "fused,torch,official,hf", "--data", "demo",
                      "--json", str(out), "--plot", str(tmp_path / "b.png")])
     assert rc == 0
     text = capsys.readouterr().out
@@ -71,6 +71,7 @@ def test_mae_bench_cpu_runs_and_writes_json(tmp_path, capsys):
     assert rows["official"]["vs_official"] == 1.0 and rows["official"]["precision"] == "fp16"
     assert rows["fused"]["mfu"] is None  # no peak for a CPU
     assert "images_per_s" in rows["hf"] or "error" in rows["hf"]
+    assert rows["fused+data"]["images_per_s"] > 0  # the real loader feeding the fused step
     assert (tmp_path / "b.png").stat().st_size > 5000
 
 

@@ -7,7 +7,7 @@ import timm
 import torch
 
 from conftest import random_images, random_noise
-from mae_fast import mae_vit_base_patch16, mae_vit_tiny_patch8
+from mae_fast import mae_vit_tiny_patch8
 from mae_fast.checkpoint import (CheckpointError, encoder_state_dict, load_mae_checkpoint,
                                  save_checkpoint)
 

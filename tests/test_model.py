@@ -3,7 +3,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import random_images, random_noise
 from official_reference import official_forward

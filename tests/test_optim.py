@@ -2,7 +2,6 @@
 import math
 
 import pytest
-import torch
 
 from mae_fast import mae_vit_tiny_patch8
 from mae_fast.train.optim import build_adamw, lr_at, param_groups_weight_decay
