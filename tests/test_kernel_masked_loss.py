@@ -4,15 +4,13 @@ import os
 if not (os.path.exists("/dev/nvidia0") or os.path.exists("/dev/nvidiactl")):
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
 
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 
 from mae_fast import mae_vit_tiny_patch8
 from mae_fast.kernels import masked_loss, masked_loss_reference
+from kernel_helpers import compile_for_h100
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
@@ -134,19 +132,9 @@ def test_torch_compile_no_graph_breaks():
     torch.testing.assert_close(grad, grad_ref)
 
 
-def _compile_for_h100(script: str) -> None:
-    """Run ``script`` in a fresh interpreter without TRITON_INTERPRET: the real (GPU) code path."""
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    prelude = "import importlib\nfrom mae_fast.kernels._utils import compile_for_gpu\n"
-    proc = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(script)], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-
-
-def test_kernels_compile_for_h100():
+def test_kernelscompile_for_h100():
     """The GPU path compiles for sm_90: bf16 predictions, norm-pix on/off, full and masked-only rows."""
-    _compile_for_h100("""
+    compile_for_h100("""
         m = importlib.import_module("mae_fast.kernels.masked_loss")
         for norm, ids in ((True, False), (True, True), (False, False)):
             c = dict(PS=14, C=3, NORM=norm, HAS_IDS=ids, BLOCK_R=4, BLOCK_P=1024)

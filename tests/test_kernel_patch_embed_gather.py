@@ -4,15 +4,13 @@ import os
 if not (os.path.exists("/dev/nvidia0") or os.path.exists("/dev/nvidiactl")):
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
 
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 
 from mae_fast.kernels import patch_embed_gather, patch_embed_gather_reference
 from mae_fast.kernels._utils import patchify_reference
+from kernel_helpers import compile_for_h100
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3}
@@ -126,19 +124,9 @@ def test_torch_compile_no_graph_breaks():
     _close(gw, gw_ref, 1e-5, "compiled grad")
 
 
-def _compile_for_h100(script: str) -> None:
-    """Run ``script`` in a fresh interpreter without TRITON_INTERPRET: the real (GPU) code path."""
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    prelude = "import importlib\nfrom mae_fast.kernels._utils import compile_for_gpu\n"
-    proc = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(script)], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-
-
-def test_kernels_compile_for_h100():
+def test_kernelscompile_for_h100():
     """The GPU path (bf16 / fp16 wgmma and fp32 IEEE tl.dot, gather, scatter) compiles for sm_90."""
-    _compile_for_h100("""
+    compile_for_h100("""
         m = importlib.import_module("mae_fast.kernels.patch_embed_gather")
         for wdt, f32 in (("bf16", False), ("fp16", False), ("fp32", True)):
             types = dict(img_ptr="*fp32", ids_ptr="*i64", w_ptr="*" + wdt, b_ptr="*" + wdt,

@@ -4,14 +4,12 @@ import os
 if not (os.path.exists("/dev/nvidia0") or os.path.exists("/dev/nvidiactl")):
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
 
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 
 from mae_fast.kernels import unshuffle_mask_tokens, unshuffle_mask_tokens_reference
+from kernel_helpers import compile_for_h100
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
@@ -111,19 +109,9 @@ def test_torch_compile_no_graph_breaks():
         _close(a, b, 1e-6, "compiled grad")
 
 
-def _compile_for_h100(script: str) -> None:
-    """Run ``script`` in a fresh interpreter without TRITON_INTERPRET: the real (GPU) code path."""
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    prelude = "import importlib\nfrom mae_fast.kernels._utils import compile_for_gpu\n"
-    proc = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(script)], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-
-
-def test_kernels_compile_for_h100():
+def test_kernelscompile_for_h100():
     """The GPU path compiles for sm_90 (bf16 tokens, fp32 mask token / pos / output)."""
-    _compile_for_h100("""
+    compile_for_h100("""
         m = importlib.import_module("mae_fast.kernels.unshuffle")
         compile_for_gpu(m._unshuffle_fwd_kernel, dict(x_ptr="*bf16", mt_ptr="*fp32", ids_ptr="*i64",
                         pos_ptr="*fp32", out_ptr="*fp32"), dict(BLOCK_R=8, BLOCK_D=256))
