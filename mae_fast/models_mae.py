@@ -245,12 +245,6 @@ class MaskedAutoencoderViT(nn.Module):
             raise ValueError(f"unknown kernel_backend {kernel_backend!r}; choose one of {list(KERNEL_BACKENDS)}")
         self.kernel_backend = kernel_backend
 
-    def _ops_backend(self, x: torch.Tensor) -> str:
-        """The concrete backend ("triton" | "torch") of the fused ops for tensors like ``x``."""
-        if self.kernel_backend == "auto":
-            return "triton" if x.is_cuda else "torch"
-        return self.kernel_backend
-
     def set_grad_checkpointing(self, every: int = 1) -> None:
         """Recompute activations of every ``every``-th block in backward (0 turns it off)."""
         if every < 0:
@@ -355,7 +349,7 @@ class MaskedAutoencoderViT(nn.Module):
         # embed only the visible patches: gather raw patches, one GEMM, + their position rows
         # (equals the official embed-all, add pos, then gather)
         x = patch_embed_gather(imgs, ids_keep, self.patch_embed.weight_in_patch_order(), self.patch_embed.proj.bias,
-                               self.pos_embed[0, 1:], self.patch_size, backend=self._ops_backend(imgs))
+                               self.pos_embed[0, 1:], self.patch_size, backend=self.kernel_backend)
 
         cls_tokens = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         x = torch.cat((cls_tokens, x), dim=1)
@@ -378,7 +372,7 @@ class MaskedAutoencoderViT(nn.Module):
         x = self.decoder_embed(x)
         # append mask tokens, unshuffle to patch order with ids_restore, cls first, + decoder positions
         x = unshuffle_mask_tokens(x, self.mask_token, ids_restore, self.decoder_pos_embed,
-                                  backend=self._ops_backend(x))
+                                  backend=self.kernel_backend)
 
         x = self._run_blocks(self.decoder_blocks, x)
         x = self.decoder_norm(x)
@@ -390,7 +384,7 @@ class MaskedAutoencoderViT(nn.Module):
         """Mean squared error over masked patches; with norm_pix_loss the target is each patch
         normalized by its own mean and unbiased variance (eps 1e-6). Computed in float32 at least
         (bf16/fp16 predictions are upcast; float64 stays float64)."""
-        return masked_loss(pred, imgs, mask, self.patch_size, self.norm_pix_loss, backend=self._ops_backend(pred))
+        return masked_loss(pred, imgs, mask, self.patch_size, self.norm_pix_loss, backend=self.kernel_backend)
 
     def forward(
         self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: Optional[torch.Tensor] = None

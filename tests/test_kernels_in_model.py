@@ -35,6 +35,6 @@ def test_triton_backend_equals_torch(norm_pix, ratio):
 
 def test_kernel_backend_switch_validates():
     m = mae_vit_tiny_patch8()
-    assert m.kernel_backend == "auto" and m._ops_backend(torch.zeros(1)) == "torch"
+    assert m.kernel_backend == "auto"
     with pytest.raises(ValueError, match="unknown kernel_backend 'cuda'"):
         m.set_kernel_backend("cuda")
