@@ -11,7 +11,6 @@ that the same global batch gives the same masks whatever the number of processes
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
 import json
 import logging
@@ -30,6 +29,8 @@ from mae_fast.checkpoint import load_mae_checkpoint
 from mae_fast.models_mae import MaskedAutoencoderViT, create_model
 
 from .checkpoints import CheckpointManager, rng_state, set_rng_state
+from .common import (DistInfo, NonFiniteLossError, RunLog, all_finite, autocast_for, ddp_wrap, full_state,
+                     init_distributed, load_full_state, resolve_device, unwrap)
 from .config import PretrainConfig, parse_config
 from .optim import build_adamw, lr_at, set_lr
 
@@ -38,45 +39,6 @@ log = logging.getLogger("mae_fast.train")
 # fault injection for the tests (kill / NaN at a given optimizer step)
 FAULT_KILL_AT_STEP = "MAE_FAST_FAULT_KILL_AT_STEP"
 FAULT_NAN_AT_STEP = "MAE_FAST_FAULT_NAN_AT_STEP"
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN/inf; the message names the step and the last good checkpoint."""
-
-
-@dataclasses.dataclass
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device_type: str) -> DistInfo:
-    """torchrun environment → process group (NCCL on CUDA, gloo on CPU); single process otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistInfo()
-    info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-    return info
-
-
-def resolve_device(cfg: PretrainConfig, info: DistInfo) -> torch.device:
-    if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but no CUDA device is visible")
-    torch.cuda.set_device(info.local_rank)
-    return torch.device("cuda", info.local_rank)
 
 
 def mask_noise(seed: int, step: int, micro: int, global_batch: int, num_patches: int, info: DistInfo,
@@ -100,80 +62,7 @@ def wrap_model(model: MaskedAutoencoderViT, cfg: PretrainConfig, info: DistInfo,
         for blk in [*model.blocks, *model.decoder_blocks]:
             fully_shard(blk)
         return fully_shard(model)
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def unwrap(model) -> MaskedAutoencoderViT:
-    return model.module if hasattr(model, "module") else model
-
-
-def full_state(model, optimizer, info: DistInfo) -> Dict[str, Any]:
-    """Model (official keys) and optimizer state gathered in full, valid for any world size."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=opts)
-    return {"model": {k.removeprefix("module."): v for k, v in model_sd.items()}, "optimizer": optim_sd}
-
-
-def load_full_state(model, optimizer, state: Dict[str, Any]) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                   options=opts)
-
-
-def autocast_for(cfg: PretrainConfig, device: torch.device):
-    if cfg.precision in ("fp32", "fp64"):
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def all_finite(model) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in unwrap(model).parameters())
-
-
-class RunLog:
-    """CSV + TensorBoard scalars on the main process."""
-
-    def __init__(self, folder: Path, enabled: bool, tensorboard: bool):
-        self.enabled = enabled
-        self.writer = None
-        if not enabled:
-            return
-        folder.mkdir(parents=True, exist_ok=True)
-        new = not (folder / "log.csv").exists()
-        self.csv_file = open(folder / "log.csv", "a", newline="")
-        self.csv = csv.writer(self.csv_file)
-        if new:
-            self.csv.writerow(["step", "epoch", "loss", "lr", "images_per_s"])
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(str(folder / "tensorboard"))
-            except ImportError:
-                log.info("tensorboard is not installed: CSV log only")
-
-    def write(self, step: int, epoch: float, loss: float, lr: float, ips: float) -> None:
-        if not self.enabled:
-            return
-        self.csv.writerow([step, f"{epoch:.4f}", f"{loss:.6f}", f"{lr:.6e}", f"{ips:.1f}"])
-        self.csv_file.flush()
-        if self.writer:
-            self.writer.add_scalar("train/loss", loss, step)
-            self.writer.add_scalar("train/lr", lr, step)
-            self.writer.add_scalar("train/images_per_s", ips, step)
-
-    def close(self) -> None:
-        if self.enabled:
-            self.csv_file.close()
-            if self.writer:
-                self.writer.close()
+    return ddp_wrap(model, device)
 
 
 def train(cfg: PretrainConfig) -> Dict[str, Any]:

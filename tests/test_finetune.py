@@ -1,0 +1,200 @@
+"""mae-finetune and mae-linprobe on CPU: a few steps through the CLIs, learning on a tiny set, layer-wise
+lr decay, pos_embed resizing, official/encoder-only checkpoints, clear errors, exact resume, --eval."""
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+from mae_fast import mae_vit_tiny_patch8
+from mae_fast.checkpoint import CheckpointError
+from mae_fast.train import finetune, linprobe
+from mae_fast.train.finetune import create_classifier, load_pretrained, param_groups_lrd
+
+DEMO = Path(__import__("mae_fast").__file__).parent / "assets" / "demo"
+COMMON = ["--model", "vit_tiny_patch8", "--img-size", "32", "--batch-size", "4", "--num-workers", "0",
+          "--precision", "fp32", "--device", "cpu", "--no-progress", "--no-tensorboard", "--log-every", "1",
+          "--warmup-epochs", "1"]
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> Path:
+    """The demo photos, shrunk to 48 px, as an ImageFolder tree of 3 classes (19 images)."""
+    root = tmp_path_factory.mktemp("labelled")
+    for i, src in enumerate(sorted(DEMO.glob("*.jpg"))):
+        (root / f"class{i % 3}").mkdir(exist_ok=True)
+        with Image.open(src) as im:
+            im.convert("RGB").resize((48, 48), Image.BICUBIC).save(root / f"class{i % 3}" / src.name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def easy_tree(tmp_path_factory) -> Path:
+    """A tiny learnable set: 8 demo photos (48 px) as class "plain" and their negatives as "inverted"."""
+    root = tmp_path_factory.mktemp("easy")
+    for src in sorted(DEMO.glob("*.jpg"))[:8]:
+        with Image.open(src) as im:
+            im = im.convert("RGB").resize((48, 48), Image.BICUBIC)
+        for cls, img in (("plain", im), ("inverted", ImageOps.invert(im))):
+            (root / cls).mkdir(exist_ok=True)
+            img.save(root / cls / src.name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def mae_ckpt(tmp_path_factory) -> Path:
+    """An official-format encoder-only MAE checkpoint of the tiny model (64 px): {"model", "args"}."""
+    torch.manual_seed(0)
+    mae = mae_vit_tiny_patch8()
+    enc = {k: v for k, v in mae.state_dict().items() if not k.startswith(("decoder", "mask_token"))}
+    path = tmp_path_factory.mktemp("ckpt") / "mae_pretrain_vit_tiny.pth"
+    torch.save({"model": enc, "args": argparse.Namespace(model="mae_vit_tiny_patch8", input_size=64)}, path)
+    return path
+
+
+def rows(path: Path) -> list:
+    return list(csv.DictReader(open(path)))
+
+
+def final_weights(out: Path) -> dict:
+    last = sorted((out / "checkpoints").glob("checkpoint-*.pth"))[-1]
+    return torch.load(last, map_location="cpu", weights_only=False)["model"]
+
+
+def test_finetune_and_linprobe_cli(tree, mae_ckpt, tmp_path, capsys):
+    ft = tmp_path / "ft"
+    assert finetune.main(COMMON + ["--data", str(tree), "--finetune", str(mae_ckpt), "--epochs", "1",
+                                   "--output-dir", str(ft)]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["steps"] == 4 and summary["task"] == "finetune" and 0 <= summary["acc1"] <= 100
+    assert len(rows(ft / "log.csv")) == 4 and len(rows(ft / "eval.csv")) == 1
+    # --eval on the fine-tuned checkpoint reports accuracy only, the same as after training
+    assert finetune.main(COMMON + ["--data", str(tree), "--eval", "--resume", summary["last_checkpoint"],
+                                   "--output-dir", str(tmp_path / "eval")]) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(metrics) == {"acc1", "acc5", "loss", "images"} and metrics["images"] == 19
+    assert metrics["acc1"] == pytest.approx(summary["acc1"])
+
+    lp = tmp_path / "lp"
+    assert linprobe.main(COMMON + ["--data", str(tree), "--finetune", str(mae_ckpt), "--epochs", "1",
+                                   "--loader", "pil", "--output-dir", str(lp)]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["task"] == "linprobe" and summary["steps"] == 4
+    w = final_weights(lp)
+    enc = torch.load(mae_ckpt, weights_only=False)["model"]
+    assert torch.equal(w["blocks.0.attn.qkv.weight"], enc["blocks.0.attn.qkv.weight"])  # frozen
+    assert torch.equal(w["norm.weight"], enc["norm.weight"]) and "head.0.running_mean" in w
+
+
+def test_loss_falls_on_tiny_set(easy_tree, tmp_path):
+    out = tmp_path / "overfit"
+    args = COMMON + ["--data", str(easy_tree), "--epochs", "10", "--lr", "2e-3", "--layer-decay", "1", "--mixup", "0",
+                     "--cutmix", "0", "--smoothing", "0", "--aa", "none", "--reprob", "0", "--drop-path", "0",
+                     "--weight-decay", "0", "--save-every", "1000", "--output-dir", str(out)]
+    assert finetune.main(args) == 0
+    losses = [float(r["loss"]) for r in rows(out / "log.csv")]
+    assert len(losses) == 40
+    first, last = sum(losses[:8]) / 8, sum(losses[-8:]) / 8
+    assert last < 0.75 * first, (first, last)
+
+
+def test_linprobe_loss_falls(easy_tree, mae_ckpt, tmp_path):
+    out = tmp_path / "lp"
+    assert linprobe.main(COMMON + ["--data", str(easy_tree), "--finetune", str(mae_ckpt), "--epochs", "10",
+                                   "--lr", "0.5", "--loader", "pil", "--save-every", "1000",
+                                   "--output-dir", str(out)]) == 0
+    losses = [float(r["loss"]) for r in rows(out / "log.csv")]
+    assert sum(losses[-8:]) / 8 < 0.9 * sum(losses[:8]) / 8
+
+
+def test_layer_decay_scales():
+    model = create_classifier("vit_tiny_patch8", 3, 32)
+    decay, depth = 0.75, len(model.blocks)
+    groups = param_groups_lrd(model, weight_decay=0.05, layer_decay=decay)
+    where = {id(p): g for g in groups for p in g["params"]}
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    for name, p in model.named_parameters():
+        g = where[id(p)]
+        if name.startswith(("cls_token", "pos_embed", "patch_embed")):
+            lid = 0
+        elif name.startswith("blocks."):
+            lid = int(name.split(".")[1]) + 1
+        else:
+            lid = depth + 1
+        assert g["lr_scale"] == pytest.approx(decay ** (depth + 1 - lid)), name
+        no_wd = p.ndim == 1 or name in ("pos_embed", "cls_token")
+        assert g["weight_decay"] == (0.0 if no_wd else 0.05), name
+    assert where[id(model.head.weight)]["lr_scale"] == 1.0
+    assert where[id(model.patch_embed.proj.weight)]["lr_scale"] == pytest.approx(decay ** 5)
+
+
+@pytest.mark.parametrize("size", [32, 128])
+def test_pos_embed_resize_on_load(mae_ckpt, size):
+    src = torch.load(mae_ckpt, weights_only=False)["model"]["pos_embed"]  # (1, 1 + 8*8, 96)
+    model = create_classifier("vit_tiny_patch8", 3, size)
+    load_pretrained(model, mae_ckpt)
+    got = model.pos_embed.detach()
+    g = size // 8
+    assert got.shape == (1, 1 + g * g, 96)
+    assert torch.equal(got[:, :1], src[:, :1])  # cls row kept
+    grid = src[:, 1:].reshape(1, 8, 8, 96).permute(0, 3, 1, 2)
+    ref = F.interpolate(grid, size=(g, g), mode="bicubic", align_corners=False).permute(0, 2, 3, 1).reshape(1, -1, 96)
+    torch.testing.assert_close(got[:, 1:], ref)
+
+
+def test_official_encoder_only_checkpoint(mae_ckpt, tmp_path):
+    enc = torch.load(mae_ckpt, weights_only=False)["model"]
+    avg = create_classifier("vit_tiny_patch8", 5, 64, global_pool="avg")
+    assert set(load_pretrained(avg, mae_ckpt)) == {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"}
+    assert torch.equal(avg.blocks[3].mlp.fc2.weight, enc["blocks.3.mlp.fc2.weight"])
+    token = create_classifier("vit_tiny_patch8", 5, 64, global_pool="token")
+    assert set(load_pretrained(token, mae_ckpt)) == {"head.weight", "head.bias"}
+    assert torch.equal(token.norm.weight, enc["norm.weight"])
+    full = tmp_path / "full.pth"  # an mae-fast checkpoint with the decoder (module. prefixes too)
+    torch.save({"model": {"module." + k: v for k, v in mae_vit_tiny_patch8().state_dict().items()}}, full)
+    assert set(load_pretrained(create_classifier("vit_tiny_patch8", 5, 64), full)) == {
+        "head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"}
+
+
+def test_other_size_checkpoint_names_key_and_shapes(tree, tmp_path, capsys):
+    other = tmp_path / "other.pth"
+    torch.save({"model": mae_vit_tiny_patch8(embed_dim=64, num_heads=2).state_dict()}, other)
+    with pytest.raises(CheckpointError, match=r"key 'cls_token' has shape \(1, 1, 64\) in the checkpoint but "
+                                              r"\(1, 1, 96\) in the model"):
+        load_pretrained(create_classifier("vit_tiny_patch8", 3, 32), other)
+    for cli in (finetune, linprobe):
+        assert cli.main(COMMON + ["--data", str(tree), "--finetune", str(other), "--epochs", "1",
+                                  "--output-dir", str(tmp_path / cli.__name__)]) == 1
+        err = capsys.readouterr().err
+        assert "key 'cls_token'" in err and "(1, 1, 64)" in err and "(1, 1, 96)" in err, err
+
+
+def test_folder_without_class_subfolders(tmp_path, capsys):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for src in sorted(DEMO.glob("*.jpg"))[:4]:
+        (flat / src.name).write_bytes(src.read_bytes())
+    for cli in (finetune, linprobe):
+        assert cli.main(COMMON + ["--data", str(flat), "--output-dir", str(tmp_path / "o")]) == 1
+        assert "has no class sub-folders" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cli", [finetune, linprobe], ids=["finetune", "linprobe"])
+def test_resume_is_exact(cli, tree, mae_ckpt, tmp_path):
+    args = COMMON + ["--data", str(tree), "--finetune", str(mae_ckpt), "--epochs", "2", "--save-every", "100"]
+    if cli is linprobe:
+        args += ["--loader", "pil"]
+    assert cli.main(args + ["--output-dir", str(tmp_path / "ref")]) == 0
+    out = tmp_path / "stopped"
+    assert cli.main(args + ["--output-dir", str(out), "--max-steps", "3"]) == 0  # stops mid-epoch 0
+    assert cli.main(args + ["--output-dir", str(out), "--resume", "auto"]) == 0
+    assert json.loads((out / "summary.json").read_text())["steps_this_run"] == 5  # resumed at step 3 of 8
+    a, b = final_weights(tmp_path / "ref"), final_weights(out)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert rows(tmp_path / "ref" / "eval.csv")[-1]["acc1"] == rows(out / "eval.csv")[-1]["acc1"]
