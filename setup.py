@@ -49,6 +49,8 @@ setup(
             "mae-flops=mae_fast.bench.flops:main",
             "mae-bench=mae_fast.bench.throughput:main",
             "mae-pretrain=mae_fast.train.pretrain:main",
+            "mae-finetune=mae_fast.train.finetune:main",
+            "mae-linprobe=mae_fast.train.linprobe:main",
             "mae-visualize=mae_fast.train.visualize:main",
         ],
     },
