@@ -198,3 +198,13 @@ def test_resume_is_exact(cli, tree, mae_ckpt, tmp_path):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert rows(tmp_path / "ref" / "eval.csv")[-1]["acc1"] == rows(out / "eval.csv")[-1]["acc1"]
+
+
+def test_augmentation_does_not_depend_on_workers(tree):
+    from mae_fast.train.finetune_data import build_labelled_loader, scan_labelled, train_transform
+
+    images = scan_labelled(str(tree))
+    state = torch.get_rng_state()
+    batches = [[x for x, _ in build_labelled_loader(images, train_transform(32), 4, num_workers=w)] for w in (0, 2)]
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG is left as it was
+    assert len(batches[0]) == 4 and all(torch.equal(a, b) for a, b in zip(*batches))
