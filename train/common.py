@@ -122,7 +122,7 @@ class RunLog:
     """CSV + TensorBoard scalars on the main process."""
 
     def __init__(self, folder: Path, enabled: bool, tensorboard: bool):
-        self.enabled = enabled
+        self.enabled, self.folder = enabled, Path(folder)
         self.writer = None
         if not enabled:
             return
@@ -154,8 +154,8 @@ class RunLog:
         """One row of ``eval.csv`` (step, epoch, then ``metrics`` in order) and TensorBoard eval/* scalars."""
         if not self.enabled:
             return
-        path = self.csv_file.name.replace("log.csv", "eval.csv")
-        new = not os.path.exists(path)
+        path = self.folder / "eval.csv"
+        new = not path.exists()
         with open(path, "a", newline="") as f:
             w = csv.writer(f)
             if new:

@@ -475,7 +475,7 @@ def build_task(cfg: FinetuneConfig, info: DistInfo, device: torch.device) -> Tup
     from timm.layers import trunc_normal_
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
-    from .finetune_data import (build_labelled_loader, eval_transform, num_classes_of, scan_labelled,
+    from .finetune_data import (build_labelled_loader, check_classes, eval_transform, num_classes_of, scan_labelled,
                                 split_sources, train_transform)
 
     train_src, eval_src = split_sources(cfg.data, cfg.eval_data)
@@ -484,6 +484,7 @@ def build_task(cfg: FinetuneConfig, info: DistInfo, device: torch.device) -> Tup
         train_src, cfg.strict_data, info.rank, info.world_size)
     if not cfg.nb_classes:
         cfg.nb_classes = (checkpoint_classes(cfg) if cfg.eval else 0) or num_classes_of(train_images)
+    check_classes(train_images, eval_images, cfg.nb_classes)
     eval_loader = build_labelled_loader(eval_images, eval_transform(cfg.img_size, cfg.crop_pct), cfg.batch_size,
                                         seed=cfg.seed, rank=info.rank, world_size=info.world_size, device=device,
                                         strict=cfg.strict_data, num_workers=cfg.num_workers, training=False)

@@ -67,6 +67,17 @@ def num_classes_of(images: ImageList) -> int:
     return len(images.classes) if images.classes else max(images.labels) + 1
 
 
+def check_classes(train: ImageList, evaluation: ImageList, nb_classes: int) -> None:
+    """ValueError when labels reach ``nb_classes`` or the two trees name different classes."""
+    for images in (train, evaluation):
+        if max(images.labels) >= nb_classes:
+            raise ValueError(f"{images.root!r} has label {max(images.labels)} but --nb-classes is {nb_classes}")
+    if train.classes and evaluation.classes and train.classes != evaluation.classes:
+        diff = sorted(set(train.classes) ^ set(evaluation.classes))[:5]
+        raise ValueError(f"{train.root!r} and {evaluation.root!r} have different class folders ({len(train.classes)} "
+                         f"vs {len(evaluation.classes)}; e.g. {diff}): labels would not match")
+
+
 def train_transform(img_size: int, auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1",
                     re_prob: float = 0.25, re_mode: str = "pixel", re_count: int = 1) -> Transform:
     """The official fine-tune augmentation via timm ``create_transform(is_training=True)``:

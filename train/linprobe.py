@@ -67,8 +67,8 @@ def lars(head: nn.Module, lr: float, weight_decay: float = 0.0) -> torch.optim.O
 def build_task(cfg: LinprobeConfig, info: DistInfo, device: torch.device) -> Tuple[Task, int]:
     """Frozen classifier with cls-token pooling and a BatchNorm + Linear head, LARS, light augmentation."""
     from .data import build_loader
-    from .finetune_data import (build_labelled_loader, eval_transform, num_classes_of, require_labelled,
-                                scan_labelled, split_sources)
+    from .finetune_data import (build_labelled_loader, check_classes, eval_transform, num_classes_of,
+                                require_labelled, scan_labelled, split_sources)
 
     train_src, eval_src = split_sources(cfg.data, cfg.eval_data)
     eval_images = scan_labelled(eval_src, cfg.strict_data, info.rank, info.world_size)
@@ -79,9 +79,10 @@ def build_task(cfg: LinprobeConfig, info: DistInfo, device: torch.device) -> Tup
                                     seed=cfg.seed, rank=info.rank, world_size=info.world_size, device=device,
                                     strict=cfg.strict_data, num_workers=cfg.num_workers, with_labels=True,
                                     drop_last=True, scale=(0.08, 1.0))
+    train_images = train_loader.images if train_loader is not None else eval_images
     if not cfg.nb_classes:
-        cfg.nb_classes = ((checkpoint_classes(cfg) if cfg.eval else 0)
-                          or num_classes_of(train_loader.images if train_loader else eval_images))
+        cfg.nb_classes = (checkpoint_classes(cfg) if cfg.eval else 0) or num_classes_of(train_images)
+    check_classes(train_images, eval_images, cfg.nb_classes)
     eval_loader = build_labelled_loader(eval_images, eval_transform(cfg.img_size, cfg.crop_pct), cfg.batch_size,
                                         seed=cfg.seed, rank=info.rank, world_size=info.world_size, device=device,
                                         strict=cfg.strict_data, num_workers=cfg.num_workers, training=False)
