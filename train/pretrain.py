@@ -28,9 +28,10 @@ import torch.distributed as dist
 from mae_fast.checkpoint import load_mae_checkpoint
 from mae_fast.models_mae import MaskedAutoencoderViT, create_model
 
-from .checkpoints import CheckpointManager, rng_state, set_rng_state
+from .checkpoints import CheckpointManager, set_rng_state
 from .common import (DistInfo, NonFiniteLossError, RunLog, all_finite, autocast_for, ddp_wrap, full_state,
-                     init_distributed, load_full_state, resolve_device, unwrap)
+                     gather_rng_states, init_distributed, load_full_state, requested_device_type, resolve_device,
+                     unwrap)
 from .config import PretrainConfig, parse_config
 from .optim import build_adamw, lr_at, set_lr
 
@@ -69,8 +70,7 @@ def train(cfg: PretrainConfig) -> Dict[str, Any]:
     """Run pretraining as configured; returns the summary also written to ``summary.json``."""
     from .data import build_loader
 
-    requested_device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
-    info = init_distributed(requested_device)
+    info = init_distributed(requested_device_type(cfg))
     device = resolve_device(cfg, info)
     out = Path(cfg.output_dir)
     torch.manual_seed(cfg.seed)
@@ -123,11 +123,7 @@ def train(cfg: PretrainConfig) -> Dict[str, Any]:
             raise NonFiniteLossError(f"step {step}: weights are not finite; no checkpoint written "
                                      f"(last good: {last_ckpt or 'none'})")
         st = full_state(wrapped, optimizer, info)
-        rngs: Any = rng_state()
-        if info.enabled:
-            gathered: List[Any] = [None] * info.world_size
-            dist.all_gather_object(gathered, rngs)
-            rngs = gathered
+        rngs = gather_rng_states(info)
         path = None
         if info.is_main:
             st.update(step=step, epoch=loader.epoch, loader=loader.state_dict(), rng=rngs,
