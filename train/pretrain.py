@@ -10,15 +10,12 @@ that the same global batch gives the same masks whatever the number of processes
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
-import math
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -33,6 +30,7 @@ from .common import (DistInfo, NonFiniteLossError, RunLog, all_finite, autocast_
                      gather_rng_states, init_distributed, load_full_state, requested_device_type, resolve_device,
                      unwrap)
 from .config import PretrainConfig, parse_config
+from .loop import StepRunner
 from .optim import build_adamw, lr_at, set_lr
 
 log = logging.getLogger("mae_fast.train")
@@ -94,14 +92,14 @@ def train(cfg: PretrainConfig) -> Dict[str, Any]:
     eff_batch = cfg.effective_batch * info.world_size
     base_lr = cfg.lr if cfg.lr is not None else cfg.blr * eff_batch / 256
     optimizer = build_adamw(wrapped, base_lr, cfg.weight_decay)
-    scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
+    runner = StepRunner(wrapped, optimizer, cfg.precision, device, info, cfg.accum_iter, cfg.skip_nonfinite)
     steps_per_epoch = len(loader) // cfg.accum_iter
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
 
     ckpts = CheckpointManager(out / "checkpoints", keep=cfg.keep_checkpoints)
-    step, skipped_nonfinite, last_ckpt = 0, 0, None
+    step, last_ckpt = 0, None
     resumed = ckpts.load_latest() if cfg.resume == "auto" else None
     if cfg.resume and cfg.resume != "auto":
         from mae_fast.checkpoint import read_checkpoint
@@ -109,9 +107,8 @@ def train(cfg: PretrainConfig) -> Dict[str, Any]:
     if resumed:
         last_ckpt, state = resumed
         load_full_state(wrapped, optimizer, state)
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        step, skipped_nonfinite = int(state["step"]), int(state.get("skipped_nonfinite", 0))
+        runner.load_state_dict(state.get("step_runner"))
+        step = int(state["step"])
         loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"][info.rank] if isinstance(state["rng"], list) else state["rng"])
         if info.is_main:
@@ -119,6 +116,7 @@ def train(cfg: PretrainConfig) -> Dict[str, Any]:
                      state["loader"]["epoch"], state["loader"]["batch"])
 
     def save() -> Path:
+        runner.check(last_ckpt)
         if not all_finite(wrapped):
             raise NonFiniteLossError(f"step {step}: weights are not finite; no checkpoint written "
                                      f"(last good: {last_ckpt or 'none'})")
@@ -127,8 +125,7 @@ def train(cfg: PretrainConfig) -> Dict[str, Any]:
         path = None
         if info.is_main:
             st.update(step=step, epoch=loader.epoch, loader=loader.state_dict(), rng=rngs,
-                      config=dataclasses.asdict(cfg), scaler=scaler.state_dict() if scaler else None,
-                      skipped_nonfinite=skipped_nonfinite, world_size=info.world_size)
+                      config=dataclasses.asdict(cfg), step_runner=runner.state_dict(), world_size=info.world_size)
             path = ckpts.save(st)
         if info.enabled:
             dist.barrier()
@@ -147,10 +144,7 @@ def train(cfg: PretrainConfig) -> Dict[str, Any]:
     kill_at = int(os.environ.get(FAULT_KILL_AT_STEP, "-1"))
     nan_at = int(os.environ.get(FAULT_NAN_AT_STEP, "-1"))
     wrapped.train()
-    loss_sum = torch.zeros((), device=device)
-    loss_count, t_log, images_since = 0, time.perf_counter(), 0
-    last_loss = float("nan")
-    start_step = step
+    last_loss, lr, start_step = float("nan"), 0.0, step
     while step < total_steps:
         epoch = loader.epoch
         loader.set_epoch(epoch)
@@ -163,67 +157,24 @@ def train(cfg: PretrainConfig) -> Dict[str, Any]:
                     os.kill(os.getpid(), signal.SIGKILL)
                 lr = lr_at(step / steps_per_epoch, base_lr, cfg.warmup_epochs, cfg.epochs, cfg.min_lr)
                 set_lr(optimizer, lr)
-                step_ok = True
             imgs = imgs.to(device, torch.float64 if cfg.precision == "fp64" else None, non_blocking=True)
             noise = mask_noise(cfg.seed, step, micro, cfg.batch_size * info.world_size, num_patches, info, device)
             last_micro = micro == cfg.accum_iter - 1
-            sync_ctx = contextlib.nullcontext()
-            if info.enabled and not last_micro:
-                if hasattr(wrapped, "no_sync"):
-                    sync_ctx = wrapped.no_sync()
-                else:
-                    wrapped.set_requires_gradient_sync(False)
-            elif info.enabled and hasattr(wrapped, "set_requires_gradient_sync"):
-                wrapped.set_requires_gradient_sync(True)
-            with sync_ctx:
+            with runner.sync_context(last_micro):
                 with autocast_for(cfg, device):
                     loss, _, _ = wrapped(imgs, mask_ratio=cfg.mask_ratio, noise=noise)
                 if step == nan_at:
                     loss = loss * float("nan")
-                finite = torch.isfinite(loss.detach()).to(torch.int32)
-                if info.enabled:
-                    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-                if not bool(finite):
-                    step_ok = False
-                if step_ok:
-                    scaled = loss / cfg.accum_iter
-                    (scaler.scale(scaled) if scaler else scaled).backward()
-                    loss_sum += loss.detach()
-                    loss_count += 1
-            images_since += imgs.shape[0] * info.world_size
+                runner.backward(loss, micro, imgs.shape[0])
             if not last_micro:
                 continue
-            if not step_ok:
-                optimizer.zero_grad(set_to_none=True)
-                if skipped_nonfinite >= cfg.skip_nonfinite:
-                    raise NonFiniteLossError(
-                        f"loss is not finite at step {step} (epoch {epoch}, batch {loader.batch}); last good "
-                        f"checkpoint: {last_ckpt or 'none'}. Resume from it with --resume auto and a lower lr, "
-                        f"bf16 instead of fp16, or --skip-nonfinite K to skip such steps")
-                skipped_nonfinite += 1
-                log.warning("step %d: non-finite loss, step skipped (%d of at most %d)",
-                            step, skipped_nonfinite, cfg.skip_nonfinite)
-            elif scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            runner.optimizer_step(step)
             step += 1
             if bar:
                 bar.update(1)
             if step % cfg.log_every == 0 or step == total_steps:
-                if info.enabled:
-                    dist.all_reduce(loss_sum)
-                    loss_sum /= info.world_size
-                last_loss = loss_sum.item() / max(1, loss_count)
-                now = time.perf_counter()
-                ips = images_since / (now - t_log)
-                runlog.write(step, step / steps_per_epoch, last_loss, lr, ips)
-                if bar:
-                    bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
-                loss_sum.zero_()
-                loss_count, t_log, images_since = 0, now, 0
+                runner.check(last_ckpt)
+                last_loss = runner.log(step, steps_per_epoch, lr, runlog, bar)
             if step % cfg.save_every == 0 or step == total_steps:
                 last_ckpt = save()
             if step >= total_steps:
@@ -232,7 +183,7 @@ def train(cfg: PretrainConfig) -> Dict[str, Any]:
         bar.close()
     runlog.close()
     summary = {"steps": step, "steps_this_run": step - start_step, "final_loss": last_loss,
-               "skipped_nonfinite": skipped_nonfinite, "last_checkpoint": str(last_ckpt) if last_ckpt else None,
+               "skipped_nonfinite": runner.check(last_ckpt), "last_checkpoint": str(last_ckpt) if last_ckpt else None,
                "world_size": info.world_size, "effective_batch": eff_batch, "lr": base_lr,
                "skipped_images": [p for p, _ in loader.skipped]}
     if info.is_main:
