@@ -11,14 +11,12 @@ torchrun DDP, bf16 autocast, checkpoints with exact resume (``--resume auto``), 
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
 import math
 import os
 import sys
-import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -33,10 +31,11 @@ from mae_fast.checkpoint import CheckpointError, check_compatible, encoder_state
 from mae_fast.pos_embed import resize_pos_embed
 
 from .checkpoints import CheckpointManager, set_rng_state
+from .loop import StepRunner
 from .common import (DistInfo, NonFiniteLossError, RunLog, all_finite, autocast_for, dataclass_parser, ddp_wrap,
                      full_state, gather_rng_states, init_distributed, load_full_state, parse_dataclass,
                      requested_device_type, resolve_device, unwrap)
-from .optim import lr_at, set_lr
+from .optim import fused_available, lr_at, set_lr
 from .sources import UnreadableImageError
 
 log = logging.getLogger("mae_fast.train")
@@ -302,7 +301,8 @@ def fit(cfg: ClassifierConfig, task: Task, info: DistInfo, device: torch.device)
         raise ValueError(f"{cfg.data}: {len(loader)} batches of {cfg.batch_size} per process per epoch, fewer "
                          f"than --accum-iter {cfg.accum_iter}: use more images or a smaller batch")
     wrapped = ddp_wrap(model, device) if info.enabled else model
-    scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
+    runner = StepRunner(wrapped, optimizer, cfg.precision, device, info, cfg.accum_iter, max_skips=0,
+                        clip_grad=task.clip_grad)
     steps_per_epoch = len(loader) // cfg.accum_iter
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps:
@@ -314,8 +314,7 @@ def fit(cfg: ClassifierConfig, task: Task, info: DistInfo, device: torch.device)
         last_ckpt, state = resumed
         load_trained(model, state["model"], str(last_ckpt))
         load_full_state(wrapped, optimizer, state)
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
+        runner.load_state_dict(state.get("step_runner"))
         step, best = int(state["step"]), dict(state.get("best") or {})
         loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"][info.rank] if isinstance(state["rng"], list) else state["rng"])
@@ -324,6 +323,7 @@ def fit(cfg: ClassifierConfig, task: Task, info: DistInfo, device: torch.device)
                      state["loader"]["epoch"], state["loader"]["batch"])
 
     def save() -> Path:
+        runner.check(last_ckpt)
         if not all_finite(wrapped):
             raise NonFiniteLossError(f"step {step}: weights are not finite; no checkpoint written "
                                      f"(last good: {last_ckpt or 'none'})")
@@ -332,7 +332,7 @@ def fit(cfg: ClassifierConfig, task: Task, info: DistInfo, device: torch.device)
         path = None
         if info.is_main:
             st.update(step=step, epoch=loader.epoch, loader=loader.state_dict(), rng=rngs, best=best,
-                      config=dataclasses.asdict(cfg), scaler=scaler.state_dict() if scaler else None,
+                      config=dataclasses.asdict(cfg), step_runner=runner.state_dict(),
                       world_size=info.world_size, task=task.name)
             path = ckpts.save(st)
         if info.enabled:
@@ -362,8 +362,7 @@ def fit(cfg: ClassifierConfig, task: Task, info: DistInfo, device: torch.device)
         bar = tqdm(total=total_steps, initial=step, desc=task.name, dynamic_ncols=True)
 
     wrapped.train()
-    loss_sum = torch.zeros((), device=device)
-    loss_count, t_log, images_since, start_step = 0, time.perf_counter(), 0, step
+    start_step = step
     last_loss, lr = float("nan"), 0.0
     while step < total_steps:
         epoch = loader.epoch
@@ -381,50 +380,19 @@ def fit(cfg: ClassifierConfig, task: Task, info: DistInfo, device: torch.device)
                     imgs, labels = imgs[:-1], labels[:-1]
                 imgs, targets = task.mixup(imgs, labels)
             last_micro = micro == cfg.accum_iter - 1
-            sync = wrapped.no_sync() if info.enabled and not last_micro else contextlib.nullcontext()
-            with sync:
+            with runner.sync_context(last_micro):
                 with autocast_for(cfg, device):
                     loss = task.criterion(wrapped(imgs), targets)
-                finite = torch.isfinite(loss.detach()).to(torch.int32)
-                if info.enabled:
-                    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-                if not bool(finite):
-                    raise NonFiniteLossError(
-                        f"loss is not finite at step {step} (epoch {epoch}, batch {loader.batch}); last good "
-                        f"checkpoint: {last_ckpt or 'none'}. Resume from it with --resume auto and a lower lr "
-                        f"or bf16 instead of fp16")
-                scaled = loss / cfg.accum_iter
-                (scaler.scale(scaled) if scaler else scaled).backward()
-            loss_sum += loss.detach()
-            loss_count += 1
-            images_since += imgs.shape[0] * info.world_size
+                runner.backward(loss, micro, imgs.shape[0])
             if not last_micro:
                 continue
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            if task.clip_grad:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), task.clip_grad)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            runner.optimizer_step(step)
             step += 1
             if bar:
                 bar.update(1)
             if step % cfg.log_every == 0 or step == total_steps:
-                if info.enabled:
-                    dist.all_reduce(loss_sum)
-                    loss_sum /= info.world_size
-                last_loss = loss_sum.item() / max(1, loss_count)
-                now = time.perf_counter()
-                ips = images_since / (now - t_log)
-                runlog.write(step, step / steps_per_epoch, last_loss, lr, ips)
-                if bar:
-                    bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
-                loss_sum.zero_()
-                loss_count, t_log, images_since = 0, now, 0
+                runner.check(last_ckpt)
+                last_loss = runner.log(step, steps_per_epoch, lr, runlog, bar)
             epoch_end = step % steps_per_epoch == 0
             if epoch_end or step == total_steps:
                 run_eval()
@@ -498,9 +466,8 @@ def build_task(cfg: FinetuneConfig, info: DistInfo, device: torch.device) -> Tup
     seed_training(cfg.seed, info)
     eff_batch = cfg.effective_batch * info.world_size
     base_lr = cfg.lr if cfg.lr is not None else cfg.blr * eff_batch / 256
-    params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(param_groups_lrd(model, cfg.weight_decay, cfg.layer_decay), lr=base_lr,
-                                  fused=bool(params) and all(p.is_cuda for p in params) or None)
+                                  fused=fused_available(model))
     mixup = None
     if cfg.mixup > 0 or cfg.cutmix > 0:
         mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,

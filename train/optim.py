@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -22,9 +22,14 @@ def param_groups_weight_decay(model: nn.Module, weight_decay: float) -> List[Dic
 def build_adamw(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95)) -> torch.optim.Optimizer:
     """torch AdamW over the official groups; its fused kernel on CUDA and CPU (one launch for all
     parameters, and with a GradScaler it skips non-finite steps on the device, without a sync)."""
+    return torch.optim.AdamW(param_groups_weight_decay(model, weight_decay), lr=lr, betas=betas,
+                             fused=fused_available(model))
+
+
+def fused_available(model: nn.Module) -> Optional[bool]:
+    """True when torch's fused Adam/AdamW kernel covers every trainable parameter (CUDA or CPU), else None."""
     params = [p for p in model.parameters() if p.requires_grad]
-    fused = bool(params) and all(p.device.type in ("cuda", "cpu") for p in params)
-    return torch.optim.AdamW(param_groups_weight_decay(model, weight_decay), lr=lr, betas=betas, fused=fused or None)
+    return (bool(params) and all(p.device.type in ("cuda", "cpu") for p in params)) or None
 
 
 def lr_at(step: float, base_lr: float, warmup_steps: float, total_steps: float, min_lr: float = 0.0) -> float:
