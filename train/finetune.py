@@ -30,11 +30,9 @@ import torch.nn.functional as F
 from mae_fast.checkpoint import CheckpointError, check_compatible, encoder_state_dict, extract_state_dict, read_checkpoint
 from mae_fast.pos_embed import resize_pos_embed
 
-from .checkpoints import CheckpointManager, set_rng_state
-from .loop import StepRunner
-from .common import (DistInfo, NonFiniteLossError, RunLog, all_finite, autocast_for, dataclass_parser, ddp_wrap,
-                     full_state, gather_rng_states, init_distributed, load_full_state, parse_dataclass,
-                     requested_device_type, resolve_device, unwrap)
+from .common import (DistInfo, NonFiniteLossError, RunLog, autocast_for, dataclass_parser, ddp_wrap,
+                     init_distributed, parse_dataclass, requested_device_type, resolve_device, unwrap)
+from .loop import RunCheckpoints, StepRunner, find_resume_checkpoint
 from .optim import fused_available, lr_at, set_lr
 from .sources import UnreadableImageError
 
@@ -284,15 +282,6 @@ class Task:
     clip_grad: Optional[float] = None
 
 
-def resume_state(cfg: ClassifierConfig, out: Path) -> Optional[Tuple[Path, Dict[str, Any]]]:
-    """(path, state) of ``--resume`` (auto: newest complete checkpoint in output-dir), or None."""
-    if cfg.resume == "auto":
-        return CheckpointManager(out / "checkpoints").load_latest()
-    if cfg.resume:
-        return Path(cfg.resume), read_checkpoint(cfg.resume)
-    return None
-
-
 def fit(cfg: ClassifierConfig, task: Task, info: DistInfo, device: torch.device) -> Dict[str, Any]:
     """Train ``task.model`` as configured, evaluating after every epoch; returns the summary."""
     out = Path(cfg.output_dir)
@@ -307,37 +296,13 @@ def fit(cfg: ClassifierConfig, task: Task, info: DistInfo, device: torch.device)
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
-    ckpts = CheckpointManager(out / "checkpoints", keep=cfg.keep_checkpoints)
-    step, last_ckpt, best, metrics = 0, None, {}, {}
-    resumed = resume_state(cfg, out)
-    if resumed:
-        last_ckpt, state = resumed
-        load_trained(model, state["model"], str(last_ckpt))
-        load_full_state(wrapped, optimizer, state)
-        runner.load_state_dict(state.get("step_runner"))
-        step, best = int(state["step"]), dict(state.get("best") or {})
-        loader.load_state_dict(state["loader"])
-        set_rng_state(state["rng"][info.rank] if isinstance(state["rng"], list) else state["rng"])
-        if info.is_main:
-            log.info("resumed from %s at step %d (epoch %d, batch %d)", last_ckpt, step,
-                     state["loader"]["epoch"], state["loader"]["batch"])
+    ckpts = RunCheckpoints(out / "checkpoints", cfg.keep_checkpoints, wrapped, optimizer, runner, loader, info,
+                           dataclasses.asdict(cfg))
+    state = ckpts.resume(cfg.resume, check=lambda st, source: load_trained(model, st["model"], source))
+    step, best, metrics = (int(state["step"]), dict(state.get("best") or {}), {}) if state else (0, {}, {})
 
     def save() -> Path:
-        runner.check(last_ckpt)
-        if not all_finite(wrapped):
-            raise NonFiniteLossError(f"step {step}: weights are not finite; no checkpoint written "
-                                     f"(last good: {last_ckpt or 'none'})")
-        st = full_state(wrapped, optimizer, info)
-        rngs = gather_rng_states(info)
-        path = None
-        if info.is_main:
-            st.update(step=step, epoch=loader.epoch, loader=loader.state_dict(), rng=rngs, best=best,
-                      config=dataclasses.asdict(cfg), step_runner=runner.state_dict(),
-                      world_size=info.world_size, task=task.name)
-            path = ckpts.save(st)
-        if info.enabled:
-            dist.barrier()
-        return path or ckpts.path_for(step)
+        return ckpts.save(step, best=best, task=task.name)
 
     def run_eval() -> None:
         nonlocal best, metrics
@@ -391,13 +356,13 @@ def fit(cfg: ClassifierConfig, task: Task, info: DistInfo, device: torch.device)
             if bar:
                 bar.update(1)
             if step % cfg.log_every == 0 or step == total_steps:
-                runner.check(last_ckpt)
+                runner.check(ckpts.last)
                 last_loss = runner.log(step, steps_per_epoch, lr, runlog, bar)
             epoch_end = step % steps_per_epoch == 0
             if epoch_end or step == total_steps:
                 run_eval()
             if step % cfg.save_every == 0 or epoch_end or step == total_steps:
-                last_ckpt = save()
+                save()
             if step >= total_steps:
                 break
     if bar:
@@ -405,7 +370,7 @@ def fit(cfg: ClassifierConfig, task: Task, info: DistInfo, device: torch.device)
     runlog.close()
     summary = {"task": task.name, "steps": step, "steps_this_run": step - start_step, "final_loss": last_loss,
                "acc1": metrics.get("acc1"), "acc5": metrics.get("acc5"), "best_acc1": best.get("acc1"),
-               "last_checkpoint": str(last_ckpt) if last_ckpt else None, "world_size": info.world_size,
+               "last_checkpoint": str(ckpts.last) if ckpts.last else None, "world_size": info.world_size,
                "effective_batch": eff_batch, "lr": task.base_lr}
     if info.is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -415,7 +380,7 @@ def fit(cfg: ClassifierConfig, task: Task, info: DistInfo, device: torch.device)
 def evaluate_checkpoint(cfg: ClassifierConfig, model: nn.Module, eval_loader: Any, info: DistInfo,
                         device: torch.device) -> Dict[str, float]:
     """``--eval``: load the ``--resume`` checkpoint's model weights and report accuracy only."""
-    resumed = resume_state(cfg, Path(cfg.output_dir))
+    resumed = find_resume_checkpoint(cfg.resume, Path(cfg.output_dir) / "checkpoints")
     if resumed is None:
         raise FileNotFoundError(f"--resume auto: no checkpoint in {Path(cfg.output_dir) / 'checkpoints'}")
     path, state = resumed
@@ -430,7 +395,7 @@ def evaluate_checkpoint(cfg: ClassifierConfig, model: nn.Module, eval_loader: An
 def checkpoint_classes(cfg: ClassifierConfig) -> int:
     """nb_classes stored in the --resume checkpoint's config (0 when there is none)."""
     try:
-        resumed = resume_state(cfg, Path(cfg.output_dir))
+        resumed = find_resume_checkpoint(cfg.resume, Path(cfg.output_dir) / "checkpoints")
     except CheckpointError:
         return 0
     return int(((resumed[1].get("config") or {}) if resumed else {}).get("nb_classes", 0))

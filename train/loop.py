@@ -5,13 +5,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from typing import Any, Dict, Optional
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .common import DistInfo, NonFiniteLossError, RunLog
+from mae_fast.checkpoint import read_checkpoint
+
+from .checkpoints import CheckpointManager, set_rng_state
+from .common import (DistInfo, NonFiniteLossError, RunLog, all_finite, full_state, gather_rng_states,
+                     load_full_state)
 
 log = logging.getLogger("mae_fast.train")
 
@@ -121,3 +126,63 @@ class StepRunner:
         self.bad_steps.fill_(int(state.get("bad_steps", 0)))
         self.last_bad.fill_(int(state.get("last_bad", -1)))
         self.reported = int(state.get("bad_steps", 0))
+
+
+def find_resume_checkpoint(resume: str, folder: Path) -> Optional[Tuple[Path, Dict[str, Any]]]:
+    """(path, state) for ``--resume``: "auto" = the newest complete checkpoint in ``folder``, a file,
+    or None for a fresh run."""
+    if resume == "auto":
+        return CheckpointManager(folder).load_latest()
+    if resume:
+        return Path(resume), read_checkpoint(resume)
+    return None
+
+
+class RunCheckpoints:
+    """Save and resume of a training run: model (official keys) and optimizer gathered in full, step,
+    loader position, every rank's RNG state, the step runner and the config; atomic, newest k kept."""
+
+    def __init__(self, folder: Path, keep: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 runner: StepRunner, loader: Any, info: DistInfo, config: Dict[str, Any]):
+        self.manager = CheckpointManager(folder, keep=keep)
+        self.model, self.optimizer, self.runner, self.loader = model, optimizer, runner, loader
+        self.info, self.config = info, config
+        self.last: Optional[Path] = None
+
+    def resume(self, resume: str, check: Optional[Callable[[Dict[str, Any], str], None]] = None
+               ) -> Optional[Dict[str, Any]]:
+        """Restore everything from ``--resume``; returns the state (for extra fields) or None.
+        ``check(state, source)`` may validate the weights first (clear errors)."""
+        found = find_resume_checkpoint(resume, self.manager.folder)
+        if not found:
+            return None
+        self.last, state = found
+        if check is not None:
+            check(state, str(self.last))
+        load_full_state(self.model, self.optimizer, state)
+        self.runner.load_state_dict(state.get("step_runner"))
+        self.loader.load_state_dict(state["loader"])
+        set_rng_state(state["rng"][self.info.rank] if isinstance(state["rng"], list) else state["rng"])
+        if self.info.is_main:
+            log.info("resumed from %s at step %d (epoch %d, batch %d)", self.last, int(state["step"]),
+                     state["loader"]["epoch"], state["loader"]["batch"])
+        return state
+
+    def save(self, step: int, **extra: Any) -> Path:
+        """Checkpoint at ``step`` (all ranks call it); refuses non-finite weights."""
+        self.runner.check(self.last)
+        if not all_finite(self.model):
+            raise NonFiniteLossError(f"step {step}: weights are not finite; no checkpoint written "
+                                     f"(last good: {self.last or 'none'})")
+        state = full_state(self.model, self.optimizer, self.info)
+        rngs = gather_rng_states(self.info)
+        path = None
+        if self.info.is_main:
+            state.update(step=step, epoch=self.loader.epoch, loader=self.loader.state_dict(), rng=rngs,
+                         config=self.config, step_runner=self.runner.state_dict(),
+                         world_size=self.info.world_size, **extra)
+            path = self.manager.save(state)
+        if self.info.enabled:
+            dist.barrier()
+        self.last = path or self.manager.path_for(step)
+        return self.last

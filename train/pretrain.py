@@ -25,12 +25,10 @@ import torch.distributed as dist
 from mae_fast.checkpoint import load_mae_checkpoint
 from mae_fast.models_mae import MaskedAutoencoderViT, create_model
 
-from .checkpoints import CheckpointManager, set_rng_state
-from .common import (DistInfo, NonFiniteLossError, RunLog, all_finite, autocast_for, ddp_wrap, full_state,
-                     gather_rng_states, init_distributed, load_full_state, requested_device_type, resolve_device,
-                     unwrap)
+from .common import (DistInfo, NonFiniteLossError, RunLog, autocast_for, ddp_wrap, init_distributed,
+                     requested_device_type, resolve_device, unwrap)
 from .config import PretrainConfig, parse_config
-from .loop import StepRunner
+from .loop import RunCheckpoints, StepRunner
 from .optim import build_adamw, lr_at, set_lr
 
 log = logging.getLogger("mae_fast.train")
@@ -98,38 +96,10 @@ def train(cfg: PretrainConfig) -> Dict[str, Any]:
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
 
-    ckpts = CheckpointManager(out / "checkpoints", keep=cfg.keep_checkpoints)
-    step, last_ckpt = 0, None
-    resumed = ckpts.load_latest() if cfg.resume == "auto" else None
-    if cfg.resume and cfg.resume != "auto":
-        from mae_fast.checkpoint import read_checkpoint
-        resumed = (Path(cfg.resume), read_checkpoint(cfg.resume))
-    if resumed:
-        last_ckpt, state = resumed
-        load_full_state(wrapped, optimizer, state)
-        runner.load_state_dict(state.get("step_runner"))
-        step = int(state["step"])
-        loader.load_state_dict(state["loader"])
-        set_rng_state(state["rng"][info.rank] if isinstance(state["rng"], list) else state["rng"])
-        if info.is_main:
-            log.info("resumed from %s at step %d (epoch %d, batch %d)", last_ckpt, step,
-                     state["loader"]["epoch"], state["loader"]["batch"])
-
-    def save() -> Path:
-        runner.check(last_ckpt)
-        if not all_finite(wrapped):
-            raise NonFiniteLossError(f"step {step}: weights are not finite; no checkpoint written "
-                                     f"(last good: {last_ckpt or 'none'})")
-        st = full_state(wrapped, optimizer, info)
-        rngs = gather_rng_states(info)
-        path = None
-        if info.is_main:
-            st.update(step=step, epoch=loader.epoch, loader=loader.state_dict(), rng=rngs,
-                      config=dataclasses.asdict(cfg), step_runner=runner.state_dict(), world_size=info.world_size)
-            path = ckpts.save(st)
-        if info.enabled:
-            dist.barrier()
-        return path or ckpts.path_for(step)
+    ckpts = RunCheckpoints(out / "checkpoints", cfg.keep_checkpoints, wrapped, optimizer, runner, loader, info,
+                           dataclasses.asdict(cfg))
+    state = ckpts.resume(cfg.resume)
+    step = int(state["step"]) if state else 0
 
     runlog = RunLog(out, info.is_main, cfg.tensorboard)
     if info.is_main:
@@ -173,17 +143,17 @@ def train(cfg: PretrainConfig) -> Dict[str, Any]:
             if bar:
                 bar.update(1)
             if step % cfg.log_every == 0 or step == total_steps:
-                runner.check(last_ckpt)
+                runner.check(ckpts.last)
                 last_loss = runner.log(step, steps_per_epoch, lr, runlog, bar)
             if step % cfg.save_every == 0 or step == total_steps:
-                last_ckpt = save()
+                ckpts.save(step)
             if step >= total_steps:
                 break
     if bar:
         bar.close()
     runlog.close()
     summary = {"steps": step, "steps_this_run": step - start_step, "final_loss": last_loss,
-               "skipped_nonfinite": runner.check(last_ckpt), "last_checkpoint": str(last_ckpt) if last_ckpt else None,
+               "skipped_nonfinite": runner.check(ckpts.last), "last_checkpoint": str(ckpts.last) if ckpts.last else None,
                "world_size": info.world_size, "effective_batch": eff_batch, "lr": base_lr,
                "skipped_images": [p for p, _ in loader.skipped]}
     if info.is_main:
