@@ -94,6 +94,18 @@ def load_rgb(path: str) -> Image.Image:
         return im.convert("RGB")  # L, LA, CMYK, RGBA (alpha dropped, as torchvision does), ...
 
 
+def load_rgb_or_reason(path: str, strict: bool) -> tuple[Image.Image | None, str | None]:
+    """(image, None), or (None, "path: why") for an unreadable file; with ``strict`` raise instead."""
+    from .sources import UnreadableImageError
+
+    try:
+        return load_rgb(path), None
+    except Exception as e:  # noqa: BLE001 - any decode failure is reported, never silent
+        if strict:
+            raise UnreadableImageError(f"unreadable image {path!r}: {e} (strict=True)") from e
+        return None, f"{path}: {e}"
+
+
 def augment_pil(img: Image.Image, size: int, box: tuple[int, int, int, int], flip: bool
                 ) -> torch.Tensor:
     """Crop ``box``, bicubic-resize to size x size, maybe flip; returns uint8 (3, size, size)."""

@@ -26,8 +26,8 @@ from typing import Any, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .augment import SCALE, augment_pil, load_rgb, normalize, sample_params
-from .sources import ImageList, UnreadableImageError, scan_images
+from .augment import SCALE, augment_pil, load_rgb_or_reason, normalize, sample_params
+from .sources import ImageList, scan_images
 
 log = logging.getLogger("mae_fast.data")
 
@@ -141,13 +141,9 @@ class _Samples(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor | None, int, str | None]:
         epoch, idx = key
-        path = self.paths[idx]
-        try:
-            img = load_rgb(path)
-        except Exception as e:  # noqa: BLE001 - any decode failure is reported, never silent
-            if self.strict:
-                raise UnreadableImageError(f"unreadable image {path!r}: {e} (strict=True)") from e
-            return None, idx, f"{path}: {e}"
+        img, reason = load_rgb_or_reason(self.paths[idx], self.strict)
+        if img is None:
+            return None, idx, reason
         box, flip = sample_params(img.width, img.height, self.seed, epoch, idx, self.scale)
         return augment_pil(img, self.img_size, box, flip), idx, None
 

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .augment import IMAGENET_MEAN, IMAGENET_STD, load_rgb
+from .augment import IMAGENET_MEAN, IMAGENET_STD, load_rgb_or_reason
 from .data import Loader, _EpochBatches, _scan, _worker_init, epoch_order
-from .sources import ImageList, UnreadableImageError
+from .sources import ImageList
 
 log = logging.getLogger("mae_fast.data")
 
@@ -131,13 +131,9 @@ class _LabelledSamples(Dataset):
 
     def __getitem__(self, key: Tuple[int, int]) -> Tuple[Optional[torch.Tensor], int, Optional[str]]:
         epoch, idx = key
-        path = self.paths[idx]
-        try:
-            img = load_rgb(path)
-        except Exception as e:  # noqa: BLE001 - any decode failure is reported, never silent
-            if self.strict:
-                raise UnreadableImageError(f"unreadable image {path!r}: {e} (strict=True)") from e
-            return None, idx, f"{path}: {e}"
+        img, reason = load_rgb_or_reason(self.paths[idx], self.strict)
+        if img is None:
+            return None, idx, reason
         with seeded_rngs(sample_seed(self.seed, epoch, idx)):
             return self.transform(img), idx, None
 
