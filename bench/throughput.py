@@ -55,11 +55,9 @@ def build_variant(variant: str, args: argparse.Namespace, device: torch.device):
     kw = dict(img_size=args.img_size, norm_pix_loss=True)
     if variant in ("fused", "torch", "compile"):
         model = create_model(args.model, **kw).to(device)
-        if hasattr(model, "set_kernel_backend"):
-            model.set_kernel_backend("auto" if variant != "torch" else "torch")
-        elif variant != "torch":
-            raise RuntimeError("this build has no fused kernels (kernel_backend)")
-        model.set_attn_backend(args.attn_backend)
+        model.set_kernel_backend("auto" if variant != "torch" else "torch")
+        model.check_kernels()
+        model.set_attn_backend(args.attn_backend, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision))
         if args.grad_checkpointing:
             model.set_grad_checkpointing(args.grad_checkpointing)
         fn = model

@@ -11,6 +11,7 @@ references (in ``mae_fast.kernels``) are the CPU path and the specification.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 from typing import Optional, Tuple
 
@@ -24,6 +25,8 @@ from mae_fast.kernels._utils import patchify_reference
 
 from .attention import get_attention, pick_attention_backend
 from .pos_embed import get_2d_sincos_pos_embed
+
+log = logging.getLogger(__name__)
 
 LN_EPS = 1e-6
 KERNEL_BACKENDS = ("auto", "triton", "torch")
@@ -244,6 +247,21 @@ class MaskedAutoencoderViT(nn.Module):
         if kernel_backend not in KERNEL_BACKENDS:
             raise ValueError(f"unknown kernel_backend {kernel_backend!r}; choose one of {list(KERNEL_BACKENDS)}")
         self.kernel_backend = kernel_backend
+
+    def check_kernels(self, force: bool = False) -> str:
+        """With kernel_backend "auto" on CUDA (or ``force``): self-test the Triton ops on the model's
+        device once; if one fails, use the PyTorch references and warn naming the op. Returns the backend."""
+        device = self.cls_token.device
+        if self.kernel_backend != "auto" or (device.type != "cuda" and not force):
+            return self.kernel_backend
+        from mae_fast.kernels.selftest import selftest
+
+        failed = {op: why for op, why in selftest(device).items() if why}
+        if failed:
+            log.warning("Triton kernels failed their self-test on %s (%s); using the PyTorch references "
+                        "(kernel_backend='torch')", device, "; ".join(f"{k}: {v}" for k, v in failed.items()))
+            self.kernel_backend = "torch"
+        return self.kernel_backend
 
     def set_grad_checkpointing(self, every: int = 1) -> None:
         """Recompute activations of every ``every``-th block in backward (0 turns it off)."""

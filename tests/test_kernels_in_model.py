@@ -38,3 +38,25 @@ def test_kernel_backend_switch_validates():
     assert m.kernel_backend == "auto"
     with pytest.raises(ValueError, match="unknown kernel_backend 'cuda'"):
         m.set_kernel_backend("cuda")
+
+
+def test_selftest_passes_under_the_interpreter():
+    from mae_fast.kernels.selftest import _run_checks
+
+    assert _run_checks(torch.device("cpu")) == {"patch_embed_gather": None, "unshuffle_mask_tokens": None,
+                                                "masked_loss": None}
+
+
+def test_failing_kernel_falls_back_to_torch_with_a_warning(monkeypatch, caplog):
+    import mae_fast.kernels.selftest as st
+
+    def broken(device, g):
+        raise RuntimeError("out of resource: shared memory")
+    monkeypatch.setitem(st.CHECKS, "unshuffle_mask_tokens", broken)
+    monkeypatch.setattr(st, "_RESULTS", {})
+    m = mae_vit_tiny_patch8()
+    assert m.check_kernels() == "auto"  # CPU: nothing to check, the references run anyway
+    assert m.check_kernels(force=True) == "torch"
+    msg = " ".join(r.getMessage() for r in caplog.records)
+    assert "unshuffle_mask_tokens: RuntimeError: out of resource: shared memory" in msg
+    assert "patch_embed_gather:" not in msg

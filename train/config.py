@@ -35,6 +35,8 @@ class PretrainConfig:
     mask_ratio: float = dataclasses.field(default=0.75, metadata={"help": "fraction of patches removed"})
     norm_pix_loss: bool = dataclasses.field(default=True, metadata={"help": "per-patch normalized pixel target"})
     precision: str = dataclasses.field(default="bf16", metadata={"help": "bf16 (autocast, no scaler) | fp16 (autocast + GradScaler) | fp32 | fp64 (float64 weights, for exactness checks on CPU)"})
+    attn_backend: str = dataclasses.field(default="auto", metadata={"help": "auto (fastest that works here) | xformers | sdpa | math"})
+    kernel_backend: str = dataclasses.field(default="auto", metadata={"help": "auto (Triton on CUDA after a self-test) | triton | torch"})
     grad_checkpointing: int = dataclasses.field(default=0, metadata={"help": "recompute every k-th block in backward (0: off)"})
     distributed: str = dataclasses.field(default="ddp", metadata={"help": "ddp | fsdp (FSDP2 fully_shard), used under torchrun"})
     device: str = dataclasses.field(default="auto", metadata={"help": "auto | cpu | cuda"})
@@ -66,7 +68,8 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                         grad_checkpointing=1, precision="bf16", distributed="fsdp"),
 }
 
-CHOICES = {"model": sorted(MODELS), "loader": ["auto", "dali", "pil", "synthetic"],
+CHOICES = {"model": sorted(MODELS), "attn_backend": ["auto", "xformers", "sdpa", "math"],
+           "kernel_backend": ["auto", "triton", "torch"], "loader": ["auto", "dali", "pil", "synthetic"],
            "precision": ["bf16", "fp16", "fp32", "fp64"], "distributed": ["ddp", "fsdp"], "device": ["auto", "cpu", "cuda"]}
 
 

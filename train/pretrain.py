@@ -73,6 +73,9 @@ def train(cfg: PretrainConfig) -> Dict[str, Any]:
 
     model = create_model(cfg.model, img_size=cfg.img_size, norm_pix_loss=cfg.norm_pix_loss)
     model = model.to(device, torch.float64 if cfg.precision == "fp64" else None)
+    model.set_kernel_backend(cfg.kernel_backend)
+    model.check_kernels()
+    model.set_attn_backend(cfg.attn_backend, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision))
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(cfg.grad_checkpointing)
     if cfg.init_from:
