@@ -16,6 +16,10 @@ step() {  # run one benchmark with its own time limit; a failure is reported, th
   timeout "$limit" "$@" || { echo "!!! failed or timed out ($?): $*"; failed=$((failed + 1)); }
 }
 
+tests="tests/test_kernel_patch_embed_gather.py tests/test_kernel_unshuffle.py tests/test_kernel_masked_loss.py
+       tests/test_kernels_in_model.py tests/test_attention.py tests/test_data.py"
+step 150 python -m pytest -q -p no:cacheprovider $tests --junitxml=/tmp/mae-gpu-tests.xml
+[ -f /tmp/mae-gpu-tests.xml ] && python -m mae_fast.bench.records gpu-tests /tmp/mae-gpu-tests.xml "pytest $(echo $tests)"
 step 150 python -m pytest -q -p no:cacheprovider bench/bench_kernels.py --benchmark-disable-gc
 step 120 python -m mae_fast.bench.throughput --preset vit_b16_224 --steps 10 --warmup 3
 step 150 python -m mae_fast.bench.throughput --preset vit_l16_224 --steps 10 --warmup 3

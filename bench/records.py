@@ -54,3 +54,28 @@ def write_result(prefix: str, record: Any, folder: Path = RESULTS_DIR) -> Path:
     path = folder / f"{prefix}-{slug}-{stamp}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
     return path
+
+
+def junit_summary(xml_path: str) -> Dict[str, Any]:
+    """Counts and failing test ids of a pytest ``--junitxml`` report."""
+    import xml.etree.ElementTree as ET
+
+    root = ET.parse(xml_path).getroot()
+    cases = list(root.iter("testcase"))
+    failed = [f"{c.get('classname')}::{c.get('name')}" for c in cases
+              if c.find("failure") is not None or c.find("error") is not None]
+    skipped = sum(c.find("skipped") is not None for c in cases)
+    return {"tests": len(cases), "failed": len(failed), "skipped": skipped,
+            "passed": len(cases) - len(failed) - skipped, "failures": failed}
+
+
+def main(argv: Optional[list] = None) -> int:
+    """``python -m mae_fast.bench.records PREFIX JUNIT_XML "COMMAND"``: record a GPU test run."""
+    prefix, xml_path, command = (argv if argv is not None else sys.argv[1:])[:3]
+    record = {**record_header(prefix, command=command), **junit_summary(xml_path)}
+    print(f"wrote {write_result(prefix, record)}: {record['passed']} passed, {record['failed']} failed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

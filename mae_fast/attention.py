@@ -111,6 +111,6 @@ def pick_attention_backend(device: torch.device, dtype: torch.dtype, head_dims: 
         choice = min(totals, key=totals.get) if totals else "math"
         why = ", ".join(f"{n} {t * 1e3:.2f} ms" for n, t in totals.items()) or "no fused backend ran"
     _AUTO_CHOICE[key] = choice
-    log.warning("attn_backend auto: using %s on %s %s for head dims %s (%s)",
+    log.info("attn_backend auto: using %s on %s %s for head dims %s (%s)",
                 choice, device, str(dtype).replace("torch.", ""), list(head_dims), why)
     return choice

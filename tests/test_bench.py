@@ -78,3 +78,18 @@ def test_mae_bench_cpu_runs_and_writes_json(tmp_path, capsys):
 def test_peak_table_prefers_specific_names():
     names = [k for k, _ in PEAK_TFLOPS]
     assert names.index("H100 PCIe") < names.index("H100")
+
+
+def test_records_carry_device_date_commit_command(tmp_path):
+    from mae_fast.bench.records import junit_summary, record_header, write_result
+
+    xml = tmp_path / "j.xml"
+    xml.write_text('<testsuites><testsuite><testcase classname="a" name="t1"/><testcase classname="a" name="t2">'
+                   '<failure/></testcase><testcase classname="a" name="t3"><skipped/></testcase></testsuite></testsuites>')
+    summary = junit_summary(str(xml))
+    assert (summary["passed"], summary["failed"], summary["skipped"], summary["failures"]) == (1, 1, 1, ["a::t2"])
+    rec = {**record_header("unit", torch.device("cpu"), "cmd --x"), **summary}
+    path = write_result("unit", rec, folder=tmp_path)
+    data = json.loads(path.read_text())
+    assert path.name.startswith("unit-cpu") and data["command"] == "cmd --x"
+    assert {"device", "date", "commit", "torch"} <= set(data) and len(data["commit"]) >= 7

@@ -7,6 +7,7 @@ import torch
 from conftest import random_images, random_noise
 from mae_fast import mae_vit_tiny_patch8
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                                 reason="Triton kernels need a GPU or TRITON_INTERPRET=1")
 
@@ -14,8 +15,8 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and no
 @pytest.mark.parametrize("norm_pix,ratio", [(True, 0.75), (False, 0.5)])
 def test_triton_backend_equals_torch(norm_pix, ratio):
     torch.manual_seed(0)
-    m = mae_vit_tiny_patch8(img_size=32, norm_pix_loss=norm_pix, depth=2, decoder_depth=1)
-    imgs, noise = random_images(2, 32, seed=41), random_noise(2, 16, seed=42)
+    m = mae_vit_tiny_patch8(img_size=32, norm_pix_loss=norm_pix, depth=2, decoder_depth=1).to(DEVICE)
+    imgs, noise = random_images(2, 32, seed=41).to(DEVICE), random_noise(2, 16, seed=42).to(DEVICE)
     results = {}
     for backend in ("torch", "triton"):
         m.zero_grad(set_to_none=True)
@@ -43,7 +44,7 @@ def test_kernel_backend_switch_validates():
 def test_selftest_passes_under_the_interpreter():
     from mae_fast.kernels.selftest import _run_checks
 
-    assert _run_checks(torch.device("cpu")) == {"patch_embed_gather": None, "unshuffle_mask_tokens": None,
+    assert _run_checks(torch.device(DEVICE)) == {"patch_embed_gather": None, "unshuffle_mask_tokens": None,
                                                 "masked_loss": None}
 
 
