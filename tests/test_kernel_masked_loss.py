@@ -132,9 +132,9 @@ def test_torch_compile_no_graph_breaks():
     torch.testing.assert_close(grad, grad_ref)
 
 
-def test_kernelscompile_for_h100():
+def test_kernels_compile_for_h100():
     """The GPU path compiles for sm_90: bf16 predictions, norm-pix on/off, full and masked-only rows."""
-    compile_for_h100("""
+    proc = compile_for_h100("""
         m = importlib.import_module("mae_fast.kernels.masked_loss")
         for norm, ids in ((True, False), (True, True), (False, False)):
             c = dict(PS=14, C=3, NORM=norm, HAS_IDS=ids, BLOCK_R=4, BLOCK_P=1024)
@@ -143,3 +143,5 @@ def test_kernelscompile_for_h100():
             compile_for_gpu(m._loss_bwd_kernel, dict(pred_ptr="*bf16", img_ptr="*fp32", mask_ptr="*fp32",
                             ids_ptr="*i64", scale_ptr="*fp32", grad_ptr="*bf16"), c, dict(num_warps=4))
     """)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+

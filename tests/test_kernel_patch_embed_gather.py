@@ -124,9 +124,9 @@ def test_torch_compile_no_graph_breaks():
     _close(gw, gw_ref, 1e-5, "compiled grad")
 
 
-def test_kernelscompile_for_h100():
+def test_kernels_compile_for_h100():
     """The GPU path (bf16 / fp16 wgmma and fp32 IEEE tl.dot, gather, scatter) compiles for sm_90."""
-    compile_for_h100("""
+    proc = compile_for_h100("""
         m = importlib.import_module("mae_fast.kernels.patch_embed_gather")
         for wdt, f32 in (("bf16", False), ("fp16", False), ("fp32", True)):
             types = dict(img_ptr="*fp32", ids_ptr="*i64", w_ptr="*" + wdt, b_ptr="*" + wdt,
@@ -139,3 +139,5 @@ def test_kernelscompile_for_h100():
         compile_for_gpu(m._pe_scatter_kernel, dict(gp_ptr="*bf16", slot_ptr="*i32", gimg_ptr="*fp32"),
                         dict(PS=14, C=3, BLOCK_M=16, BLOCK_P=1024))
     """)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+

@@ -109,12 +109,14 @@ def test_torch_compile_no_graph_breaks():
         _close(a, b, 1e-6, "compiled grad")
 
 
-def test_kernelscompile_for_h100():
+def test_kernels_compile_for_h100():
     """The GPU path compiles for sm_90 (bf16 tokens, fp32 mask token / pos / output)."""
-    compile_for_h100("""
+    proc = compile_for_h100("""
         m = importlib.import_module("mae_fast.kernels.unshuffle")
         compile_for_gpu(m._unshuffle_fwd_kernel, dict(x_ptr="*bf16", mt_ptr="*fp32", ids_ptr="*i64",
                         pos_ptr="*fp32", out_ptr="*fp32"), dict(BLOCK_R=8, BLOCK_D=256))
         compile_for_gpu(m._unshuffle_bwd_kernel, dict(g_ptr="*fp32", ids_ptr="*i64", gx_ptr="*bf16",
                         part_ptr="*fp32"), dict(BLOCK_R=8, BLOCK_D=256))
     """)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+

@@ -18,6 +18,7 @@ index), so results do not depend on workers, sharding or the resume point.
 from __future__ import annotations
 
 import functools
+from abc import ABC, abstractmethod
 import logging
 import math
 import os
@@ -47,7 +48,7 @@ def epoch_order(num_files: int, seed: int, epoch: int, rank: int = 0, world_size
     return order[rank::world_size]
 
 
-class Loader:
+class Loader(ABC):
     """Common position logic: iterate the current epoch from the current batch, then advance."""
 
     kind = "base"
@@ -119,8 +120,9 @@ class Loader:
                         len(self.skipped), n_run)
         self.epoch, self.batch = epoch + 1, 0
 
+    @abstractmethod
     def _iter_epoch(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        raise NotImplementedError
+        """Yield (images, labels) batches of ``epoch`` from batch index ``start`` on."""
 
     def _batch_ranges(self, order: list[int], start: int) -> Iterator[list[int]]:
         for b in range(start, len(self)):

@@ -40,15 +40,10 @@ class ImageList:
 
 def demo_dir() -> Path:
     """Folder of the bundled demo photographs (public-domain scikit-image samples)."""
-    try:  # installed package: mae_fast/assets/demo
-        import mae_fast
+    import mae_fast
 
-        p = Path(mae_fast.__file__).resolve().parent / "assets" / "demo"
-        if p.is_dir():
-            return p
-    except ImportError:  # pragma: no cover
-        pass
-    return DEMO_DIR
+    installed = Path(mae_fast.__file__).resolve().parent / "assets" / "demo"
+    return installed if installed.is_dir() else DEMO_DIR
 
 
 def _is_image(name: str, extensions: Sequence[str]) -> bool:
