@@ -120,6 +120,14 @@ class Loader(ABC):
                         len(self.skipped), n_run)
         self.epoch, self.batch = epoch + 1, 0
 
+    def _report_unreadable(self, errors: list[str]) -> None:
+        """One warning line per file that failed to decode ("path: why"), once per run."""
+        for err in errors:
+            path = err.split(": ", 1)[0]
+            if path not in self._runtime_skipped:
+                log.warning("skipping unreadable image %s", err)
+                self._runtime_skipped[path] = err
+
     @abstractmethod
     def _iter_epoch(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield (images, labels) batches of ``epoch`` from batch index ``start`` on."""
@@ -212,11 +220,7 @@ class PILLoader(Loader):
         self._sampler.epoch = epoch
         self._sampler.batches = list(self._batch_ranges(self.order(epoch), start))
         for images, idx, errors in self._dl:
-            for err in errors:
-                path = err.split(": ", 1)[0]
-                if path not in self._runtime_skipped:
-                    log.warning("skipping unreadable image %s", err)
-                    self._runtime_skipped[path] = err
+            self._report_unreadable(errors)
             if len(images) == 0:
                 continue
             images = normalize(images.to(self.device, non_blocking=True), self.dtype)

@@ -172,11 +172,7 @@ class LabelledLoader(Loader):
         order = epoch_order(self.num_files, self.seed, epoch, self.rank, self.world_size, self.shuffle)
         self._sampler.batches = list(self._batch_ranges(order, start))
         for images, idx, errors in self._dl:
-            for err in errors:
-                path = err.split(": ", 1)[0]
-                if path not in self._runtime_skipped:
-                    log.warning("skipping unreadable image %s", err)
-                    self._runtime_skipped[path] = err
+            self._report_unreadable(errors)
             if images is None:
                 continue
             yield (images.to(self.device, non_blocking=True),
