@@ -32,7 +32,7 @@ from mae_fast.pos_embed import resize_pos_embed
 
 from .common import (DistInfo, NonFiniteLossError, RunLog, autocast_for, dataclass_parser, ddp_wrap,
                      init_distributed, parse_dataclass, requested_device_type, resolve_device, unwrap)
-from .loop import RunCheckpoints, StepRunner, find_resume_checkpoint
+from .loop import RunCheckpoints, StepRunner, find_resume_checkpoint, run_steps
 from .optim import fused_available, lr_at, set_lr
 from .sources import UnreadableImageError
 
@@ -301,10 +301,7 @@ def fit(cfg: ClassifierConfig, task: Task, info: DistInfo, device: torch.device)
     state = ckpts.resume(cfg.resume, check=lambda st, source: load_trained(model, st["model"], source))
     step, best, metrics = (int(state["step"]), dict(state.get("best") or {}), {}) if state else (0, {}, {})
 
-    def save() -> Path:
-        return ckpts.save(step, best=best, task=task.name)
-
-    def run_eval() -> None:
+    def run_eval(step: int) -> None:
         nonlocal best, metrics
         metrics = evaluate(unwrap(wrapped), task.eval_loader, cfg, device, info)
         if metrics["acc1"] >= best.get("acc1", -1.0):
@@ -326,45 +323,34 @@ def fit(cfg: ClassifierConfig, task: Task, info: DistInfo, device: torch.device)
         from tqdm import tqdm
         bar = tqdm(total=total_steps, initial=step, desc=task.name, dynamic_ncols=True)
 
+    def set_lr_for(step: int) -> float:
+        lr = lr_at(step / steps_per_epoch, task.base_lr, cfg.warmup_epochs, cfg.epochs, cfg.min_lr)
+        set_lr(optimizer, lr)
+        return lr
+
+    def compute_loss(batch, step: int, micro: int):
+        imgs, labels = batch
+        targets = labels
+        if task.mixup is not None:
+            if imgs.shape[0] % 2:  # timm Mixup needs an even batch (an unreadable image was dropped)
+                imgs, labels = imgs[:-1], labels[:-1]
+            imgs, targets = task.mixup(imgs, labels)
+        with autocast_for(cfg, device):
+            return task.criterion(wrapped(imgs), targets), imgs.shape[0]
+
+    def after_step(step: int) -> None:
+        epoch_end = step % steps_per_epoch == 0
+        if epoch_end or step == total_steps:
+            run_eval(step)
+        if step % cfg.save_every == 0 or epoch_end or step == total_steps:
+            ckpts.save(step, best=best, task=task.name)
+
     wrapped.train()
     start_step = step
-    last_loss, lr = float("nan"), 0.0
-    while step < total_steps:
-        epoch = loader.epoch
-        loader.set_epoch(epoch)
-        for imgs, labels in loader:
-            if loader.batch > steps_per_epoch * cfg.accum_iter:
-                continue  # an epoch's tail that does not fill a whole accumulation
-            micro = (loader.batch - 1) % cfg.accum_iter
-            if micro == 0:
-                lr = lr_at(step / steps_per_epoch, task.base_lr, cfg.warmup_epochs, cfg.epochs, cfg.min_lr)
-                set_lr(optimizer, lr)
-            targets = labels
-            if task.mixup is not None:
-                if imgs.shape[0] % 2:  # timm Mixup needs an even batch (an unreadable image was dropped)
-                    imgs, labels = imgs[:-1], labels[:-1]
-                imgs, targets = task.mixup(imgs, labels)
-            last_micro = micro == cfg.accum_iter - 1
-            with runner.sync_context(last_micro):
-                with autocast_for(cfg, device):
-                    loss = task.criterion(wrapped(imgs), targets)
-                runner.backward(loss, micro, imgs.shape[0])
-            if not last_micro:
-                continue
-            runner.optimizer_step(step)
-            step += 1
-            if bar:
-                bar.update(1)
-            if step % cfg.log_every == 0 or step == total_steps:
-                runner.check(ckpts.last)
-                last_loss = runner.log(step, steps_per_epoch, lr, runlog, bar)
-            epoch_end = step % steps_per_epoch == 0
-            if epoch_end or step == total_steps:
-                run_eval()
-            if step % cfg.save_every == 0 or epoch_end or step == total_steps:
-                save()
-            if step >= total_steps:
-                break
+    step, last_loss = run_steps(loader, runner, ckpts, step=step, total_steps=total_steps,
+                                steps_per_epoch=steps_per_epoch, accum_iter=cfg.accum_iter, log_every=cfg.log_every,
+                                set_lr_for=set_lr_for, compute_loss=compute_loss, after_step=after_step,
+                                runlog=runlog, bar=bar)
     if bar:
         bar.close()
     runlog.close()

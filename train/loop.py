@@ -186,3 +186,43 @@ class RunCheckpoints:
             dist.barrier()
         self.last = path or self.manager.path_for(step)
         return self.last
+
+
+def run_steps(loader: Any, runner: StepRunner, ckpts: RunCheckpoints, *, step: int, total_steps: int,
+              steps_per_epoch: int, accum_iter: int, log_every: int, set_lr_for: Callable[[int], float],
+              compute_loss: Callable[[Any, int, int], Tuple[torch.Tensor, int]],
+              after_step: Callable[[int], None], runlog: RunLog, bar=None) -> Tuple[int, float]:
+    """The loop every trainer shares, from ``step`` to ``total_steps`` optimizer steps.
+
+    Each optimizer step is ``accum_iter`` micro-steps: ``compute_loss(batch, step, micro)`` returns
+    (loss, images) under the right gradient-sync context; an epoch's tail that does not fill an
+    accumulation is skipped. ``set_lr_for(step)`` sets and returns the lr at each step's start; the
+    loss is logged every ``log_every`` steps; ``after_step(step)`` evaluates / checkpoints.
+    Returns (step reached, last logged loss).
+    """
+    last_loss, lr = float("nan"), 0.0
+    while step < total_steps:
+        loader.set_epoch(loader.epoch)
+        for batch in loader:
+            if loader.batch > steps_per_epoch * accum_iter:
+                continue  # an epoch's tail that does not fill a whole accumulation
+            micro = (loader.batch - 1) % accum_iter
+            if micro == 0:
+                lr = set_lr_for(step)
+            last_micro = micro == accum_iter - 1
+            with runner.sync_context(last_micro):
+                loss, images = compute_loss(batch, step, micro)
+                runner.backward(loss, micro, images)
+            if not last_micro:
+                continue
+            runner.optimizer_step(step)
+            step += 1
+            if bar is not None:
+                bar.update(1)
+            if step % log_every == 0 or step == total_steps:
+                runner.check(ckpts.last)
+                last_loss = runner.log(step, steps_per_epoch, lr, runlog, bar)
+            after_step(step)
+            if step >= total_steps:
+                break
+    return step, last_loss

@@ -28,7 +28,7 @@ from mae_fast.models_mae import MaskedAutoencoderViT, create_model
 from .common import (DistInfo, NonFiniteLossError, RunLog, autocast_for, ddp_wrap, init_distributed,
                      requested_device_type, resolve_device, unwrap)
 from .config import PretrainConfig, parse_config
-from .loop import RunCheckpoints, StepRunner
+from .loop import RunCheckpoints, StepRunner, run_steps
 from .optim import build_adamw, lr_at, set_lr
 
 log = logging.getLogger("mae_fast.train")
@@ -116,42 +116,32 @@ def train(cfg: PretrainConfig) -> Dict[str, Any]:
 
     kill_at = int(os.environ.get(FAULT_KILL_AT_STEP, "-1"))
     nan_at = int(os.environ.get(FAULT_NAN_AT_STEP, "-1"))
+    def set_lr_for(step: int) -> float:
+        if step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        lr = lr_at(step / steps_per_epoch, base_lr, cfg.warmup_epochs, cfg.epochs, cfg.min_lr)
+        set_lr(optimizer, lr)
+        return lr
+
+    def compute_loss(imgs: torch.Tensor, step: int, micro: int):
+        imgs = imgs.to(device, torch.float64 if cfg.precision == "fp64" else None, non_blocking=True)
+        noise = mask_noise(cfg.seed, step, micro, cfg.batch_size * info.world_size, num_patches, info, device)
+        with autocast_for(cfg, device):
+            loss, _, _ = wrapped(imgs, mask_ratio=cfg.mask_ratio, noise=noise)
+        if step == nan_at:
+            loss = loss * float("nan")
+        return loss, imgs.shape[0]
+
+    def after_step(step: int) -> None:
+        if step % cfg.save_every == 0 or step == total_steps:
+            ckpts.save(step)
+
     wrapped.train()
-    last_loss, lr, start_step = float("nan"), 0.0, step
-    while step < total_steps:
-        epoch = loader.epoch
-        loader.set_epoch(epoch)
-        for imgs in loader:
-            if loader.batch > steps_per_epoch * cfg.accum_iter:
-                continue  # an epoch's tail that does not fill a whole accumulation
-            micro = (loader.batch - 1) % cfg.accum_iter
-            if micro == 0:
-                if step == kill_at:
-                    os.kill(os.getpid(), signal.SIGKILL)
-                lr = lr_at(step / steps_per_epoch, base_lr, cfg.warmup_epochs, cfg.epochs, cfg.min_lr)
-                set_lr(optimizer, lr)
-            imgs = imgs.to(device, torch.float64 if cfg.precision == "fp64" else None, non_blocking=True)
-            noise = mask_noise(cfg.seed, step, micro, cfg.batch_size * info.world_size, num_patches, info, device)
-            last_micro = micro == cfg.accum_iter - 1
-            with runner.sync_context(last_micro):
-                with autocast_for(cfg, device):
-                    loss, _, _ = wrapped(imgs, mask_ratio=cfg.mask_ratio, noise=noise)
-                if step == nan_at:
-                    loss = loss * float("nan")
-                runner.backward(loss, micro, imgs.shape[0])
-            if not last_micro:
-                continue
-            runner.optimizer_step(step)
-            step += 1
-            if bar:
-                bar.update(1)
-            if step % cfg.log_every == 0 or step == total_steps:
-                runner.check(ckpts.last)
-                last_loss = runner.log(step, steps_per_epoch, lr, runlog, bar)
-            if step % cfg.save_every == 0 or step == total_steps:
-                ckpts.save(step)
-            if step >= total_steps:
-                break
+    start_step = step
+    step, last_loss = run_steps(loader, runner, ckpts, step=step, total_steps=total_steps,
+                                steps_per_epoch=steps_per_epoch, accum_iter=cfg.accum_iter, log_every=cfg.log_every,
+                                set_lr_for=set_lr_for, compute_loss=compute_loss, after_step=after_step,
+                                runlog=runlog, bar=bar)
     if bar:
         bar.close()
     runlog.close()
