@@ -241,6 +241,7 @@ def seed_training(seed: int, info: DistInfo) -> None:
 
 
 @torch.no_grad()
+@torch.no_grad()
 def evaluate(model: nn.Module, loader: Any, cfg: ClassifierConfig, device: torch.device,
              info: DistInfo) -> Dict[str, float]:
     """Top-1/top-5 (timm ``accuracy``) and cross-entropy over every evaluation image (all ranks)."""
