@@ -94,7 +94,8 @@ class StepRunner:
                     f"skipped); the update was not applied; last good checkpoint: {last_checkpoint or 'none'}. "
                     f"Resume from it with --resume auto and a lower lr, bf16 instead of fp16, or allow skips "
                     f"with --skip-nonfinite K")
-            log.warning("step %d: non-finite loss, step skipped (%d of at most %d)", last, n, self.max_skips)
+            if self.info.is_main:
+                log.warning("step %d: non-finite loss, step skipped (%d of at most %d)", last, n, self.max_skips)
             self.reported = n
         return n
 
