@@ -35,9 +35,9 @@ def _compare(run: Callable[[str], tuple], tol: float) -> None:
             raise AssertionError(f"output {i} differs from the reference (relative L2 error {err:.3g} > {tol})")
 
 
-def _check_patch_embed_gather(device: torch.device, g: torch.Generator) -> None:
-    N, p, D = 2, 16, 80
-    imgs = torch.randn(N, 3, 64, 64, generator=g).to(device)
+def _check_patch_embed_gather(device: torch.device, g: torch.Generator, p: int, D: int, Dd: int) -> None:
+    N = 2
+    imgs = torch.randn(N, 3, 4 * p, 4 * p, generator=g).to(device)
     ids_keep, _, _ = _masking(N, 16, 4, g, device)
     w0 = (torch.randn(D, 3 * p * p, generator=g) * 0.02).to(device)
     b0 = torch.randn(D, generator=g).to(device)
@@ -54,8 +54,8 @@ def _check_patch_embed_gather(device: torch.device, g: torch.Generator) -> None:
     _compare(run, tol=2e-2)
 
 
-def _check_unshuffle(device: torch.device, g: torch.Generator) -> None:
-    N, L, keep, Dd = 2, 16, 4, 48
+def _check_unshuffle(device: torch.device, g: torch.Generator, p: int, D: int, Dd: int) -> None:
+    N, L, keep = 2, 16, 4
     x0 = torch.randn(N, 1 + keep, Dd, generator=g).to(device, torch.bfloat16)
     mt0 = torch.randn(1, 1, Dd, generator=g).to(device)
     pos = torch.randn(1, 1 + L, Dd, generator=g).to(device)
@@ -71,9 +71,9 @@ def _check_unshuffle(device: torch.device, g: torch.Generator) -> None:
     _compare(run, tol=1e-2)
 
 
-def _check_masked_loss(device: torch.device, g: torch.Generator) -> None:
-    N, p = 2, 16
-    imgs = torch.randn(N, 3, 64, 64, generator=g).to(device)
+def _check_masked_loss(device: torch.device, g: torch.Generator, p: int, D: int, Dd: int) -> None:
+    N = 2
+    imgs = torch.randn(N, 3, 4 * p, 4 * p, generator=g).to(device)
     _, _, mask = _masking(N, 16, 4, g, device)
     pred0 = torch.randn(N, 16, 3 * p * p, generator=g).to(device, torch.bfloat16)
 
@@ -86,30 +86,33 @@ def _check_masked_loss(device: torch.device, g: torch.Generator) -> None:
     _compare(run, tol=1e-2)  # the gradient is bf16, like pred
 
 
-CHECKS: Dict[str, Callable[[torch.device, torch.Generator], None]] = {
+CHECKS: Dict[str, Callable[[torch.device, torch.Generator, int, int, int], None]] = {
     "patch_embed_gather": _check_patch_embed_gather,
     "unshuffle_mask_tokens": _check_unshuffle,
     "masked_loss": _check_masked_loss,
 }
 
 
-_RESULTS: Dict[str, Dict[str, Optional[str]]] = {}
+_RESULTS: Dict[tuple, Dict[str, Optional[str]]] = {}
 
 
-def selftest(device: torch.device) -> Dict[str, Optional[str]]:
-    """{op: None if its Triton kernels match the reference on ``device``, else why not}; cached per device."""
-    key = str(torch.device(device))
+def selftest(device: torch.device, patch_size: int = 16, embed_dim: int = 80, decoder_dim: int = 48
+             ) -> Dict[str, Optional[str]]:
+    """{op: None if its Triton kernels match the reference on ``device``, else why not}, on a 4x4-patch
+    image with the model's patch size and widths; cached per (device, shape)."""
+    key = (str(torch.device(device)), patch_size, embed_dim, decoder_dim)
     if key not in _RESULTS:
-        _RESULTS[key] = _run_checks(device)
+        _RESULTS[key] = _run_checks(torch.device(device), patch_size, embed_dim, decoder_dim)
     return _RESULTS[key]
 
 
-def _run_checks(device: torch.device) -> Dict[str, Optional[str]]:
+def _run_checks(device: torch.device, patch_size: int = 16, embed_dim: int = 80, decoder_dim: int = 48
+                ) -> Dict[str, Optional[str]]:
     g = torch.Generator().manual_seed(0)
     results: Dict[str, Optional[str]] = {}
     for name, check in CHECKS.items():
         try:
-            check(torch.device(device), g)
+            check(device, g, patch_size, embed_dim, decoder_dim)
             results[name] = None
         except Exception as e:  # any failure (build, launch, mismatch) means: do not use this kernel
             msg = str(e).strip().splitlines()

@@ -256,7 +256,9 @@ class MaskedAutoencoderViT(nn.Module):
             return self.kernel_backend
         from mae_fast.kernels.selftest import selftest
 
-        failed = {op: why for op, why in selftest(device).items() if why}
+        c = self.config
+        failed = {op: why for op, why in selftest(device, c.patch_size, c.embed_dim, c.decoder_embed_dim).items()
+                  if why}
         if failed:
             log.warning("Triton kernels failed their self-test on %s (%s); using the PyTorch references "
                         "(kernel_backend='torch')", device, "; ".join(f"{k}: {v}" for k, v in failed.items()))

@@ -44,14 +44,14 @@ def test_kernel_backend_switch_validates():
 def test_selftest_passes_under_the_interpreter():
     from mae_fast.kernels.selftest import _run_checks
 
-    assert _run_checks(torch.device(DEVICE)) == {"patch_embed_gather": None, "unshuffle_mask_tokens": None,
+    assert _run_checks(torch.device(DEVICE), 14, 40, 24) == {"patch_embed_gather": None, "unshuffle_mask_tokens": None,
                                                 "masked_loss": None}
 
 
 def test_failing_kernel_falls_back_to_torch_with_a_warning(monkeypatch, caplog):
     import mae_fast.kernels.selftest as st
 
-    def broken(device, g):
+    def broken(device, g, p, D, Dd):
         raise RuntimeError("out of resource: shared memory")
     monkeypatch.setitem(st.CHECKS, "unshuffle_mask_tokens", broken)
     monkeypatch.setattr(st, "_RESULTS", {})
