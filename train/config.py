@@ -12,6 +12,8 @@ from typing import Any, Dict, List, Optional
 
 from mae_fast.models_mae import MODELS
 
+from .common import dataclass_parser
+
 
 @dataclass
 class PretrainConfig:
@@ -74,24 +76,13 @@ CHOICES = {"model": sorted(MODELS), "attn_backend": ["auto", "xformers", "sdpa",
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Flags for every config field (``--img-size``; booleans also as ``--no-...``)."""
-    p = argparse.ArgumentParser(
-        prog="mae-pretrain",
-        description="MAE pretraining with the official recipe as defaults. "
-                    "Start with `mae-pretrain --demo` (tiny model, bundled images, CPU, a few minutes).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """Flags for every config field (``--img-size``; booleans also as ``--no-...``), plus presets."""
+    p = dataclass_parser(PretrainConfig, "mae-pretrain",
+                         "MAE pretraining with the official recipe as defaults. Start with `mae-pretrain --demo` "
+                         "(tiny model, bundled images, CPU, a minute or two).", CHOICES)
     p.add_argument("--demo", action="store_true", help="tiny model on the bundled demo images; writes a reconstruction figure")
     p.add_argument("--preset", choices=sorted(PRESETS), help="the paper's runs (ViT-B/L/H at 224, ViT-H/14 at 448)")
     p.add_argument("--config", help="YAML file with options (keys as the flag names, '-' or '_')")
-    for f in fields(PretrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str, "bool": bool,
-                                                         "Optional[float]": float}[str(f.type)]
-        help_ = f"{f.metadata['help']} (default: {f.default})"
-        if kind is bool:
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
-        else:
-            p.add_argument(flag, dest=f.name, type=kind, default=None, choices=CHOICES.get(f.name), help=help_)
     return p
 
 
