@@ -126,7 +126,7 @@ def make_case(op: str, shape: str, pas: str):
     g = torch.Generator().manual_seed(zlib.crc32(f"{op}/{shape}".encode()))
     K, ids_shuffle, ids_restore, mask = _masking(N, L, DEVICE, 1)
     imgs = torch.randn(N, C, grid * p, grid * p, generator=g).to(DEVICE)
-    bf16, f32 = torch.bfloat16, torch.float32
+    bf16 = torch.bfloat16
     flops = 0
 
     if op == "patch_embed_gather":
