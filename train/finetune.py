@@ -319,10 +319,6 @@ def fit(cfg: ClassifierConfig, task: Task, info: DistInfo, device: torch.device)
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
         log.info("%s %s, %d processes, effective batch %d, lr %.3g, %d steps/epoch, %d steps, device %s",
                  task.name, cfg.model, info.world_size, eff_batch, task.base_lr, steps_per_epoch, total_steps, device)
-    bar = None
-    if cfg.progress and info.is_main:
-        from tqdm import tqdm
-        bar = tqdm(total=total_steps, initial=step, desc=task.name, dynamic_ncols=True)
 
     def set_lr_for(step: int) -> float:
         lr = lr_at(step / steps_per_epoch, task.base_lr, cfg.warmup_epochs, cfg.epochs, cfg.min_lr)
@@ -351,9 +347,7 @@ def fit(cfg: ClassifierConfig, task: Task, info: DistInfo, device: torch.device)
     step, last_loss = run_steps(loader, runner, ckpts, step=step, total_steps=total_steps,
                                 steps_per_epoch=steps_per_epoch, accum_iter=cfg.accum_iter, log_every=cfg.log_every,
                                 set_lr_for=set_lr_for, compute_loss=compute_loss, after_step=after_step,
-                                runlog=runlog, bar=bar)
-    if bar:
-        bar.close()
+                                runlog=runlog, progress=task.name if cfg.progress else None)
     runlog.close()
     summary = {"task": task.name, "steps": step, "steps_this_run": step - start_step, "final_loss": last_loss,
                "acc1": metrics.get("acc1"), "acc5": metrics.get("acc5"), "best_acc1": best.get("acc1"),

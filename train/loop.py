@@ -192,15 +192,31 @@ class RunCheckpoints:
 def run_steps(loader: Any, runner: StepRunner, ckpts: RunCheckpoints, *, step: int, total_steps: int,
               steps_per_epoch: int, accum_iter: int, log_every: int, set_lr_for: Callable[[int], float],
               compute_loss: Callable[[Any, int, int], Tuple[torch.Tensor, int]],
-              after_step: Callable[[int], None], runlog: RunLog, bar=None) -> Tuple[int, float]:
+              after_step: Callable[[int], None], runlog: RunLog, progress: Optional[str] = None
+              ) -> Tuple[int, float]:
     """The loop every trainer shares, from ``step`` to ``total_steps`` optimizer steps.
 
     Each optimizer step is ``accum_iter`` micro-steps: ``compute_loss(batch, step, micro)`` returns
     (loss, images) under the right gradient-sync context; an epoch's tail that does not fill an
     accumulation is skipped. ``set_lr_for(step)`` sets and returns the lr at each step's start; the
     loss is logged every ``log_every`` steps; ``after_step(step)`` evaluates / checkpoints.
+    ``progress``: the label of a tqdm bar on the main process (None: no bar).
     Returns (step reached, last logged loss).
     """
+    bar = None
+    if progress and runner.info.is_main:
+        from tqdm import tqdm
+        bar = tqdm(total=total_steps, initial=step, desc=progress, dynamic_ncols=True)
+    try:
+        return _run_steps(loader, runner, ckpts, step, total_steps, steps_per_epoch, accum_iter, log_every,
+                          set_lr_for, compute_loss, after_step, runlog, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _run_steps(loader, runner, ckpts, step, total_steps, steps_per_epoch, accum_iter, log_every, set_lr_for,
+               compute_loss, after_step, runlog, bar) -> Tuple[int, float]:
     last_loss, lr = float("nan"), 0.0
     while step < total_steps:
         loader.set_epoch(loader.epoch)

@@ -109,10 +109,6 @@ def train(cfg: PretrainConfig) -> Dict[str, Any]:
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
         log.info("model %s, %d processes, effective batch %d, lr %.3g, %d steps/epoch, %d steps, device %s",
                  cfg.model, info.world_size, eff_batch, base_lr, steps_per_epoch, total_steps, device)
-    bar = None
-    if cfg.progress and info.is_main:
-        from tqdm import tqdm
-        bar = tqdm(total=total_steps, initial=step, desc="pretrain", dynamic_ncols=True)
 
     kill_at = int(os.environ.get(FAULT_KILL_AT_STEP, "-1"))
     nan_at = int(os.environ.get(FAULT_NAN_AT_STEP, "-1"))
@@ -141,9 +137,7 @@ def train(cfg: PretrainConfig) -> Dict[str, Any]:
     step, last_loss = run_steps(loader, runner, ckpts, step=step, total_steps=total_steps,
                                 steps_per_epoch=steps_per_epoch, accum_iter=cfg.accum_iter, log_every=cfg.log_every,
                                 set_lr_for=set_lr_for, compute_loss=compute_loss, after_step=after_step,
-                                runlog=runlog, bar=bar)
-    if bar:
-        bar.close()
+                                runlog=runlog, progress="pretrain" if cfg.progress else None)
     runlog.close()
     summary = {"steps": step, "steps_this_run": step - start_step, "final_loss": last_loss,
                "skipped_nonfinite": runner.check(ckpts.last), "last_checkpoint": str(ckpts.last) if ckpts.last else None,
