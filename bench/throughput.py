@@ -25,7 +25,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from mae_fast.bench.records import record_header, write_result
-from mae_fast.flops import count_flops
+from mae_fast.flops import build_on_meta, count_flops
 from mae_fast.models_mae import MODELS, create_model
 
 VARIANTS = ("fused", "torch", "compile", "official", "hf")
@@ -76,7 +76,7 @@ def build_variant(variant: str, args: argparse.Namespace, device: torch.device):
             from transformers import ViTMAEConfig, ViTMAEForPreTraining
         except ImportError as e:
             raise RuntimeError("transformers is not installed") from e
-        c = _config_only(args.model, args.img_size)
+        c = build_on_meta(args.model, img_size=args.img_size).config
         cfg = ViTMAEConfig(hidden_size=c.embed_dim, num_hidden_layers=c.depth, num_attention_heads=c.num_heads,
                            intermediate_size=int(c.embed_dim * c.mlp_ratio), image_size=c.img_size,
                            patch_size=c.patch_size, decoder_hidden_size=c.decoder_embed_dim,
@@ -89,11 +89,6 @@ def build_variant(variant: str, args: argparse.Namespace, device: torch.device):
             model.gradient_checkpointing_enable()
         return model, (lambda imgs: model(pixel_values=imgs).loss), args.precision
     raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
-
-
-def _config_only(name: str, img_size: int):
-    with torch.device("meta"):
-        return create_model(name, img_size=img_size).config
 
 
 def time_steps(model: torch.nn.Module, loss_fn: Callable, precision: str, imgs: torch.Tensor, steps: int,

@@ -431,10 +431,15 @@ MODEL_CONFIGS = {
 }
 
 
+#: the official code's factory names (as saved in its checkpoints' ``args.model``)
+OFFICIAL_NAMES = {f"{name}_dec512d8b": name for name in MODEL_CONFIGS if name != "mae_vit_tiny_patch8"}
+
+
 def create_model(name: str, cls: type = MaskedAutoencoderViT, **kwargs) -> MaskedAutoencoderViT:
-    """Build model ``name`` (a key of ``MODEL_CONFIGS``), keyword arguments overriding its shape."""
+    """Build model ``name`` (a key of ``MODEL_CONFIGS``, or an official ``*_dec512d8b`` name), keyword
+    arguments overriding its shape."""
     try:
-        defaults = MODEL_CONFIGS[name]
+        defaults = MODEL_CONFIGS[OFFICIAL_NAMES.get(name, name)]
     except KeyError:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODEL_CONFIGS)}") from None
     return cls(**{**defaults, **kwargs})

@@ -176,6 +176,9 @@ def test_factories_accept_decoder_shape_and_img_size():
     assert m.norm_pix_loss and m.config.num_patches == 28 * 28
     assert len(m.decoder_blocks) == 1 and m.decoder_embed.out_features == 256
     assert set(MODELS) >= {"mae_vit_base_patch16", "mae_vit_large_patch16", "mae_vit_huge_patch14"}
+    with torch.device("meta"):
+        official = create_model("mae_vit_huge_patch14_dec512d8b")  # the name official checkpoints store
+    assert official.patch_size == 14 and len(official.blocks) == 32
     with pytest.raises(ValueError, match="unknown model 'vit_x'"):
         create_model("vit_x")
 

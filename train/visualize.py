@@ -13,30 +13,25 @@ import torch
 from mae_fast.checkpoint import extract_state_dict, load_mae_checkpoint, read_checkpoint
 from mae_fast.models_mae import MODELS, MaskedAutoencoderViT, create_model
 
-from .augment import load_rgb
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
 
-IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
-IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+from .augment import IMAGENET_MEAN, IMAGENET_STD, load_rgb, normalize
+
+_MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+_STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
 
 def load_image(path: str, size: int) -> torch.Tensor:
     """Resize the shorter side to ``size`` (bicubic), center crop, normalize: (1, 3, size, size)."""
-    from PIL import Image
-
-    img = load_rgb(path)
-    w, h = img.size
-    s = size / min(w, h)
-    img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
-    w, h = img.size
-    left, top = (w - size) // 2, (h - size) // 2
-    img = img.crop((left, top, left + size, top + size))
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    return ((x - IMAGENET_MEAN) / IMAGENET_STD).unsqueeze(0)
+    img = TF.resize(load_rgb(path), size, InterpolationMode.BICUBIC)
+    img = TF.center_crop(img, [size, size])
+    return normalize(TF.pil_to_tensor(img).unsqueeze(0))
 
 
 def to_rgb(x: torch.Tensor) -> np.ndarray:
     """(3, H, W) normalized → (H, W, 3) in [0, 1]."""
-    return (x.cpu().float() * IMAGENET_STD + IMAGENET_MEAN).clamp(0, 1).permute(1, 2, 0).numpy()
+    return (x.cpu().float() * _STD + _MEAN).clamp(0, 1).permute(1, 2, 0).numpy()
 
 
 @torch.no_grad()
@@ -54,7 +49,7 @@ def reconstruct(model: MaskedAutoencoderViT, imgs: torch.Tensor, mask_ratio: flo
         pred = pred * (var + 1e-6) ** 0.5 + mean
     rec = model.unpatchify(pred)
     m = model.unpatchify(mask.unsqueeze(-1).expand(-1, -1, model.config.patch_dim).float())  # 1 = removed
-    gray = (torch.full_like(imgs, 0.5) - IMAGENET_MEAN) / IMAGENET_STD  # mid-gray for removed patches
+    gray = ((torch.full_like(imgs, 0.5) - _MEAN.to(imgs.device)) / _STD.to(imgs.device))  # mid-gray
     masked = imgs * (1 - m) + gray * m
     return masked, rec, imgs * (1 - m) + rec * m
 
@@ -96,9 +91,6 @@ def model_from_checkpoint(path: str, model_name: Optional[str] = None, norm_pix_
     name = model_name or cfg.get("model") or args.get("model")
     if name is None:
         raise ValueError(f"checkpoint {path}: it does not name its model; pass --model ({', '.join(sorted(MODELS))})")
-    name = {"mae_vit_base_patch16_dec512d8b": "mae_vit_base_patch16",
-            "mae_vit_large_patch16_dec512d8b": "mae_vit_large_patch16",
-            "mae_vit_huge_patch14_dec512d8b": "mae_vit_huge_patch14"}.get(name, name)
     npl = norm_pix_loss if norm_pix_loss is not None else cfg.get("norm_pix_loss", args.get("norm_pix_loss", False))
     sd = extract_state_dict(ckpt, path)
     size = img_size or cfg.get("img_size") or args.get("input_size")
