@@ -410,7 +410,6 @@ class MaskedAutoencoderViT(nn.Module):
         self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: Optional[torch.Tensor] = None
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (loss, pred (N, L, p*p*3), mask (N, L) with 1 = removed)."""
-        self.num_visible(mask_ratio)  # fail on a bad ratio before any work
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
         pred = self.forward_decoder(latent, ids_restore)
         loss = self.forward_loss(imgs, pred, mask)

@@ -115,7 +115,9 @@ def autocast_for(cfg: Any, device: torch.device):
 
 
 def all_finite(model) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in unwrap(model).parameters())
+    """Whether every parameter is finite, read with one host sync."""
+    flags = [torch.isfinite(p).all() for p in unwrap(model).parameters()]
+    return bool(torch.stack([f.full_tensor() if hasattr(f, "full_tensor") else f for f in flags]).all())
 
 
 class RunLog:

@@ -40,13 +40,12 @@ FAULT_NAN_AT_STEP = "MAE_FAST_FAULT_NAN_AT_STEP"
 
 def mask_noise(seed: int, step: int, micro: int, global_batch: int, num_patches: int, info: DistInfo,
                device: torch.device) -> torch.Tensor:
-    """Masking noise of this process's rows of the global batch, from a (seed, step, micro) generator.
-
-    Rank r holds global rows r, r + W, r + 2W, ... (the loader strides files the same way).
-    """
-    g = torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009 + micro)
-    noise = torch.rand(global_batch, num_patches, generator=g)
-    return noise[info.rank::info.world_size].to(device, non_blocking=True)
+    """Masking noise of this process's rows of the global batch, from a (seed, step, micro) generator
+    on ``device`` (no host RNG or copy in the step). Rank r holds global rows r, r + W, r + 2W, ...
+    (the loader strides files the same way), so any number of processes draws the same masks."""
+    g = torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) * 1_009 + micro)
+    noise = torch.rand(global_batch, num_patches, generator=g, device=device)
+    return noise[info.rank::info.world_size]
 
 
 def wrap_model(model: MaskedAutoencoderViT, cfg: PretrainConfig, info: DistInfo, device: torch.device):
