@@ -57,7 +57,7 @@ def resolve_device(cfg: Any, info: DistInfo) -> torch.device:
     if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but no CUDA device is visible")
+        raise ValueError("--device cuda was asked for but no CUDA device is visible (use --device auto or cpu)")
     torch.cuda.set_device(info.local_rank)
     return torch.device("cuda", info.local_rank)
 
