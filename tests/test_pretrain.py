@@ -193,7 +193,7 @@ def test_no_host_sync_per_step(tmp_path, monkeypatch):
 
 def test_skipped_step_leaves_weights_and_optimizer_untouched():
     from mae_fast import mae_vit_tiny_patch8
-    from mae_fast.train.common import DistInfo
+    from mae_fast.train.distributed import DistInfo
     from mae_fast.train.loop import StepRunner
     from mae_fast.train.optim import build_adamw
 

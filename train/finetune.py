@@ -30,11 +30,13 @@ import torch.nn.functional as F
 from mae_fast.checkpoint import CheckpointError, check_compatible, encoder_state_dict, extract_state_dict, read_checkpoint
 from mae_fast.pos_embed import resize_pos_embed
 
-from .common import (DistInfo, NonFiniteLossError, RunLog, autocast_for, dataclass_parser, ddp_wrap,
-                     init_distributed, parse_dataclass, requested_device_type, resolve_device, unwrap)
+from mae_fast.device import autocast_for, requested_device_type, resolve_device
+
+from .cli import add_config_flags, dataclass_parser, opt, parse_config as parse_dataclass_config, run_main
+from .distributed import DistInfo, ddp_wrap, init_distributed, unwrap
 from .loop import RunCheckpoints, StepRunner, find_resume_checkpoint, run_steps
 from .optim import fused_available, lr_at, set_lr
-from .sources import UnreadableImageError
+from .run_folder import RunLog, use_progress_bar, write_json
 
 log = logging.getLogger("mae_fast.train")
 
@@ -54,43 +56,39 @@ RECIPE: Dict[str, Dict[str, float]] = {
 }
 
 
-def _opt(help_: str, default: Any = None) -> Any:
-    return field(default=default, metadata={"help": help_})
-
-
 @dataclass
 class ClassifierConfig:
     """Options shared by mae-finetune and mae-linprobe."""
 
-    model: str = _opt("encoder: " + " | ".join(MODELS), "vit_large_patch16")
-    finetune: str = _opt("MAE checkpoint to start from (mae-fast or official; full or encoder-only)", "")
-    data: str = _opt("ImageFolder tree (one sub-folder per class), or a folder with train/ and val/ trees", "")
-    eval_data: str = _opt("evaluation ImageFolder tree (default: DATA/val, else DATA itself)", "")
-    nb_classes: int = _opt("number of classes (0: the number of class folders)", 0)
-    img_size: int = _opt("input resolution; pos_embed is resized to it", 224)
-    batch_size: int = _opt("images per process per micro-step", 64)
-    accum_iter: int = _opt("micro-steps per optimizer step", 1)
-    epochs: int = _opt("training epochs (0: the recipe's for the model)", 0)
-    warmup_epochs: float = _opt("linear lr warmup, in epochs (set per iteration)", 5.0)
-    blr: Optional[float] = _opt("base lr: lr = blr * effective batch / 256 (default: the recipe's)")
-    lr: Optional[float] = _opt("absolute lr (overrides --blr)")
-    min_lr: float = _opt("lr at the end of the cosine", 1e-6)
-    weight_decay: float = _opt("weight decay (not on norms, biases, pos_embed, cls_token)", 0.05)
-    crop_pct: Optional[float] = _opt("eval center-crop fraction (default 224/256 up to 224 px, else 1.0)")
-    precision: str = _opt("bf16 (autocast) | fp16 (autocast + GradScaler) | fp32", "bf16")
-    device: str = _opt("auto | cpu | cuda", "auto")
-    seed: int = _opt("seed of data order, augmentation and init", 0)
-    num_workers: int = _opt("data loader worker processes", 8)
-    strict_data: bool = _opt("stop at the first unreadable image instead of skipping it", False)
-    output_dir: str = _opt("checkpoints and logs go here", "runs/finetune")
-    save_every: int = _opt("checkpoint every N optimizer steps (and after every epoch)", 1000)
-    keep_checkpoints: int = _opt("keep the newest k checkpoints", 3)
-    resume: str = _opt("'auto' (newest checkpoint in output-dir), a file, or '' (fresh)", "")
-    eval: bool = _opt("only evaluate the --resume checkpoint and report accuracy", False)
-    log_every: int = _opt("log loss and lr every N steps", 20)
-    max_steps: int = _opt("stop after this many optimizer steps (0: all epochs)", 0)
-    tensorboard: bool = _opt("write TensorBoard logs when tensorboard is installed", True)
-    progress: bool = _opt("show a tqdm progress bar", True)
+    model: str = opt("encoder: " + " | ".join(MODELS), "vit_large_patch16", choices=list(MODELS))
+    finetune: str = opt("MAE checkpoint to start from (mae-fast or official; full or encoder-only)", "")
+    data: str = opt("ImageFolder tree (one sub-folder per class), or a folder with train/ and val/ trees", "")
+    eval_data: str = opt("evaluation ImageFolder tree (default: DATA/val, else DATA itself)", "")
+    nb_classes: int = opt("number of classes (0: the number of class folders)", 0)
+    img_size: int = opt("input resolution; pos_embed is resized to it", 224)
+    batch_size: int = opt("images per process per micro-step", 64)
+    accum_iter: int = opt("micro-steps per optimizer step", 1)
+    epochs: int = opt("training epochs (0: the recipe's for the model)", 0)
+    warmup_epochs: float = opt("linear lr warmup, in epochs (set per iteration)", 5.0)
+    blr: Optional[float] = opt("base lr: lr = blr * effective batch / 256 (default: the recipe's)")
+    lr: Optional[float] = opt("absolute lr (overrides --blr)")
+    min_lr: float = opt("lr at the end of the cosine", 1e-6)
+    weight_decay: float = opt("weight decay (not on norms, biases, pos_embed, cls_token)", 0.05)
+    crop_pct: Optional[float] = opt("eval center-crop fraction (default 224/256 up to 224 px, else 1.0)")
+    precision: str = opt("bf16 (autocast) | fp16 (autocast + GradScaler) | fp32", "bf16", choices=["bf16", "fp16", "fp32"])
+    device: str = opt("auto | cpu | cuda", "auto", choices=["auto", "cpu", "cuda"])
+    seed: int = opt("seed of data order, augmentation and init", 0)
+    num_workers: int = opt("data loader worker processes", 8)
+    strict_data: bool = opt("stop at the first unreadable image instead of skipping it", False)
+    output_dir: str = opt("checkpoints and logs go here", "runs/finetune")
+    save_every: int = opt("checkpoint every N optimizer steps (and after every epoch)", 1000)
+    keep_checkpoints: int = opt("keep the newest k checkpoints", 3)
+    resume: str = opt("'auto' (newest checkpoint in output-dir), a file, or '' (fresh)", "")
+    eval: bool = opt("only evaluate the --resume checkpoint and report accuracy", False)
+    log_every: int = opt("log loss and lr every N steps", 20)
+    max_steps: int = opt("stop after this many optimizer steps (0: all epochs)", 0)
+    tensorboard: bool = opt("write TensorBoard logs when tensorboard is installed", True)
+    progress: bool = opt("show a tqdm progress bar", True)
 
     @property
     def effective_batch(self) -> int:
@@ -101,25 +99,21 @@ class ClassifierConfig:
 class FinetuneConfig(ClassifierConfig):
     """mae-finetune options: the official fine-tune recipe as defaults."""
 
-    global_pool: str = _opt("avg (mean of patch tokens + fc_norm, official) | token (cls after norm)", "avg")
-    layer_decay: Optional[float] = _opt("layer-wise lr decay (default 0.65 for B, 0.75 for L/H)")
-    drop_path: Optional[float] = _opt("stochastic depth rate (default 0.1 B, 0.2 L, 0.3 H)")
-    clip_grad: Optional[float] = _opt("clip the gradient norm to this (default: no clipping)")
-    smoothing: float = _opt("label smoothing", 0.1)
-    mixup: float = _opt("mixup alpha (0: off)", 0.8)
-    cutmix: float = _opt("cutmix alpha (0: off)", 1.0)
-    mixup_prob: float = _opt("probability of mixup or cutmix per batch", 1.0)
-    mixup_switch_prob: float = _opt("probability of cutmix instead of mixup when both are on", 0.5)
-    mixup_mode: str = _opt("batch | pair | elem", "batch")
-    aa: str = _opt("timm auto-augment policy ('none': off)", "rand-m9-mstd0.5-inc1")
-    reprob: float = _opt("random erasing probability", 0.25)
-    remode: str = _opt("random erasing mode", "pixel")
-    recount: int = _opt("random erasing count", 1)
-
-
-CHOICES: Dict[str, List[Any]] = {"model": list(MODELS), "precision": ["bf16", "fp16", "fp32"],
-                                 "device": ["auto", "cpu", "cuda"], "global_pool": ["avg", "token"],
-                                 "mixup_mode": ["batch", "pair", "elem"], "loader": ["auto", "dali", "pil"]}
+    global_pool: str = opt("avg (mean of patch tokens + fc_norm, official) | token (cls after norm)", "avg",
+                           choices=["avg", "token"])
+    layer_decay: Optional[float] = opt("layer-wise lr decay (default 0.65 for B, 0.75 for L/H)")
+    drop_path: Optional[float] = opt("stochastic depth rate (default 0.1 B, 0.2 L, 0.3 H)")
+    clip_grad: Optional[float] = opt("clip the gradient norm to this (default: no clipping)")
+    smoothing: float = opt("label smoothing", 0.1)
+    mixup: float = opt("mixup alpha (0: off)", 0.8)
+    cutmix: float = opt("cutmix alpha (0: off)", 1.0)
+    mixup_prob: float = opt("probability of mixup or cutmix per batch", 1.0)
+    mixup_switch_prob: float = opt("probability of cutmix instead of mixup when both are on", 0.5)
+    mixup_mode: str = opt("batch | pair | elem", "batch", choices=["batch", "pair", "elem"])
+    aa: str = opt("timm auto-augment policy ('none': off)", "rand-m9-mstd0.5-inc1")
+    reprob: float = opt("random erasing probability", 0.25)
+    remode: str = opt("random erasing mode", "pixel")
+    recount: int = opt("random erasing count", 1)
 
 
 def apply_recipe(cfg: ClassifierConfig, recipe: Dict[str, Dict[str, float]]) -> ClassifierConfig:
@@ -223,8 +217,8 @@ def param_groups_lrd(model: nn.Module, weight_decay: float = 0.05, layer_decay: 
 # ---------------------------------------------------------------- loop
 def setup(cfg: ClassifierConfig) -> Tuple[DistInfo, torch.device]:
     """Process group (under torchrun) and device; seeds the model init identically on every rank."""
-    info = init_distributed(requested_device_type(cfg))
-    device = resolve_device(cfg, info)
+    info = init_distributed(requested_device_type(cfg.device))
+    device = resolve_device(cfg.device, info.local_rank)
     torch.manual_seed(cfg.seed)
     return info, device
 
@@ -251,7 +245,7 @@ def evaluate(model: nn.Module, loader: Any, cfg: ClassifierConfig, device: torch
     model.eval()
     stats = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits, images
     for imgs, labels in loader:
-        with autocast_for(cfg, device):
+        with autocast_for(cfg.precision, device):
             out = model(imgs)
         out = out.float()
         acc1, acc5 = accuracy(out, labels, topk=(1, min(5, out.shape[1])))
@@ -316,7 +310,7 @@ def fit(cfg: ClassifierConfig, task: Task, info: DistInfo, device: torch.device)
     runlog = RunLog(out, info.is_main, cfg.tensorboard)
     eff_batch = cfg.effective_batch * info.world_size
     if info.is_main:
-        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        write_json(out / "config.json", dataclasses.asdict(cfg))
         log.info("%s %s, %d processes, effective batch %d, lr %.3g, %d steps/epoch, %d steps, device %s",
                  task.name, cfg.model, info.world_size, eff_batch, task.base_lr, steps_per_epoch, total_steps, device)
 
@@ -332,7 +326,7 @@ def fit(cfg: ClassifierConfig, task: Task, info: DistInfo, device: torch.device)
             if imgs.shape[0] % 2:  # timm Mixup needs an even batch (an unreadable image was dropped)
                 imgs, labels = imgs[:-1], labels[:-1]
             imgs, targets = task.mixup(imgs, labels)
-        with autocast_for(cfg, device):
+        with autocast_for(cfg.precision, device):
             return task.criterion(wrapped(imgs), targets), imgs.shape[0]
 
     def after_step(step: int) -> None:
@@ -347,14 +341,14 @@ def fit(cfg: ClassifierConfig, task: Task, info: DistInfo, device: torch.device)
     step, last_loss = run_steps(loader, runner, ckpts, step=step, total_steps=total_steps,
                                 steps_per_epoch=steps_per_epoch, accum_iter=cfg.accum_iter, log_every=cfg.log_every,
                                 set_lr_for=set_lr_for, compute_loss=compute_loss, after_step=after_step,
-                                runlog=runlog, progress=task.name if cfg.progress else None)
+                                runlog=runlog, progress=task.name if use_progress_bar(cfg.progress) else None)
     runlog.close()
     summary = {"task": task.name, "steps": step, "steps_this_run": step - start_step, "final_loss": last_loss,
                "acc1": metrics.get("acc1"), "acc5": metrics.get("acc5"), "best_acc1": best.get("acc1"),
                "last_checkpoint": str(ckpts.last) if ckpts.last else None, "world_size": info.world_size,
                "effective_batch": eff_batch, "lr": task.base_lr}
     if info.is_main:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_json(out / "summary.json", summary)
     return summary
 
 
@@ -435,34 +429,21 @@ def build_task(cfg: FinetuneConfig, info: DistInfo, device: torch.device) -> Tup
 def run_cli(prog: str, argv: Optional[List[str]], parse: Callable[[Optional[List[str]]], ClassifierConfig],
             build: Callable[[Any, DistInfo, torch.device], Tuple[Task, int]]) -> int:
     """Shared main(): parse, build, train (or ``--eval``), print the summary JSON; errors as one line."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    try:
-        cfg = parse(argv)
-    except ValueError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
-    try:
+    def run(cfg: ClassifierConfig) -> Dict[str, Any]:
         info, device = setup(cfg)
         task, _ = build(cfg, info, device)
         if cfg.eval:
-            result: Dict[str, Any] = evaluate_checkpoint(cfg, task.model, task.eval_loader, info, device)
-        else:
-            result = fit(cfg, task, info, device)
-    except (ValueError, NonFiniteLossError, FileNotFoundError, UnreadableImageError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(result))
-    return 0
+            return evaluate_checkpoint(cfg, task.model, task.eval_loader, info, device)
+        return fit(cfg, task, info, device)
+
+    return run_main(prog, lambda: parse(argv), run)
 
 
 def parse_config(argv: Optional[List[str]] = None) -> FinetuneConfig:
     parser = dataclass_parser(FinetuneConfig, "mae-finetune", "Fine-tune an MAE encoder (official recipe as "
-                              "defaults; REFERENCE.md §8).", CHOICES)
-    return apply_recipe(parse_dataclass(FinetuneConfig, parser, argv), RECIPE)
+                              "defaults; docs/semantics.md).")
+    add_config_flags(parser)
+    return apply_recipe(parse_dataclass_config(FinetuneConfig, parser, argv)[0], RECIPE)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -17,9 +17,10 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .common import DistInfo, dataclass_parser, parse_dataclass
-from .finetune import (CHOICES, ClassifierConfig, Task, _opt, apply_recipe, checkpoint_classes,
-                       create_classifier, load_pretrained, run_cli, seed_training)
+from .cli import add_config_flags, dataclass_parser, opt, parse_config as parse_dataclass_config
+from .distributed import DistInfo
+from .finetune import (ClassifierConfig, Task, apply_recipe, checkpoint_classes, create_classifier,
+                       load_pretrained, run_cli, seed_training)
 
 log = logging.getLogger("mae_fast.train")
 
@@ -36,12 +37,13 @@ RECIPE: Dict[str, Dict[str, float]] = {
 class LinprobeConfig(ClassifierConfig):
     """mae-linprobe options: the official linear-probe recipe as defaults."""
 
-    batch_size: int = _opt("images per process per micro-step (official: 16384 in all)", 512)
-    warmup_epochs: float = _opt("linear lr warmup, in epochs (set per iteration)", 10.0)
-    min_lr: float = _opt("lr at the end of the cosine", 0.0)
-    weight_decay: float = _opt("LARS weight decay", 0.0)
-    output_dir: str = _opt("checkpoints and logs go here", "runs/linprobe")
-    loader: str = _opt("training loader: auto (DALI on GPU when installed) | dali | pil", "auto")
+    batch_size: int = opt("images per process per micro-step (official: 16384 in all)", 512)
+    warmup_epochs: float = opt("linear lr warmup, in epochs (set per iteration)", 10.0)
+    min_lr: float = opt("lr at the end of the cosine", 0.0)
+    weight_decay: float = opt("LARS weight decay", 0.0)
+    output_dir: str = opt("checkpoints and logs go here", "runs/linprobe")
+    loader: str = opt("training loader: auto (DALI on GPU when installed) | dali | pil", "auto",
+                      choices=["auto", "dali", "pil"])
 
 
 def linear_head(in_features: int, num_classes: int) -> nn.Sequential:
@@ -105,8 +107,9 @@ def build_task(cfg: LinprobeConfig, info: DistInfo, device: torch.device) -> Tup
 
 def parse_config(argv: Optional[List[str]] = None) -> LinprobeConfig:
     parser = dataclass_parser(LinprobeConfig, "mae-linprobe", "Linear probing of a frozen MAE encoder (official "
-                              "recipe as defaults; REFERENCE.md §8).", CHOICES)
-    return apply_recipe(parse_dataclass(LinprobeConfig, parser, argv), RECIPE)
+                              "recipe as defaults; docs/semantics.md).")
+    add_config_flags(parser)
+    return apply_recipe(parse_dataclass_config(LinprobeConfig, parser, argv)[0], RECIPE)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -15,10 +15,14 @@ import torch.nn as nn
 from mae_fast.checkpoint import read_checkpoint
 
 from .checkpoints import CheckpointManager, set_rng_state
-from .common import (DistInfo, NonFiniteLossError, RunLog, all_finite, full_state, gather_rng_states,
-                     load_full_state)
+from .distributed import DistInfo, all_finite, full_state, gather_rng_states, load_full_state
+from .run_folder import RunLog
 
 log = logging.getLogger("mae_fast.train")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf; the message names the step and the last good checkpoint."""
 
 
 class StepRunner:
@@ -99,8 +103,10 @@ class StepRunner:
             self.reported = n
         return n
 
-    def log(self, step: int, steps_per_epoch: int, lr: float, runlog: RunLog, bar=None) -> float:
-        """Host sync: mean loss since the last call (over ranks), images/s; writes CSV/TensorBoard/bar."""
+    def log(self, step: int, steps_per_epoch: int, lr: float, runlog: RunLog, bar=None,
+            total_steps: int = 0) -> float:
+        """Host sync: mean loss since the last call (over ranks), images/s; writes CSV/TensorBoard and the
+        bar, or (no bar: output is not a terminal) one plain log line."""
         stats = torch.stack([self.loss_sum, self.loss_count])
         if self.info.enabled:
             dist.all_reduce(stats)
@@ -111,6 +117,9 @@ class StepRunner:
         runlog.write(step, step / steps_per_epoch, loss, lr, ips)
         if bar is not None:
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
+        elif self.info.is_main:
+            log.info("step %d/%d  epoch %.2f  loss %.4f  lr %.3e  %.0f img/s", step, total_steps,
+                     step / steps_per_epoch, loss, lr, ips)
         self.loss_sum.zero_()
         self.loss_count.zero_()
         self.images, self.t_log = 0, now
@@ -238,7 +247,7 @@ def _run_steps(loader, runner, ckpts, step, total_steps, steps_per_epoch, accum_
                 bar.update(1)
             if step % log_every == 0 or step == total_steps:
                 runner.check(ckpts.last)
-                last_loss = runner.log(step, steps_per_epoch, lr, runlog, bar)
+                last_loss = runner.log(step, steps_per_epoch, lr, runlog, bar, total_steps)
             after_step(step)
             if step >= total_steps:
                 break

@@ -11,25 +11,27 @@ that the same global batch gives the same masks whatever the number of processes
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
-import torch.distributed as dist
 
 from mae_fast.checkpoint import load_mae_checkpoint
+from mae_fast.compile import apply_compile
+from mae_fast.device import autocast_dtype, autocast_for, requested_device_type, resolve_device
 from mae_fast.models_mae import MaskedAutoencoderViT, create_model
 
-from .common import (DistInfo, NonFiniteLossError, RunLog, autocast_for, ddp_wrap, init_distributed,
-                     requested_device_type, resolve_device, unwrap)
+from .cli import run_main
 from .config import PretrainConfig, parse_config
-from .loop import RunCheckpoints, StepRunner, run_steps
+from .distributed import DistInfo, ddp_wrap, init_distributed, unwrap
+from .loop import NonFiniteLossError, RunCheckpoints, StepRunner, run_steps
 from .optim import build_adamw, lr_at, set_lr
+from .run_folder import RunLog, choose_run_dir, clear_run, remove_stale_temp, use_progress_bar, write_json
 
 log = logging.getLogger("mae_fast.train")
 
@@ -61,26 +63,39 @@ def wrap_model(model: MaskedAutoencoderViT, cfg: PretrainConfig, info: DistInfo,
     return ddp_wrap(model, device)
 
 
-def train(cfg: PretrainConfig) -> Dict[str, Any]:
-    """Run pretraining as configured; returns the summary also written to ``summary.json``."""
-    from .data import build_loader
+def run_dir_for(cfg: PretrainConfig) -> Path:
+    """The folder this run writes to (see :func:`run_folder.choose_run_dir`); refuses one holding a run."""
+    return choose_run_dir(cfg.output_dir, f"runs/{cfg.preset or 'mae'}", cfg.resume, cfg.overwrite)
 
-    info = init_distributed(requested_device_type(cfg))
-    device = resolve_device(cfg, info)
-    out = Path(cfg.output_dir)
-    torch.manual_seed(cfg.seed)
 
+def build_model(cfg: PretrainConfig, device: torch.device) -> MaskedAutoencoderViT:
+    """The model as configured, on ``device``: kernels self-tested, attention chosen, checkpointing set,
+    initial weights loaded (``--init-from``)."""
     model = create_model(cfg.model, img_size=cfg.img_size, norm_pix_loss=cfg.norm_pix_loss)
     model = model.to(device, torch.float64 if cfg.precision == "fp64" else None)
     model.set_kernel_backend(cfg.kernel_backend)
     model.check_kernels()
-    model.set_attn_backend(cfg.attn_backend, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision))
+    model.set_attn_backend(cfg.attn_backend, dtype=autocast_dtype(cfg.precision))
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(cfg.grad_checkpointing)
     if cfg.init_from:
         report = load_mae_checkpoint(model, cfg.init_from)
-        if info.is_main:
-            log.info(report.summary())
+        log.info(report.summary())
+    return model
+
+
+def train(cfg: PretrainConfig) -> Dict[str, Any]:
+    """Run pretraining as configured; returns the summary also written to ``summary.json``."""
+    from .data import build_loader
+
+    info = init_distributed(requested_device_type(cfg.device))
+    device = resolve_device(cfg.device, info.local_rank)
+    out = run_dir_for(cfg)
+    if info.is_main:
+        log.info("run folder: %s", out)
+    torch.manual_seed(cfg.seed)
+
+    model = build_model(cfg, device)
     num_patches = model.config.num_patches
     loader = build_loader(cfg.data, kind=cfg.loader, batch_size=cfg.batch_size, img_size=cfg.img_size,
                           seed=cfg.seed, rank=info.rank, world_size=info.world_size, device=device,
@@ -88,6 +103,7 @@ def train(cfg: PretrainConfig) -> Dict[str, Any]:
     if len(loader) < cfg.accum_iter:
         raise ValueError(f"{cfg.data}: {len(loader)} batches of {cfg.batch_size} per process per epoch, fewer "
                          f"than --accum-iter {cfg.accum_iter}: use more images or a smaller batch")
+    compiled = apply_compile(model, cfg.compile, device)
     wrapped = wrap_model(model, cfg, info, device)
     eff_batch = cfg.effective_batch * info.world_size
     base_lr = cfg.lr if cfg.lr is not None else cfg.blr * eff_batch / 256
@@ -98,19 +114,31 @@ def train(cfg: PretrainConfig) -> Dict[str, Any]:
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
 
+    if cfg.overwrite and info.is_main:
+        clear_run(out)
+    if info.is_main and cfg.resume:
+        remove_stale_temp(out)
     ckpts = RunCheckpoints(out / "checkpoints", cfg.keep_checkpoints, wrapped, optimizer, runner, loader, info,
                            dataclasses.asdict(cfg))
-    state = ckpts.resume(cfg.resume)
+    state = ckpts.resume(cfg.resume, check=lambda st, source: check_resumable(model, st, source))
     step = int(state["step"]) if state else 0
+    if step >= total_steps:
+        log.info("already complete: step %d of %d (%s); nothing to do", step, total_steps, ckpts.last)
+        return {"steps": step, "steps_this_run": 0, "already_complete": True,
+                "last_checkpoint": str(ckpts.last) if ckpts.last else None}
 
     runlog = RunLog(out, info.is_main, cfg.tensorboard)
     if info.is_main:
-        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-        log.info("model %s, %d processes, effective batch %d, lr %.3g, %d steps/epoch, %d steps, device %s",
-                 cfg.model, info.world_size, eff_batch, base_lr, steps_per_epoch, total_steps, device)
+        write_json(out / "config.json", dataclasses.asdict(cfg))
+        log.info("model %s, %d processes, effective batch %d, lr %.3g, %d steps/epoch, %d steps, device %s, "
+                 "compile %s", cfg.model, info.world_size, eff_batch, base_lr, steps_per_epoch, total_steps, device,
+                 compiled)
 
     kill_at = int(os.environ.get(FAULT_KILL_AT_STEP, "-1"))
     nan_at = int(os.environ.get(FAULT_NAN_AT_STEP, "-1"))
+    start_step = step
+    t_start = time.perf_counter()
+
     def set_lr_for(step: int) -> float:
         if step == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
@@ -121,59 +149,63 @@ def train(cfg: PretrainConfig) -> Dict[str, Any]:
     def compute_loss(imgs: torch.Tensor, step: int, micro: int):
         imgs = imgs.to(device, torch.float64 if cfg.precision == "fp64" else None, non_blocking=True)
         noise = mask_noise(cfg.seed, step, micro, cfg.batch_size * info.world_size, num_patches, info, device)
-        with autocast_for(cfg, device):
+        with autocast_for(cfg.precision, device):
             loss, _, _ = wrapped(imgs, mask_ratio=cfg.mask_ratio, noise=noise)
         if step == nan_at:
             loss = loss * float("nan")
         return loss, imgs.shape[0]
 
     def after_step(step: int) -> None:
+        if step == start_step + 1 and info.is_main and compiled != "off":
+            log.info("first step took %.1f s (includes torch.compile %s)", time.perf_counter() - t_start, compiled)
         if step % cfg.save_every == 0 or step == total_steps:
             ckpts.save(step)
 
     wrapped.train()
-    start_step = step
     step, last_loss = run_steps(loader, runner, ckpts, step=step, total_steps=total_steps,
                                 steps_per_epoch=steps_per_epoch, accum_iter=cfg.accum_iter, log_every=cfg.log_every,
                                 set_lr_for=set_lr_for, compute_loss=compute_loss, after_step=after_step,
-                                runlog=runlog, progress="pretrain" if cfg.progress else None)
+                                runlog=runlog, progress="pretrain" if use_progress_bar(cfg.progress) else None)
     runlog.close()
-    summary = {"steps": step, "steps_this_run": step - start_step, "final_loss": last_loss,
+    summary = {"run_dir": str(out), "steps": step, "steps_this_run": step - start_step, "final_loss": last_loss,
                "skipped_nonfinite": runner.check(ckpts.last), "last_checkpoint": str(ckpts.last) if ckpts.last else None,
-               "world_size": info.world_size, "effective_batch": eff_batch, "lr": base_lr,
+               "world_size": info.world_size, "effective_batch": eff_batch, "lr": base_lr, "compile": compiled,
                "skipped_images": [p for p, _ in loader.skipped]}
     if info.is_main:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        if cfg.visualize:
-            from .visualize import reconstruction_figure
-            from .sources import demo_dir
-            first = sorted(Path(demo_dir()).glob("*.jpg"))[0] if cfg.data == "demo" else None
-            if first is not None:
-                fig = reconstruction_figure(unwrap(wrapped), str(first), out / "reconstruction.png",
-                                            mask_ratio=cfg.mask_ratio, seed=cfg.seed)
-                summary["figure"] = str(fig)
-                log.info("reconstruction figure: %s", fig)
+        summary.update(write_figures(cfg, unwrap(wrapped), out))
+        write_json(out / "summary.json", summary)
     return summary
 
 
+def check_resumable(model: MaskedAutoencoderViT, state: Dict[str, Any], source: str) -> None:
+    """Refuse, in one line naming the file, the key and both shapes, a checkpoint of another model or size."""
+    from mae_fast.checkpoint import check_compatible
+
+    missing = check_compatible(model.state_dict(), state["model"], source)
+    if missing:
+        raise ValueError(f"{source}: key '{missing[0]}' is missing ({len(missing)} keys missing); the checkpoint "
+                         f"is of another model")
+
+
+def write_figures(cfg: PretrainConfig, model: MaskedAutoencoderViT, out: Path) -> Dict[str, str]:
+    """Loss curve (always) and reconstruction (``--visualize``, demo data) beside the logs; their paths."""
+    from .plots import plot_run
+    from .sources import demo_dir
+
+    figures = {"loss_figure": str(p) for p in plot_run(out)[:1]}
+    if cfg.visualize and cfg.data == "demo":
+        from .visualize import reconstruction_figure
+
+        first = sorted(Path(demo_dir()).glob("*.jpg"))[0]
+        fig = reconstruction_figure(model, str(first), out / "reconstruction.png", mask_ratio=cfg.mask_ratio,
+                                    seed=cfg.seed)
+        figures["figure"] = str(fig)
+        log.info("reconstruction figure: %s", fig)
+    return figures
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    try:
-        cfg = parse_config(argv)
-    except ValueError as e:
-        print(f"mae-pretrain: error: {e}", file=sys.stderr)
-        return 2
-    try:
-        summary = train(cfg)
-    except (ValueError, NonFiniteLossError, FileNotFoundError) as e:
-        print(f"mae-pretrain: error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(summary))
-    return 0
+    return run_main("mae-pretrain", lambda: parse_config(argv), train)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,280 @@
+"""Command-line parsing and errors shared by every command: a flag per field of a config dataclass,
+YAML ``--config`` files and presets, range checks from the fields' metadata, and one error path
+(``<command>: error: ...`` on one line, exit 2 for a bad option, 1 for a failure while running).
+
+Precedence: defaults < ``--preset`` < ``--config`` YAML < flags given on the command line.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+
+log = logging.getLogger("mae_fast.train")
+
+
+class ConfigError(ValueError):
+    """A bad option value (command line, YAML or checkpoint config): exit 2, one line."""
+
+
+def opt(help_: str, default: Any = None, *, choices: Optional[Sequence[Any]] = None, min: Optional[float] = None,
+        max: Optional[float] = None, above: Optional[float] = None, below: Optional[float] = None) -> Any:
+    """A config field with its help text, allowed choices and range (``min``/``max`` inclusive,
+    ``above``/``below`` exclusive); :func:`check_fields` enforces them."""
+    meta = {"help": help_, "choices": list(choices) if choices else None, "min": min, "max": max,
+            "above": above, "below": below}
+    return dataclasses.field(default=default, metadata=meta)
+
+
+# ------------------------------------------------------------------ field types
+def _base_type(tp: Any) -> tuple[type, bool]:
+    """(int | float | str | bool, optional?) of a dataclass field annotation (string or typing object)."""
+    if isinstance(tp, str):
+        optional = tp.startswith("Optional[")
+        name = tp.removeprefix("Optional[").removesuffix("]")
+        return {"int": int, "float": float, "str": str, "bool": bool}[name], optional
+    args = typing.get_args(tp)
+    if args:
+        inner = [a for a in args if a is not type(None)]
+        return inner[0], len(inner) < len(args)
+    return tp, False
+
+
+def _field_types(cls: type) -> Dict[str, tuple[type, bool]]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: _base_type(hints.get(f.name, f.type)) for f in dataclasses.fields(cls)}
+
+
+def coerce(name: str, value: Any, kind: type, optional: bool, where: str) -> Any:
+    """``value`` as the field's type; numbers in scientific notation written as strings ("1e-3", as PyYAML
+    reads them) are accepted. ConfigError naming ``where``, the option and the value otherwise."""
+    flag = "--" + name.replace("_", "-")
+    if value is None and optional:
+        return None
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}{flag}: expected true or false, got {value!r}")
+    if kind in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}{flag}: expected a number, got {value!r}")
+        if isinstance(value, str):
+            try:
+                value = float(value) if kind is float else int(value)
+            except ValueError:
+                raise ConfigError(f"{where}{flag}: expected {'an integer' if kind is int else 'a number'}, "
+                                  f"got {value!r}") from None
+        if kind is int and isinstance(value, float):
+            if not value.is_integer():
+                raise ConfigError(f"{where}{flag}: expected an integer, got {value!r}")
+            value = int(value)
+        if not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}{flag}: expected a number, got {value!r}")
+        return kind(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}{flag}: expected a string, got {value!r}")
+    return value
+
+
+def check_fields(cfg: Any) -> None:
+    """Every field's choices and range from its metadata; ConfigError naming the flag, value and what is allowed."""
+    for f in dataclasses.fields(cfg):
+        value, meta = getattr(cfg, f.name), f.metadata
+        flag = "--" + f.name.replace("_", "-")
+        if value is None:
+            continue
+        if meta.get("choices") and value not in meta["choices"]:
+            raise ConfigError(f"{flag} {value!r} is not one of {', '.join(map(str, meta['choices']))}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{flag} {value}: must be a finite number")
+        lo, hi, above, below = meta.get("min"), meta.get("max"), meta.get("above"), meta.get("below")
+        if lo is not None and value < lo:
+            raise ConfigError(f"{flag} {value}: must be >= {lo}")
+        if hi is not None and value > hi:
+            raise ConfigError(f"{flag} {value}: must be <= {hi}")
+        if above is not None and value <= above:
+            raise ConfigError(f"{flag} {value}: must be > {above}")
+        if below is not None and value >= below:
+            raise ConfigError(f"{flag} {value}: must be < {below}")
+
+
+# ------------------------------------------------------------------ YAML
+def load_yaml(path: str, cls: type) -> Dict[str, Any]:
+    """Options of ``cls`` from a YAML mapping (keys as flag names, '-' or '_'), typed and checked."""
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    try:
+        data = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"--config {path}{where}: not valid YAML ({problem})") from None
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of options, got {type(data).__name__}")
+    types = _field_types(cls)
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in types:
+            raise ConfigError(f"--config {path}: unknown option {key!r}")
+        out[name] = coerce(name, value, *types[name], where=f"--config {path}: ")
+    return out
+
+
+# ------------------------------------------------------------------ argparse
+_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that takes negative numbers in scientific notation (``--blr -1.5e-4``) as values."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = _NUMBER
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise ConfigError(message)
+
+
+def _number(kind: type) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if kind is int:
+            if not value.is_integer():
+                raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
+            return int(value)
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def dataclass_parser(cls: type, prog: str, description: str) -> Parser:
+    """A flag per field of the config dataclass ``cls`` (``--img-size``; booleans also as ``--no-...``)."""
+    p = Parser(prog=prog, description=description)
+    types = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        kind, _ = types[f.name]
+        help_ = f.metadata.get("help") or f.name.replace("_", " ")
+        choices = f.metadata.get("choices")
+        default = "none" if f.default is None else f.default
+        flag = "--" + f.name.replace("_", "-")
+        if kind is bool:
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                           help=f"{help_} (default: {default})")
+        else:
+            p.add_argument(flag, dest=f.name, type=_number(kind) if kind in (int, float) else str, default=None,
+                           choices=choices, metavar=f.name.upper() if not choices else None,
+                           help=f"{help_} (default: {default})")
+    return p
+
+
+def add_config_flags(p: argparse.ArgumentParser, presets: Optional[Mapping[str, Any]] = None) -> None:
+    """``--config FILE.yaml`` and, when there are presets, ``--preset NAME``."""
+    p.add_argument("--config", help="YAML file with options (keys as the flag names, '-' or '_')")
+    if presets:
+        p.add_argument("--preset", choices=sorted(presets), help="a named set of options: " + ", ".join(sorted(presets)))
+
+
+def parse_config(cls: type, parser: argparse.ArgumentParser, argv: Optional[List[str]] = None,
+                 presets: Optional[Mapping[str, Dict[str, Any]]] = None, preset: Optional[str] = None) -> Any:
+    """``cls`` from defaults < preset < ``--config`` YAML < the flags given, range-checked.
+    Returns (config, parsed argparse namespace)."""
+    args = parser.parse_args(argv)
+    values: Dict[str, Any] = {}
+    preset = preset or getattr(args, "preset", None)
+    if preset:
+        values.update((presets or {})[preset])
+    if getattr(args, "config", None):
+        values.update(load_yaml(args.config, cls))
+    values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name) is not None})
+    cfg = cls(**values)
+    check_fields(cfg)
+    return cfg, args
+
+
+# ------------------------------------------------------------------ running
+def strict_json(obj: Any, indent: Optional[int] = 2) -> str:
+    """JSON with NaN / Infinity written as null (strict JSON, which every reader accepts)."""
+    def clean(x: Any) -> Any:
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+    return json.dumps(clean(obj), indent=indent, allow_nan=False, default=str)
+
+
+def user_errors() -> tuple:
+    """Exceptions that are the user's to fix: printed as one line, no traceback."""
+    from mae_fast.checkpoint import CheckpointError
+
+    from .loop import NonFiniteLossError
+    from .sources import UnreadableImageError
+
+    errors = [ValueError, FileNotFoundError, NotADirectoryError, PermissionError, NonFiniteLossError,
+              CheckpointError, UnreadableImageError]
+    try:
+        import torch
+        errors.append(torch.OutOfMemoryError)
+    except AttributeError:
+        pass
+    return tuple(errors)
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+
+
+def run_main(prog: str, parse: Callable[[], Any], run: Callable[[Any], Any]) -> int:
+    """Shared ``main()``: parse (ConfigError → exit 2), run (a user error → exit 1), print the result as
+    strict JSON on rank 0; every error is one line ``<prog>: error: ...``."""
+    from .distributed import shutdown_distributed
+
+    setup_logging()
+    try:
+        cfg = parse()
+    except ConfigError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        result = run(cfg)
+    except ConfigError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except user_errors() as e:
+        print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    finally:
+        shutdown_distributed()
+    if result is not None and int(os.environ.get("RANK", "0")) == 0:
+        print(strict_json(result, indent=None))
+    return 0
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    if type(e).__name__ == "OutOfMemoryError":
+        text = "out of memory on the device: " + text.splitlines()[0][:300] + \
+               " (try a smaller --batch-size, --grad-checkpointing 1 or --accum-iter)"
+    return " ".join(text.split()) or type(e).__name__
