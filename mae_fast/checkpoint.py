@@ -1,4 +1,5 @@
 """Official-format checkpoints: load them with clear errors, save them atomically, export to timm.
+Hugging Face ViTMAE folders and timm ``.safetensors`` encoders are read too (``mae_fast.hf``).
 
 An official checkpoint file is a dict whose ``"model"`` entry is the state_dict (REFERENCE.md §7);
 the released ``mae_pretrain_vit_*.pth`` files hold the encoder only.
@@ -11,12 +12,15 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Union
+from typing import TYPE_CHECKING, BinaryIO, Callable, Dict, List, Mapping, Optional, Union
 
 import torch
 import torch.nn as nn
 
 from .pos_embed import resize_pos_embed
+
+if TYPE_CHECKING:
+    from .models_mae import MAEConfig
 
 log = logging.getLogger(__name__)
 
@@ -36,15 +40,24 @@ def is_decoder_key(key: str) -> bool:
 
 
 def read_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> dict:
-    """``torch.load`` a checkpoint with weights_only, allowing the argparse Namespace official files hold.
+    """Read a checkpoint as a dict holding ``"model"`` (mae-fast keys): a ``.pth`` file (``torch.load``
+    with weights_only, allowing the argparse Namespace official files hold), a Hugging Face ViTMAE folder
+    (config.json + model.safetensors; its shape, mask_ratio and norm_pix_loss under ``"config"``) or a
+    timm-keyed encoder ``.safetensors`` file.
 
     Raises CheckpointError naming the file when it is missing, empty, truncated or not a checkpoint.
     """
     path = Path(path)
+    if path.is_dir():
+        return _read_hf_checkpoint(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path}: no such file")
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path}: file is empty (0 bytes)")
+    if path.suffix == ".safetensors":
+        from .hf import read_safetensors
+
+        return {"model": read_safetensors(path)}
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location=map_location, weights_only=True)
@@ -56,6 +69,17 @@ def read_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cp
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path}: holds a {type(obj).__name__}, expected a dict")
     return obj
+
+
+def _read_hf_checkpoint(folder: Path) -> dict:
+    """A Hugging Face ViTMAE folder as a checkpoint dict; notes on fields mae-fast does not keep are logged."""
+    from .hf import factory_name, read_hf_folder
+
+    hf = read_hf_folder(folder)
+    for note in hf.notes:
+        log.warning("%s: %s", folder, note)
+    config = {"model": factory_name(hf.config), **hf.config.to_dict(), "mask_ratio": hf.mask_ratio}
+    return {"model": hf.state_dict, "config": config}
 
 
 def extract_state_dict(ckpt: Mapping, source: str = "checkpoint") -> StateDict:
@@ -133,6 +157,32 @@ def check_compatible(model_sd: Mapping[str, torch.Tensor], ckpt_sd: Mapping[str,
     return [k for k in model_sd if k not in ckpt_sd]
 
 
+def check_mae_keys(model_sd: Mapping[str, torch.Tensor], ckpt_sd: Mapping[str, torch.Tensor], source: str) -> List[str]:
+    """``check_compatible``, and also CheckpointError if an encoder key is missing; returns the
+    missing (decoder) keys: an encoder-only checkpoint passes."""
+    missing = check_compatible(model_sd, ckpt_sd, source)
+    missing_encoder = [k for k in missing if not is_decoder_key(k)]
+    if missing_encoder:
+        raise CheckpointError(
+            f"{source}: encoder key '{missing_encoder[0]}' is missing ({len(missing_encoder)} encoder keys "
+            f"missing: {_summarize_keys(missing_encoder)}); the checkpoint is not an MAE encoder of this size"
+        )
+    return missing
+
+
+def check_state_dict(sd: Mapping[str, torch.Tensor], config: "MAEConfig", source: str) -> List[str]:
+    """Check ``sd`` (mae-fast keys) against the model ``config`` describes, built on the meta device
+    (no memory); returns the missing decoder keys, raises CheckpointError naming key and shapes."""
+    from .models_mae import MaskedAutoencoderViT
+
+    try:
+        with torch.device("meta"):
+            model = MaskedAutoencoderViT(**config.to_dict())
+    except ValueError as e:
+        raise CheckpointError(f"{source}: the model it describes cannot be built: {e}") from e
+    return check_mae_keys(model.state_dict(), sd, source)
+
+
 def load_mae_checkpoint(
     model: nn.Module, checkpoint: Union[PathLike, Mapping], map_location: Union[str, torch.device] = "cpu"
 ) -> LoadReport:
@@ -146,14 +196,7 @@ def load_mae_checkpoint(
     else:
         source, ckpt = str(checkpoint), read_checkpoint(checkpoint, map_location)
     ckpt_sd = extract_state_dict(ckpt, source)
-    model_sd = model.state_dict()
-    missing = check_compatible(model_sd, ckpt_sd, source)
-    missing_encoder = [k for k in missing if not is_decoder_key(k)]
-    if missing_encoder:
-        raise CheckpointError(
-            f"{source}: encoder key '{missing_encoder[0]}' is missing ({len(missing_encoder)} encoder keys "
-            f"missing: {_summarize_keys(missing_encoder)}); the checkpoint is not an MAE encoder of this size"
-        )
+    missing = check_mae_keys(model.state_dict(), ckpt_sd, source)
     model.load_state_dict(ckpt_sd, strict=False)
     report = LoadReport(source, loaded=list(ckpt_sd), missing_decoder=missing)
     if report.encoder_only:
@@ -177,8 +220,8 @@ def encoder_state_dict(model_or_sd: Union[nn.Module, Mapping], img_size: Optiona
     return enc
 
 
-def save_checkpoint(obj: dict, path: PathLike) -> Path:
-    """Write ``obj`` with torch.save atomically: temp file in the same folder, fsync, rename.
+def atomic_write(path: PathLike, write: Callable[[BinaryIO], object]) -> Path:
+    """Create ``path`` by calling ``write`` on a temp file in the same folder, fsync, rename.
 
     A crash mid-write leaves the previous file untouched, never a truncated one.
     """
@@ -187,7 +230,7 @@ def save_checkpoint(obj: dict, path: PathLike) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -201,3 +244,8 @@ def save_checkpoint(obj: dict, path: PathLike) -> Path:
     finally:
         os.close(dir_fd)
     return path
+
+
+def save_checkpoint(obj: dict, path: PathLike) -> Path:
+    """Write ``obj`` with torch.save atomically (see ``atomic_write``)."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
