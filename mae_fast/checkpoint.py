@@ -1,7 +1,7 @@
 """Official-format checkpoints: load them with clear errors, save them atomically, export to timm.
 Hugging Face ViTMAE folders and timm ``.safetensors`` encoders are read too (``mae_fast.hf``).
 
-An official checkpoint file is a dict whose ``"model"`` entry is the state_dict (REFERENCE.md §7);
+An official checkpoint file is a dict whose ``"model"`` entry is the state_dict (docs/semantics.md §7);
 the released ``mae_pretrain_vit_*.pth`` files hold the encoder only.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Callable, Dict, List, Mapping, Optional, Union
+from typing import TYPE_CHECKING, BinaryIO, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -170,9 +170,10 @@ def check_mae_keys(model_sd: Mapping[str, torch.Tensor], ckpt_sd: Mapping[str, t
     return missing
 
 
-def check_state_dict(sd: Mapping[str, torch.Tensor], config: "MAEConfig", source: str) -> List[str]:
-    """Check ``sd`` (mae-fast keys) against the model ``config`` describes, built on the meta device
-    (no memory); returns the missing decoder keys, raises CheckpointError naming key and shapes."""
+def check_state_dict(sd: Mapping[str, torch.Tensor], config: "MAEConfig", source: str) -> Tuple[StateDict, List[str]]:
+    """Check ``sd`` (mae-fast keys) against the model ``config`` describes, built on the meta device (no
+    memory): returns ``sd`` in the model's key order and the missing decoder keys; raises
+    CheckpointError naming key and shapes."""
     from .models_mae import MaskedAutoencoderViT
 
     try:
@@ -180,7 +181,9 @@ def check_state_dict(sd: Mapping[str, torch.Tensor], config: "MAEConfig", source
             model = MaskedAutoencoderViT(**config.to_dict())
     except ValueError as e:
         raise CheckpointError(f"{source}: the model it describes cannot be built: {e}") from e
-    return check_mae_keys(model.state_dict(), sd, source)
+    model_sd = model.state_dict()
+    missing = check_mae_keys(model_sd, sd, source)
+    return {k: sd[k] for k in model_sd if k in sd}, missing
 
 
 def load_mae_checkpoint(

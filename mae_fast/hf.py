@@ -321,7 +321,7 @@ def read_hf_folder(folder: PathLike) -> HFCheckpoint:
                               f"{CONFIG_FILE} and {WEIGHTS_FILE})")
     cfg, mask_ratio, notes = mae_config(_read_json(folder / CONFIG_FILE), str(folder / CONFIG_FILE))
     sd = from_hf_state_dict(_read_weights(folder), str(folder))
-    missing_decoder = check_state_dict(sd, cfg, str(folder))
+    sd, missing_decoder = check_state_dict(sd, cfg, str(folder))
     return HFCheckpoint(sd, cfg, mask_ratio, notes, encoder_only=bool(missing_decoder))
 
 
