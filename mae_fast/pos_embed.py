@@ -1,4 +1,4 @@
-"""Fixed 2-D sin-cos position tables and their resizing (REFERENCE.md §2)."""
+"""Fixed 2-D sin-cos position tables and their resizing (docs/semantics.md §2)."""
 from __future__ import annotations
 
 import numpy as np

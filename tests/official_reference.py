@@ -1,4 +1,4 @@
-"""The official MAE forward pass, transcribed from REFERENCE.md §1-§4 for tests.
+"""The official MAE forward pass, transcribed from docs/semantics.md §1-§4 for tests.
 
 It runs on an mae-fast model's parameters but computes the official way: conv-embed every patch,
 add the position table, then gather the kept tokens; mask built with ones/zeros and a gather;

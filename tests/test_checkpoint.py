@@ -1,4 +1,4 @@
-"""REFERENCE.md §7: official-format checkpoints, encoder-only files, errors, timm export."""
+"""docs/semantics.md §7: official-format checkpoints, encoder-only files, errors, timm export."""
 import argparse
 import logging
 

@@ -1,4 +1,4 @@
-"""REFERENCE.md §1-§2: patch layout and the sin-cos position tables."""
+"""docs/semantics.md §1-§2: patch layout and the sin-cos position tables."""
 import math
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""REFERENCE.md §3: per-sample random masking."""
+"""docs/semantics.md §3: per-sample random masking."""
 import pytest
 import torch
 

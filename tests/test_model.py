@@ -1,4 +1,4 @@
-"""The model against the official semantics (REFERENCE.md §3-§6) and its input checks."""
+"""The model against the official semantics (docs/semantics.md §3-§6) and its input checks."""
 import math
 
 import pytest
@@ -133,7 +133,7 @@ def test_init_statistics():
 
 
 def expected_official_shapes(D, depth, p, L, Dd=512, ddepth=8):
-    """State-dict keys and shapes as REFERENCE.md §7 lists them, built independently of the model."""
+    """State-dict keys and shapes as docs/semantics.md §7 lists them, built independently of the model."""
     def blocks(prefix, n, d):
         out = {}
         for i in range(n):

@@ -4,7 +4,7 @@
     torchrun --nproc_per_node 8 -m mae_fast.train.finetune --model vit_huge_patch14 --img-size 448 ...
     mae-finetune --eval --resume runs/finetune/checkpoints/checkpoint-00050000.pth --data /imagenet
 
-The official recipe (REFERENCE.md §8) is the default: global average pooling + fc_norm, layer-wise lr
+The official recipe (docs/semantics.md §8) is the default: global average pooling + fc_norm, layer-wise lr
 decay, drop path, RandAugment, random erasing, mixup/cutmix with label smoothing, 5 warmup epochs then
 cosine, evaluation (top-1/top-5) after every epoch. The loop (``fit``) is shared with ``mae-linprobe``:
 torchrun DDP, bf16 autocast, checkpoints with exact resume (``--resume auto``), CSV/TensorBoard logs.
@@ -40,14 +40,14 @@ from .run_folder import RunLog, use_progress_bar, write_json
 
 log = logging.getLogger("mae_fast.train")
 
-#: encoder shapes (REFERENCE.md §6); ``vit_tiny_patch8`` is ``mae_vit_tiny_patch8``'s encoder (not timm's vit_tiny)
+#: encoder shapes (docs/semantics.md §6); ``vit_tiny_patch8`` is ``mae_vit_tiny_patch8``'s encoder (not timm's vit_tiny)
 MODELS: Dict[str, Dict[str, int]] = {
     "vit_tiny_patch8": dict(patch_size=8, embed_dim=96, depth=4, num_heads=3),
     "vit_base_patch16": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
     "vit_large_patch16": dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16),
     "vit_huge_patch14": dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16),
 }
-#: per-model fine-tune defaults (REFERENCE.md §8)
+#: per-model fine-tune defaults (docs/semantics.md §8)
 RECIPE: Dict[str, Dict[str, float]] = {
     "vit_tiny_patch8": dict(blr=5e-4, layer_decay=0.65, drop_path=0.1, epochs=100),
     "vit_base_patch16": dict(blr=5e-4, layer_decay=0.65, drop_path=0.1, epochs=100),
@@ -441,7 +441,7 @@ def run_cli(prog: str, argv: Optional[List[str]], parse: Callable[[Optional[List
 
 def parse_config(argv: Optional[List[str]] = None) -> FinetuneConfig:
     parser = dataclass_parser(FinetuneConfig, "mae-finetune", "Fine-tune an MAE encoder (official recipe as "
-                              "defaults; docs/semantics.md).")
+                              "defaults; docs/semantics.md §8).")
     add_config_flags(parser)
     return apply_recipe(parse_dataclass_config(FinetuneConfig, parser, argv)[0], RECIPE)
 

@@ -1,4 +1,4 @@
-"""``mae-linprobe``: linear probing of a frozen MAE encoder (REFERENCE.md §8).
+"""``mae-linprobe``: linear probing of a frozen MAE encoder (docs/semantics.md §8).
 
     mae-linprobe --model vit_large_patch16 --finetune mae_pretrain_vit_large.pth --data /imagenet
     torchrun --nproc_per_node 8 -m mae_fast.train.linprobe --model vit_base_patch16 --batch-size 2048 ...
@@ -24,7 +24,7 @@ from .finetune import (ClassifierConfig, Task, apply_recipe, checkpoint_classes,
 
 log = logging.getLogger("mae_fast.train")
 
-#: per-model linear-probe defaults (REFERENCE.md §8)
+#: per-model linear-probe defaults (docs/semantics.md §8)
 RECIPE: Dict[str, Dict[str, float]] = {
     "vit_tiny_patch8": dict(blr=0.1, epochs=90),
     "vit_base_patch16": dict(blr=0.1, epochs=90),
@@ -107,7 +107,7 @@ def build_task(cfg: LinprobeConfig, info: DistInfo, device: torch.device) -> Tup
 
 def parse_config(argv: Optional[List[str]] = None) -> LinprobeConfig:
     parser = dataclass_parser(LinprobeConfig, "mae-linprobe", "Linear probing of a frozen MAE encoder (official "
-                              "recipe as defaults; docs/semantics.md).")
+                              "recipe as defaults; docs/semantics.md §8).")
     add_config_flags(parser)
     return apply_recipe(parse_dataclass_config(LinprobeConfig, parser, argv)[0], RECIPE)
 
