@@ -176,14 +176,14 @@ def dataclass_parser(cls: type, prog: str, description: str) -> Parser:
         help_ = f.metadata.get("help") or f.name.replace("_", " ")
         choices = f.metadata.get("choices")
         default = "none" if f.default is None else f.default
+        if "default" not in help_:
+            help_ = f"{help_} (default: {default})"
         flag = "--" + f.name.replace("_", "-")
         if kind is bool:
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                           help=f"{help_} (default: {default})")
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
         else:
             p.add_argument(flag, dest=f.name, type=_number(kind) if kind in (int, float) else str, default=None,
-                           choices=choices, metavar=f.name.upper() if not choices else None,
-                           help=f"{help_} (default: {default})")
+                           choices=choices, metavar=None if choices else {int: "N", float: "X"}.get(kind, "TEXT"), help=help_)
     return p
 
 

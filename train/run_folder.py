@@ -49,6 +49,8 @@ def choose_run_dir(output_dir: str, default: str, resume: str, overwrite: bool) 
             raise ConfigError(f"--output-dir {folder} already holds a run: continue it with --resume auto, "
                               f"replace it with --overwrite, or choose another --output-dir")
         return folder
+    if resume and resume != "auto" and Path(resume).parent.name == "checkpoints":
+        return Path(resume).parent.parent  # continue the run the checkpoint file belongs to
     base = Path(default)
     n = 1
     while holds_run(_numbered(base, n)):
