@@ -185,8 +185,11 @@ def mae_config(hf: Mapping, source: str = CONFIG_FILE) -> Tuple[MAEConfig, float
 
     Raises CheckpointError for a field that would change the function (activation, no qkv bias,
     different MLP ratios in encoder and decoder, missing or invalid sizes)."""
-    if hf.get("model_type", "vit_mae") != "vit_mae":
-        raise CheckpointError(f"{source}: model_type is {hf.get('model_type')!r}, not 'vit_mae' (a ViTMAE config)")
+    if "model_type" not in hf:
+        raise CheckpointError(f"{source}: no model_type, so not a Hugging Face config (an mae-fast run folder? "
+                              f"pass one of its checkpoints/*.pth)")
+    if hf["model_type"] != "vit_mae":
+        raise CheckpointError(f"{source}: model_type is {hf['model_type']!r}, not 'vit_mae' (a ViTMAE config)")
     required = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "image_size",
                 "patch_size", "decoder_hidden_size", "decoder_num_hidden_layers", "decoder_num_attention_heads",
                 "decoder_intermediate_size")

@@ -1,6 +1,7 @@
 """mae-convert: Hugging Face ViTMAE folders and timm .safetensors encoders <-> mae-fast checkpoints."""
 import argparse
 import json
+import sys
 
 import pytest
 import timm
@@ -15,8 +16,12 @@ from mae_fast.hf import (from_hf_state_dict, hf_config, mae_config, read_hf_fold
                          write_hf_folder)
 from mae_fast.models_mae import MaskedAutoencoderViT
 
-transformers = pytest.importorskip("transformers", reason="transformers is needed to check HF folders")
-from transformers import ViTMAEConfig, ViTMAEForPreTraining, ViTMAEModel  # noqa: E402
+
+
+@pytest.fixture
+def tf():
+    """transformers, to check the folders written (the converter itself does not need it)."""
+    return pytest.importorskip("transformers", reason="transformers is not installed: HF folders cannot be checked")
 
 
 def _official_file(path, model, mask_ratio=0.75, encoder_only=False):
@@ -28,8 +33,8 @@ def _official_file(path, model, mask_ratio=0.75, encoder_only=False):
     return path
 
 
-def _hf(folder, cls=ViTMAEForPreTraining):
-    """from_pretrained offline, asserting every weight came from the folder."""
+def _hf(folder, cls):
+    """``cls.from_pretrained`` offline, asserting every weight came from the folder."""
     model, info = cls.from_pretrained(folder, output_loading_info=True, local_files_only=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     return model.eval()
@@ -45,7 +50,7 @@ def _assert_same_tensors(a, b):
     (torch.float32, False, 0.75, dict(rtol=1e-5, atol=1e-6)),
     (torch.float64, True, 0.6, dict(rtol=1e-12, atol=1e-12)),
 ])
-def test_hf_model_gives_same_loss_prediction_and_mask(tmp_path, dtype, norm_pix_loss, mask_ratio, tol):
+def test_hf_model_gives_same_loss_prediction_and_mask(tf, tmp_path, dtype, norm_pix_loss, mask_ratio, tol):
     torch.manual_seed(0)
     ours = mae_vit_tiny_patch8(norm_pix_loss=norm_pix_loss).to(dtype).eval()
     with torch.no_grad():  # a trained-looking decoder: no zero biases, no unit LayerNorms
@@ -54,7 +59,7 @@ def test_hf_model_gives_same_loss_prediction_and_mask(tmp_path, dtype, norm_pix_
     src = _official_file(tmp_path / "ckpt.pth", ours, mask_ratio)
     report = convert(src, tmp_path / "hf")
     assert any("epoch, optimizer: training state" in d for d in report.dropped)
-    theirs = _hf(tmp_path / "hf")
+    theirs = _hf(tmp_path / "hf", tf.ViTMAEForPreTraining)
     assert theirs.config.mask_ratio == mask_ratio and theirs.config.norm_pix_loss == norm_pix_loss
     assert next(theirs.parameters()).dtype == dtype
     imgs, noise = random_images(3, 64).to(dtype), random_noise(3, 64).to(dtype)
@@ -93,7 +98,7 @@ def test_round_trip_mae_hf_mae_is_identical(tmp_path, dtype):
     assert back["config"]["model"] == "mae_vit_tiny_patch8"
 
 
-def test_config_of_another_shape_round_trips(tmp_path):
+def test_config_of_another_shape_round_trips(tf, tmp_path):
     torch.manual_seed(0)
     m = MaskedAutoencoderViT(img_size=40, patch_size=4, in_chans=3, embed_dim=48, depth=3, num_heads=4,
                              decoder_embed_dim=40, decoder_depth=3, decoder_num_heads=5, mlp_ratio=2.0)
@@ -107,30 +112,33 @@ def test_config_of_another_shape_round_trips(tmp_path):
         decoder_intermediate_size=80, layer_norm_eps=1e-6, hidden_act="gelu", qkv_bias=True, mask_ratio=0.55,
         norm_pix_loss=False)
     assert mae_config(fields) == (m.config, 0.55, [])
-    assert mae_config(ViTMAEConfig(**fields).to_dict())[:2] == (m.config, 0.55)
+    assert mae_config(tf.ViTMAEConfig(**fields).to_dict())[:2] == (m.config, 0.55)
     write_hf_folder(tmp_path / "hf", m.state_dict(), m.config, 0.55)
     convert(tmp_path / "hf", tmp_path / "x.pth")  # no factory has this shape: the .pth keeps it whole
     convert(tmp_path / "x.pth", tmp_path / "hf2")
     assert json.loads((tmp_path / "hf2/config.json").read_text()) == json.loads((tmp_path / "hf/config.json").read_text())
     _assert_same_tensors(m.state_dict(), read_hf_folder(tmp_path / "hf2").state_dict)
-    theirs = _hf(tmp_path / "hf2")
+    theirs = _hf(tmp_path / "hf2", tf.ViTMAEForPreTraining)
     imgs, noise = random_images(2, 40), random_noise(2, 100)
     with torch.no_grad():
         torch.testing.assert_close(theirs(pixel_values=imgs, noise=noise).logits,
                                    m(imgs, mask_ratio=0.55, noise=noise)[1], rtol=1e-5, atol=1e-6)
 
 
-def test_model_made_and_saved_by_transformers_converts(tmp_path):
+def test_model_made_and_saved_by_transformers_converts(tf, tmp_path):
     """transformers >= 5 writes its own spelling (decoder_encoder.layer.N) and holds another in memory."""
     torch.manual_seed(3)
-    cfg = ViTMAEConfig(**hf_config(mae_vit_tiny_patch8(norm_pix_loss=True).config, 0.75))
-    theirs = ViTMAEForPreTraining(cfg).eval()
+    cfg = tf.ViTMAEConfig(**hf_config(mae_vit_tiny_patch8(norm_pix_loss=True).config, 0.75))
+    theirs = tf.ViTMAEForPreTraining(cfg).eval()
     theirs.save_pretrained(tmp_path / "hf")
     convert(tmp_path / "hf", tmp_path / "m.pth")
     ours = mae_vit_tiny_patch8(norm_pix_loss=True).eval()
     load_mae_checkpoint(ours, tmp_path / "m.pth")
     native = from_hf_state_dict(dict(theirs.named_parameters()))
     _assert_same_tensors(ours.state_dict(), {k: native[k] for k in ours.state_dict()})
+    theirs.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    assert (tmp_path / "sharded/model.safetensors.index.json").is_file()
+    _assert_same_tensors(ours.state_dict(), read_hf_folder(tmp_path / "sharded").state_dict)
     imgs, noise = random_images(2, 64), random_noise(2, 64)
     with torch.no_grad():
         out = theirs(pixel_values=imgs, noise=noise)
@@ -140,14 +148,14 @@ def test_model_made_and_saved_by_transformers_converts(tmp_path):
     torch.testing.assert_close(out.loss, loss, rtol=1e-5, atol=1e-6)
 
 
-def test_encoder_only_hf_folder_is_a_vitmaemodel(tmp_path):
+def test_encoder_only_hf_folder_is_a_vitmaemodel(tf, tmp_path):
     torch.manual_seed(0)
     ours = mae_vit_tiny_patch8().eval()
     src = _official_file(tmp_path / "enc.pth", ours, encoder_only=True)
     with pytest.raises(ConvertError, match=r"enc\.pth: encoder-only .*pass --encoder-only"):
         convert(src, tmp_path / "full")
     convert(src, tmp_path / "enc", encoder_only=True)
-    theirs = _hf(tmp_path / "enc", ViTMAEModel)
+    theirs = _hf(tmp_path / "enc", tf.ViTMAEModel)
     imgs, noise = random_images(2, 64), random_noise(2, 64)
     with torch.no_grad():
         latent, mask, ids_restore = ours.forward_encoder(imgs, 0.75, noise)
@@ -157,6 +165,20 @@ def test_encoder_only_hf_folder_is_a_vitmaemodel(tmp_path):
     back = read_checkpoint(tmp_path / "enc")  # and back: an encoder-only checkpoint
     _assert_same_tensors({k: v for k, v in ours.state_dict().items() if k in back["model"]}, back["model"])
     assert load_mae_checkpoint(mae_vit_tiny_patch8(), tmp_path / "enc").encoder_only
+
+
+def test_folder_written_without_transformers_loads_in_transformers(tf, tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    m = mae_vit_tiny_patch8(norm_pix_loss=True)
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
+    write_hf_folder(tmp_path / "hf", m.state_dict(), m.config, 0.7)
+    monkeypatch.undo()
+    assert "transformers_version" not in json.loads((tmp_path / "hf/config.json").read_text())
+    theirs = _hf(tmp_path / "hf", tf.ViTMAEForPreTraining)
+    assert theirs.config.mask_ratio == 0.7 and theirs.config.norm_pix_loss and theirs.config.layer_norm_eps == 1e-6
+    back = from_hf_state_dict(theirs.state_dict())
+    assert sorted(back) == sorted(m.state_dict())
+    _assert_same_tensors(m.state_dict(), {k: back[k] for k in m.state_dict()})
 
 
 def test_full_checkpoint_to_hf_encoder_only_lists_the_decoder(tmp_path):
@@ -252,6 +274,10 @@ def test_bad_inputs_give_one_line_errors_naming_the_path(tmp_path, capsys):
     assert "c.pth" in err and "'cls_token' has shape (1, 1, 96) in the checkpoint but (1, 1, 768)" in err
     err = _one_line_error(capsys, [src, tmp_path / "wide"])
     assert "wide: exists; pass --overwrite" in err
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run/config.json").write_text(json.dumps({"model": "mae_vit_tiny_patch8", "img_size": 64}))
+    err = _one_line_error(capsys, [tmp_path / "run", tmp_path / "f.pth"])
+    assert "run/config.json: no model_type" in err
 
     (tmp_path / "broken.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
     err = _one_line_error(capsys, [tmp_path / "broken.safetensors", tmp_path / "e.pth"])
