@@ -8,7 +8,9 @@ from setuptools import setup
 
 DALI = "nvidia-dali-cuda130; platform_system == 'Linux' and platform_machine == 'x86_64'"
 # DALI's CPU pipeline runs without a GPU, so the tests compare it with the PIL loader
-TEST = ["pytest>=7", "pytest-benchmark>=4", DALI]
+# transformers: the Hugging Face ViTMAE interop tests; scikit-learn: the digits data of the probe tests
+HF = ["transformers>=4.40"]
+TEST = ["pytest>=7", "pytest-benchmark>=4", "scikit-learn", DALI, *HF]
 GPU = ["xformers", DALI]
 
 setup(
@@ -36,13 +38,16 @@ setup(
         "matplotlib",
         "pillow",
         "tensorboard",
+        "safetensors",
+        "webdataset",
     ],
     package_data={"mae_fast": ["assets/demo/*.jpg"]},
     include_package_data=True,
     extras_require={
         "test": TEST,
         "gpu": GPU,
-        "all": sorted(set(TEST + GPU)),
+        "hf": HF,
+        "all": sorted(set(TEST + GPU + HF)),
     },
     entry_points={
         "console_scripts": [
@@ -52,6 +57,10 @@ setup(
             "mae-finetune=mae_fast.train.finetune:main",
             "mae-linprobe=mae_fast.train.linprobe:main",
             "mae-visualize=mae_fast.train.visualize:main",
+            "mae-plot=mae_fast.train.plots:main",
+            "mae-profile=mae_fast.bench.profile:main",
+            "mae-convert=mae_fast.convert:main",
+            "mae-make-shards=mae_fast.train.make_shards:main",
         ],
     },
 )
