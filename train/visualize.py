@@ -17,6 +17,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from .augment import IMAGENET_MEAN, IMAGENET_STD, load_rgb, normalize
+from .cli import ConfigError
 
 _MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 _STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
@@ -90,7 +91,7 @@ def model_from_checkpoint(path: str, model_name: Optional[str] = None, norm_pix_
     args = vars(ckpt["args"]) if "args" in ckpt and hasattr(ckpt["args"], "__dict__") else {}
     name = model_name or cfg.get("model") or args.get("model")
     if name is None:
-        raise ValueError(f"checkpoint {path}: it does not name its model; pass --model ({', '.join(sorted(MODELS))})")
+        raise ConfigError(f"checkpoint {path}: it does not name its model; pass --model ({', '.join(sorted(MODELS))})")
     npl = norm_pix_loss if norm_pix_loss is not None else cfg.get("norm_pix_loss", args.get("norm_pix_loss", False))
     sd = extract_state_dict(ckpt, path)
     size = img_size or cfg.get("img_size") or args.get("input_size")
@@ -99,32 +100,34 @@ def model_from_checkpoint(path: str, model_name: Optional[str] = None, norm_pix_
     model = create_model(name, norm_pix_loss=bool(npl), **({"img_size": int(size)} if size else {}))
     report = load_mae_checkpoint(model, ckpt if not isinstance(ckpt, dict) else {"model": sd})
     if report.encoder_only:
-        raise ValueError(f"checkpoint {path}: encoder-only (no decoder weights), it cannot reconstruct; "
+        raise ConfigError(f"checkpoint {path}: encoder-only (no decoder weights), it cannot reconstruct; "
                          f"use a full checkpoint (e.g. the official *_full.pth or mae_visualize_*.pth)")
     return model
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="mae-visualize", description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", required=True, help="mae-fast or official MAE checkpoint with the decoder")
+    from .cli import Parser, run_main
+
+    p = Parser(prog="mae-visualize", description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True, help="mae-fast or official MAE checkpoint with the decoder, "
+                   "or a Hugging Face ViTMAE folder")
     p.add_argument("--image", required=True, help="an image file")
     p.add_argument("--out", required=True, help="PNG to write")
     p.add_argument("--model", choices=sorted(MODELS), help="model name, if the checkpoint does not say")
     p.add_argument("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=None,
                    help="whether the model was trained with norm-pix loss (default: from the checkpoint)")
-    p.add_argument("--mask-ratio", type=float, default=0.75)
-    p.add_argument("--seed", type=int, default=0, help="seed of the random mask")
-    a = p.parse_args(argv)
-    try:
+    p.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of patches removed (default: 0.75)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random mask (default: 0)")
+
+    def run(a: argparse.Namespace) -> None:
+        if not 0.0 < a.mask_ratio < 1.0:
+            raise ConfigError(f"--mask-ratio {a.mask_ratio}: must be in (0, 1)")
         model = model_from_checkpoint(a.checkpoint, a.model, a.norm_pix_loss)
         if not Path(a.image).is_file():
-            raise ValueError(f"image {a.image}: no such file")
-        out = reconstruction_figure(model, a.image, a.out, a.mask_ratio, a.seed)
-    except ValueError as e:
-        print(f"mae-visualize: error: {e}", file=sys.stderr)
-        return 2
-    print(out)
-    return 0
+            raise ConfigError(f"--image {a.image}: no such file")
+        print(reconstruction_figure(model, a.image, a.out, a.mask_ratio, a.seed))
+
+    return run_main("mae-visualize", lambda: p.parse_args(argv), run)
 
 
 if __name__ == "__main__":
