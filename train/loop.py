@@ -153,23 +153,31 @@ class RunCheckpoints:
     loader position, every rank's RNG state, the step runner and the config; atomic, newest k kept."""
 
     def __init__(self, folder: Path, keep: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 runner: StepRunner, loader: Any, info: DistInfo, config: Dict[str, Any]):
+                 runner: StepRunner, loader: Any, info: DistInfo, config: Dict[str, Any],
+                 checkpoint_format: Optional[str] = None):
+        from .sharded_checkpoint import ShardedCheckpoints
+
         self.manager = CheckpointManager(folder, keep=keep)
         self.model, self.optimizer, self.runner, self.loader = model, optimizer, runner, loader
         self.info, self.config = info, config
         self.last: Optional[Path] = None
+        # "sharded": torch.distributed.checkpoint folders, each rank writing its shards (FSDP2 at scale)
+        self.sharded = (checkpoint_format or config.get("checkpoint_format", "full")) == "sharded"
+        self.sharded_store = ShardedCheckpoints(folder, keep=keep)
 
     def resume(self, resume: str, check: Optional[Callable[[Dict[str, Any], str], None]] = None
                ) -> Optional[Dict[str, Any]]:
         """Restore everything from ``--resume``; returns the state (for extra fields) or None.
         ``check(state, source)`` may validate the weights first (clear errors)."""
-        found = find_resume_checkpoint(resume, self.manager.folder)
+        sharded = self._resume_sharded(resume, check)
+        found = sharded or find_resume_checkpoint(resume, self.manager.folder)
         if not found:
             return None
         self.last, state = found
-        if check is not None:
-            check(state, str(self.last))
-        load_full_state(self.model, self.optimizer, state)
+        if not sharded:
+            if check is not None:
+                check(state, str(self.last))
+            load_full_state(self.model, self.optimizer, state)
         self.runner.load_state_dict(state.get("step_runner"))
         self.loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"][self.info.rank] if isinstance(state["rng"], list) else state["rng"])
@@ -178,19 +186,36 @@ class RunCheckpoints:
                      state["loader"]["epoch"], state["loader"]["batch"])
         return state
 
+    def _resume_sharded(self, resume: str, check: Optional[Callable[[Dict[str, Any], str], None]]
+                        ) -> Optional[Tuple[Path, Dict[str, Any]]]:
+        """(folder, run state) of a sharded checkpoint, its weights loaded; None for other resumes."""
+        from .sharded_checkpoint import is_sharded_checkpoint
+
+        if resume and resume != "auto" and is_sharded_checkpoint(resume):
+            return Path(resume), self.sharded_store.load(Path(resume), self.model, self.optimizer, check)
+        if resume == "auto" and self.sharded:
+            if self.info.is_main:
+                self.sharded_store.remove_stale_temp()
+            return self.sharded_store.load_latest(self.model, self.optimizer, check)
+        return None
+
     def save(self, step: int, **extra: Any) -> Path:
         """Checkpoint at ``step`` (all ranks call it); refuses non-finite weights."""
         self.runner.check(self.last)
         if not all_finite(self.model):
             raise NonFiniteLossError(f"step {step}: weights are not finite; no checkpoint written "
                                      f"(last good: {self.last or 'none'})")
-        state = full_state(self.model, self.optimizer, self.info)
         rngs = gather_rng_states(self.info)
-        path = None
-        if self.info.is_main:
-            state.update(step=step, epoch=self.loader.epoch, loader=self.loader.state_dict(), rng=rngs,
+        run_state = dict(step=step, epoch=self.loader.epoch, loader=self.loader.state_dict(), rng=rngs,
                          config=self.config, step_runner=self.runner.state_dict(),
                          world_size=self.info.world_size, **extra)
+        if self.sharded:
+            self.last = self.sharded_store.save(step, self.model, self.optimizer, run_state)
+            return self.last
+        state = full_state(self.model, self.optimizer, self.info)
+        path = None
+        if self.info.is_main:
+            state.update(run_state)
             path = self.manager.save(state)
         if self.info.enabled:
             dist.barrier()
