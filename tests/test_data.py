@@ -1,4 +1,5 @@
-"""Data pipeline tests (CPU): loaders, sharding, bad files, determinism, resume."""
+"""Data pipeline tests (CPU): loaders, sharding, bad files, determinism, resume. The nvjpeg loader runs
+here with its decode on the CPU (the same code as on a GPU); tests/test_nvjpeg.py compares it with PIL."""
 from __future__ import annotations
 
 import logging
@@ -13,8 +14,10 @@ from PIL import Image
 from mae_fast.train.augment import (IMAGENET_MEAN, IMAGENET_STD, load_rgb, normalize,
                                     sample_params, sample_params_batch)
 from mae_fast.train.dali_loader import dali_available
-from mae_fast.train.data import build_loader, epoch_order
-from mae_fast.train.sources import UnreadableImageError, demo_dir, list_images, scan_images
+from mae_fast.train.data import build_loader
+from mae_fast.train.loader_base import epoch_order
+from mae_fast.train.sources import (NoReadableImagesError, UnreadableImageError, demo_dir, list_images,
+                                    scan_images)
 
 BAD = Path(__file__).parent / "assets" / "bad"
 UNREADABLE = ["empty.jpg", "not_an_image.jpg", "truncated.jpg"]
@@ -24,7 +27,7 @@ N_DEMO = 19
 S = 32
 needs_dali = pytest.mark.skipif(not dali_available(),
                                 reason="NVIDIA DALI not installed (pip install nvidia-dali-cuda130)")
-KINDS = ["pil", pytest.param("dali", marks=needs_dali)]
+KINDS = ["pil", "nvjpeg", pytest.param("dali", marks=needs_dali)]
 
 
 def make(source="demo", kind="pil", **kw):
@@ -307,6 +310,36 @@ def test_missing_empty_or_imageless_source_fails_at_start(kind, tmp_path):
     shutil.copy(BAD / "empty.jpg", only_bad / "empty.jpg")
     with pytest.raises(RuntimeError, match="could be read"):
         make(only_bad, kind=kind)
+
+
+@pytest.fixture
+def only_bad(tmp_path) -> Path:
+    folder = tmp_path / "only_bad"
+    folder.mkdir()
+    for name in UNREADABLE:
+        shutil.copy(BAD / name, folder / name)
+    return folder
+
+
+def test_source_of_only_unreadable_files_is_one_line(only_bad, tmp_path, capsys):
+    from mae_fast.train.pretrain import main
+
+    rc = main(["--data", str(only_bad), "--model", "mae_vit_tiny_patch8", "--img-size", "32", "--loader", "pil",
+               "--num-workers", "0", "--no-progress", "--no-tensorboard", "--output-dir", str(tmp_path / "run")])
+    assert rc == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"mae-pretrain: error: none of the 3 image file(s) in {str(only_bad)!r} could be read "
+                       f"(each is named in a warning above)")
+    assert not any("Traceback" in line for line in err)
+
+
+@pytest.mark.parametrize("kind", ["pil", "nvjpeg"])
+def test_epoch_of_only_unreadable_files_stops_naming_the_source(kind, only_bad):
+    """Without the pre-scan every file fails at decode time: the epoch stops instead of yielding nothing."""
+    ld = make(only_bad, kind=kind, verify="none", batch_size=2)
+    with pytest.raises(NoReadableImagesError,
+                       match=r"none of the 3 image file\(s\) of '.*only_bad' read in epoch 0 could be decoded"):
+        list(ld)
 
 
 def test_scan_cache_round_trip(tmp_path, monkeypatch, caplog):

@@ -2,8 +2,8 @@
 interest; "mixed" = GPU decode, or CPU operators with device_id=None on a machine without a GPU)
 -> bicubic fn.resize -> fn.crop_mirror_normalize. DALI is imported lazily (optional dependency).
 
-Order, sharding and crop boxes are computed in Python by the same functions as the PIL loader
-(:func:`mae_fast.train.data.epoch_order`, :func:`mae_fast.train.augment.sample_params_batch`) and
+Order, sharding and crop boxes are computed in Python by the same functions as the other loaders
+(:func:`mae_fast.train.loader_base.epoch_order`, :func:`mae_fast.train.augment.sample_params_batch`) and
 fed to the pipeline, so both loaders read the same files with the same crops, and a pipeline built
 for the rest of an epoch resumes it exactly. The reader therefore gets this rank's file list
 (already sharded: shard_id=0, num_shards=1) and a new pipeline is built at the start of each epoch.
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .augment import IMAGENET_MEAN, IMAGENET_STD, SCALE, sample_params_batch
-from .data import Loader, epoch_order
+from .loader_base import Loader
 from .sources import ImageList
 
 log = logging.getLogger("mae_fast.data")
@@ -106,11 +106,11 @@ class DALILoader(Loader):
                  scale: tuple[float, float] = SCALE) -> None:
         require_dali()
         super().__init__(batch_size, seed, rank, world_size, drop_last, with_labels, len(images),
-                         device, dtype)
+                         device, dtype, shuffle, images.root)
         if any(w <= 0 for w, _ in images.sizes):
             raise ValueError("the DALI loader needs image sizes from the pre-scan: use "
                              "verify='fast' or 'full', not 'none'")
-        self.images, self.img_size, self.shuffle, self.scale = images, img_size, shuffle, scale
+        self.images, self.img_size, self.scale = images, img_size, scale
         self.num_threads, self.strict = num_threads, strict
         self.skipped = list(images.skipped)
         self._sizes = np.asarray(images.sizes, dtype=np.int64).reshape(-1, 2)
@@ -120,11 +120,6 @@ class DALILoader(Loader):
                                           else torch.cuda.current_device())
         else:
             self.device_id = None
-
-    def order(self, epoch: int) -> list[int]:
-        """This rank's file indices for ``epoch``."""
-        return epoch_order(self.num_files, self.seed, epoch, self.rank, self.world_size,
-                           self.shuffle)
 
     def _iter_epoch(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         from nvidia.dali.plugin.base_iterator import LastBatchPolicy

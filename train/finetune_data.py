@@ -20,8 +20,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .augment import IMAGENET_MEAN, IMAGENET_STD, load_rgb_or_reason
-from .data import Loader, _EpochBatches, _scan, _worker_init, epoch_order
-from .sources import ImageList
+from .loader_base import EpochBatches, Loader, epoch_order, worker_init
+from .sources import ImageList, scan_source
 
 log = logging.getLogger("mae_fast.data")
 
@@ -56,7 +56,7 @@ def split_sources(data: str, eval_data: str = "") -> Tuple[str, str]:
 def scan_labelled(source: str, strict: bool = False, rank: int = 0, world_size: int = 1) -> ImageList:
     """Scan a labelled source (unreadable files logged and left out); ValueError without labels."""
     require_labelled(source)
-    images = _scan(source, strict, "fast", rank, world_size)
+    images = scan_source(source, strict, "fast", rank, world_size)
     if any(lab < 0 for lab in images.labels):
         raise ValueError(f"{source!r} has images without a label: use an ImageFolder tree (one sub-folder "
                          f"per class) or a list file with a TAB and the label on every line")
@@ -158,13 +158,13 @@ class LabelledLoader(Loader):
         self.images, self.shuffle = images, shuffle
         self.skipped = list(images.skipped)
         self._labels = torch.tensor(images.labels, dtype=torch.long)
-        self._sampler = _EpochBatches()
+        self._sampler = EpochBatches()
         workers = max(0, int(num_workers))
         # own generator: creating the iterator must not draw from the global torch RNG (exact resume)
         self._dl = DataLoader(
             _LabelledSamples(images, transform, seed, strict), batch_sampler=self._sampler,
             num_workers=workers, collate_fn=_collate, pin_memory=self.device.type == "cuda",
-            worker_init_fn=_worker_init if workers else None, persistent_workers=workers > 0,
+            worker_init_fn=worker_init if workers else None, persistent_workers=workers > 0,
             generator=torch.Generator().manual_seed(seed), prefetch_factor=4 if workers else None)
 
     def _iter_epoch(self, epoch: int, start: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:

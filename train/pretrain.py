@@ -13,12 +13,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import random
 import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+import numpy as np
 import torch
 
 from mae_fast.checkpoint import load_mae_checkpoint
@@ -93,7 +95,9 @@ def train(cfg: PretrainConfig) -> Dict[str, Any]:
     out = run_dir_for(cfg)
     if info.is_main:
         log.info("run folder: %s", out)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    np.random.seed(cfg.seed + info.rank)  # seeded (as the official code) so that checkpoints hold
+    random.seed(cfg.seed + info.rank)  # the same RNG states in a resumed run as in an uninterrupted one
 
     model = build_model(cfg, device)
     num_patches = model.config.num_patches

@@ -23,6 +23,10 @@ class UnreadableImageError(RuntimeError):
     """An image file that cannot be decoded (raised with strict=True)."""
 
 
+class NoReadableImagesError(UnreadableImageError):
+    """Every image file of a source is unreadable (the message names the source and the count)."""
+
+
 @dataclass
 class ImageList:
     """Readable images (path, label, width, height) plus the files that were skipped."""
@@ -219,6 +223,22 @@ def scan_images(source: str | os.PathLike, strict: bool = False, verify: str = "
             out.labels.append(lab)
             out.sizes.append((int(s[0]), int(s[1])))
     if not out.paths:
-        raise RuntimeError(f"none of the {len(paths)} image file(s) in {str(source)!r} could be "
-                           f"read (see the warnings above)")
+        raise NoReadableImagesError(f"none of the {len(paths)} image file(s) in {str(source)!r} could "
+                                    f"be read (each is named in a warning above)")
     return out
+
+
+def scan_source(source: str | os.PathLike, strict: bool = False, verify: str = "fast", rank: int = 0,
+                world_size: int = 1) -> ImageList:
+    """:func:`scan_images` once per job: under torch.distributed rank 0 scans first (and fills the
+    cache), then the other ranks."""
+    import torch.distributed as dist
+
+    coordinated = world_size > 1 and dist.is_available() and dist.is_initialized()
+    if coordinated and rank != 0:
+        dist.barrier()
+    try:
+        return scan_images(source, strict=strict, verify=verify)
+    finally:
+        if coordinated and rank == 0:
+            dist.barrier()

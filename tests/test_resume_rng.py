@@ -1,0 +1,44 @@
+"""A pretraining run killed mid-epoch and resumed saves the same RNG states (torch, numpy, python) as the
+uninterrupted run: resuming the loader draws nothing from the global generators."""
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mae_fast.train.config import parse_config
+from mae_fast.train.pretrain import FAULT_KILL_AT_STEP, train
+
+ARGS = ["--model", "mae_vit_tiny_patch8", "--img-size", "32", "--data", "demo", "--loader", "pil",
+        "--warmup-epochs", "1", "--lr", "1e-3", "--no-progress", "--no-tensorboard", "--log-every", "1",
+        "--batch-size", "4", "--accum-iter", "2", "--epochs", "3", "--save-every", "1", "--precision", "fp32"]
+
+
+def saved_rng(out: Path) -> dict:
+    last = sorted((out / "checkpoints").glob("checkpoint-*.pth"))[-1]
+    state = torch.load(last, map_location="cpu", weights_only=False)
+    return {"step": state["step"], **state["rng"]}
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_kill_and_resume_saves_the_uninterrupted_rng_states(tmp_path, workers):
+    args = ARGS + ["--num-workers", workers]
+    train(parse_config(args + ["--output-dir", str(tmp_path / "ref")]))
+    out = tmp_path / "killed"
+    # 19 demo images, batch 4, drop_last: 4 batches = 2 steps per epoch; step 3 is mid-epoch 1
+    killed = subprocess.run([sys.executable, "-m", "mae_fast.train.pretrain", *args, "--output-dir", str(out)],
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", FAULT_KILL_AT_STEP: "3"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert saved_rng(out)["step"] == 3
+    train(parse_config(args + ["--output-dir", str(out), "--resume", "auto"]))
+    want, got = saved_rng(tmp_path / "ref"), saved_rng(out)
+    assert got["step"] == want["step"] == 6
+    assert torch.equal(got["torch"], want["torch"]), "global torch RNG state differs after resume"
+    for key in ("keys", "pos", "has_gauss", "cached"):
+        assert np.array_equal(np.asarray(got["numpy"][key]), np.asarray(want["numpy"][key])), f"numpy {key}"
+    assert got["python"] == want["python"], "python random state differs after resume"
