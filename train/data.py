@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 from . import dali_loader, nvjpeg_loader
 from .augment import SCALE, augment_pil, load_rgb_or_reason, normalize, sample_params
 from .loader_base import EpochDataLoader, Loader
+from .shards import is_shard_source
 from .sources import ImageList, scan_source
 
 log = logging.getLogger("mae_fast.data")
@@ -155,10 +156,13 @@ def build_loader(source: str | os.PathLike | None = "demo", kind: str = "auto",
                  strict: bool = False, num_workers: int | None = None, with_labels: bool = False,
                  dtype: torch.dtype = torch.float32, shuffle: bool = True, drop_last: bool = False,
                  scale: tuple[float, float] = SCALE, verify: str = "fast",
-                 num_batches: int = 100) -> Loader:
+                 num_batches: int = 100, shard_streams: int = 0, shard_block: int = 1000) -> Loader:
     """Build a loader of MAE-augmented, normalized batches.
 
-    source: a folder (flat or ImageFolder), a text file of image paths, or "demo".
+    source: a folder (flat or ImageFolder), a text file of image paths, or "demo"; or tar shards
+    (WebDataset layout: a brace pattern, a folder of .tar files or a list of them), read by the pil
+    or dali loader in ``shard_streams`` streams (0: one per rank) shuffled in blocks of
+    ``shard_block`` samples (see :mod:`.shards`).
     kind: "auto" (see :func:`resolve_kind`), "dali", "nvjpeg" (torchvision decode_jpeg on
     ``device``; on a CPU device the same code decodes on the CPU), "pil" or "synthetic" (ignores
     ``source``; ``num_batches`` per epoch). verify: pre-scan of the files, "fast" (headers +
@@ -168,7 +172,7 @@ def build_loader(source: str | os.PathLike | None = "demo", kind: str = "auto",
     min(8, CPU count).
     """
     dev = torch.device(device) if device is not None else default_device()
-    kind = resolve_kind(kind, dev)
+    requested, kind = kind, resolve_kind(kind, dev)
     if kind == "synthetic":
         return SyntheticLoader(batch_size, img_size, seed, rank, world_size, dev, dtype,
                                with_labels, num_batches)
@@ -178,6 +182,15 @@ def build_loader(source: str | os.PathLike | None = "demo", kind: str = "auto",
         raise ValueError(f"source is required for the {kind} loader (a folder, a list file or "
                          f"'demo')")
     workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
+    if is_shard_source(source):
+        from .shard_loaders import build_shard_loader
+
+        if kind == "nvjpeg" and requested == "auto":  # nvjpeg reads folders: shards go to PIL
+            kind = "pil"
+        return build_shard_loader(str(source), kind, batch_size, img_size, seed=seed, rank=rank,
+                                  world_size=world_size, device=dev, strict=strict, num_workers=workers,
+                                  with_labels=with_labels, dtype=dtype, shuffle=shuffle, drop_last=drop_last,
+                                  scale=scale, verify=verify, streams=shard_streams, block=shard_block)
     images = scan_source(source, strict, verify, rank, world_size)
     if with_labels and all(lab < 0 for lab in images.labels):
         raise ValueError(f"with_labels=True but {str(source)!r} has no labels (use an ImageFolder "
