@@ -9,11 +9,13 @@ The ops are registered with ``torch.library.custom_op`` + ``register_fake`` + ``
 fake-tensor / functionalization tracing launches the kernel on fake tensors and fails; custom_op keeps
 one registration that is tested on CPU and used unchanged on the GPU (Inductor calls it as an opaque op).
 """
+from ._utils import backend_choices
 from .masked_loss import masked_loss, masked_loss_reference
 from .patch_embed_gather import patch_embed_gather, patch_embed_gather_reference
 from .unshuffle import unshuffle_mask_tokens, unshuffle_mask_tokens_reference
 
 __all__ = [
+    "backend_choices",
     "masked_loss",
     "masked_loss_reference",
     "patch_embed_gather",

@@ -1,8 +1,11 @@
 """Small helpers shared by the Triton ops: backend choice, interpreter detection, NaN poisoning."""
 from __future__ import annotations
 
+import contextlib
+import inspect
+import logging
 import os
-from typing import Sequence
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Sequence, Tuple
 
 import torch
 
@@ -98,20 +101,144 @@ def check_patch_grid(imgs: torch.Tensor, p: int, op: str) -> tuple:
     return N, C, H, W, H // p, W // p
 
 
-def compile_for_gpu(kernel, arg_types: dict, constexprs: dict, options: dict | None = None, arch: int = 90):
-    """Compile a ``@triton.jit`` kernel ahead of time to a CUDA binary (default sm_90, H100) with no
-    GPU present: catches GPU-only errors that the interpreter cannot (tl.dot dtypes, layouts, ptxas).
+# ----------------------------------------------------------------------------- per-shape choice
+log = logging.getLogger("mae_fast.kernels")
+_CHOICES: Dict[str, Dict[str, str]] = {}
 
-    arg_types maps pointer / non-default argument names to Triton type strings ("*bf16", "i64");
-    other non-constexpr arguments are "i32". Must run without ``TRITON_INTERPRET=1``.
-    """
+
+def backend_choices() -> Dict[str, Dict[str, str]]:
+    """{op: {shape: implementation}} chosen so far by timing (for logs and benchmark records)."""
+    return {op: dict(shapes) for op, shapes in _CHOICES.items()}
+
+
+def _median_ms(fn: Callable[[], Any], reps: int = 5) -> float:
+    fn()  # warm-up: builds the kernels, allocates
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def choose_by_timing(op: str, key: str, candidates: Dict[str, Callable[[], torch.Tensor]],
+                     device: torch.device) -> torch.Tensor:
+    """Run the fastest of ``candidates`` (equal results up to float rounding) and return its output.
+
+    On CUDA each candidate is timed once per ``key`` (CUDA events, median of 5 after a warm-up), the
+    choice is cached and logged; elsewhere, and while a CUDA graph is being captured, nothing is timed
+    and the first candidate runs (then nothing is cached either)."""
+    chosen = _CHOICES.get(op, {}).get(key)
+    if chosen is None:
+        first = next(iter(candidates))
+        if torch.device(device).type != "cuda" or torch.cuda.is_current_stream_capturing():
+            return candidates[first]()
+        times = {name: _median_ms(fn) for name, fn in candidates.items()}
+        chosen = min(times, key=times.get)
+        _CHOICES.setdefault(op, {})[key] = chosen
+        log.info("%s %s: using %s (%s)", op, key, chosen, ", ".join(f"{n} {t:.3f} ms" for n, t in times.items()))
+    return candidates[chosen]()
+
+
+# ----------------------------------------------------------------------------- launches
+class Launch(NamedTuple):
+    """One kernel launch: the kernel, its grid, every argument by name (tensors, ints, constexprs)
+    and the compile options (num_warps, num_stages)."""
+
+    kernel: Any
+    grid: Tuple[int, ...]
+    args: Dict[str, Any]
+    options: Dict[str, int]
+
+    @property
+    def name(self) -> str:
+        return self.kernel.fn.__name__
+
+
+_RECORDERS: List[Tuple[List[Launch], bool]] = []
+
+
+@contextlib.contextmanager
+def recording_launches(execute: bool = True) -> Iterator[List[Launch]]:
+    """Collect every kernel launch of the ops in a list; with ``execute=False`` nothing runs (the
+    ops' launch code can then be driven with meta tensors, e.g. to build kernels ahead of time)."""
+    record: List[Launch] = []
+    _RECORDERS.append((record, execute))
+    try:
+        yield record
+    finally:
+        _RECORDERS.pop()
+
+
+def launch(kernel, grid: Tuple[int, ...], args: Dict[str, Any], options: Dict[str, int]) -> None:
+    """Launch ``kernel[grid](**args, **options)`` (the only place the ops launch from), or record it."""
+    if _RECORDERS:
+        record, execute = _RECORDERS[-1]
+        record.append(Launch(kernel, tuple(grid), dict(args), dict(options)))
+        if not execute:
+            return
+    kernel[tuple(grid)](**args, **options)
+
+
+_TRITON_DTYPES = {
+    torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
+    torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8",
+    torch.bool: "i1",
+}
+
+
+def arg_specialization(value: Any) -> Tuple[str, Any]:
+    """(Triton type, specialization) that the JIT runtime gives a non-constexpr argument: pointers and
+    ints get "D" when divisible by 16 (the tt.divisibility=16 hint), the int 1 and None become
+    constexprs, floats and bools are not specialized (tested against triton's own rule)."""
+    if isinstance(value, torch.Tensor):
+        return "*" + _TRITON_DTYPES[value.dtype], "D" if value.data_ptr() % 16 == 0 else ""
+    if value is None:
+        return "constexpr", None
+    if isinstance(value, bool):
+        return "u1", None
+    if isinstance(value, int):
+        if value == 1:
+            return "constexpr", 1
+        kind = "i32" if -2**31 <= value < 2**31 else ("u64" if value >= 2**63 else "i64")
+        return kind, "D" if value % 16 == 0 else ""
+    if isinstance(value, float):
+        return "fp32", None
+    raise TypeError(f"no Triton specialization rule for an argument of type {type(value).__name__}")
+
+
+def constexpr_params(kernel) -> List[str]:
+    """Names of a ``@triton.jit`` kernel's ``tl.constexpr`` parameters (compiled or interpreted)."""
+    params = inspect.signature(kernel.fn).parameters.values()
+    return [p.name for p in params
+            if p.annotation is tl.constexpr or (isinstance(p.annotation, str) and p.annotation.endswith("constexpr"))]
+
+
+def launch_signature(lc: Launch) -> Dict[str, Tuple[str, Any]]:
+    """Every argument of a launch as (Triton type or "constexpr", specialization or constexpr value)."""
+    constexprs = set(constexpr_params(lc.kernel))
+    return {name: ("constexpr", value) if name in constexprs else arg_specialization(value)
+            for name, value in lc.args.items()}
+
+
+def compile_launch(lc: Launch, arch: int = 90):
+    """Compile a recorded launch ahead of time to a CUDA binary (no GPU needed) exactly as the JIT
+    runtime would for those arguments: same types, constexprs and divisibility-by-16 hints."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     if interpreting():
-        raise RuntimeError("compile_for_gpu cannot run under TRITON_INTERPRET=1")
-    names = kernel.arg_names
-    signature = {a: "constexpr" if a in constexprs else arg_types.get(a, "i32") for a in names}
-    src = ASTSource(fn=kernel, signature=signature,
-                    constexprs={(names.index(k),): v for k, v in constexprs.items()})
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(options or {}))
+        raise RuntimeError("compile_launch cannot run under TRITON_INTERPRET=1")
+    names = lc.kernel.arg_names
+    missing = [a for a in names if a not in lc.args]
+    if missing:
+        raise ValueError(f"{lc.name}: launch lacks arguments {missing}")
+    spec = launch_signature(lc)
+    signature = {a: spec[a][0] for a in names}
+    constexprs = {(names.index(a),): spec[a][1] for a in names if spec[a][0] == "constexpr"}
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in names if spec[a][1] == "D"}
+    src = ASTSource(fn=lc.kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(lc.options))

@@ -9,16 +9,19 @@ gather / cat / add (four full-size intermediates) collapse into this single writ
 
 Backward (one Triton kernel, one pass over grad_out): rows that came from x are scattered to grad_x
 (every grad_x row is written exactly once, since ids_restore is a permutation); rows that came from the
-mask token are summed in float32 per program into a (programs, Dd) partial buffer, reduced afterwards in
-a fixed order (no atomics: same inputs give the same bits). grad of pos (frozen in MAE) is a torch sum.
+mask token are summed in float32: each program walks a fixed range of rows (the partition depends on the
+shape only) into one row of a small (<= 256, Dd) partial buffer, which torch sums afterwards in a fixed
+order (no atomics: same inputs give the same bits). grad of pos (frozen in MAE) is a torch sum.
 """
 from __future__ import annotations
 
 import torch
 
-from ._utils import interpreting, new_empty, tl, triton, use_triton
+from typing import Dict, Tuple
 
-__all__ = ["unshuffle_mask_tokens", "unshuffle_mask_tokens_reference"]
+from ._utils import launch, new_empty, tl, triton, use_triton
+
+__all__ = ["unshuffle_mask_tokens", "unshuffle_mask_tokens_reference", "unshuffle_config"]
 
 
 # ----------------------------------------------------------------------------- reference
@@ -69,34 +72,46 @@ def _unshuffle_fwd_kernel(
 @triton.jit
 def _unshuffle_bwd_kernel(
     g_ptr, ids_ptr, gx_ptr, part_ptr,
-    R, L, K, Dd, T,
+    R, L, K, Dd, T, ROWS,
     s_gn, s_gt, s_gd,
     s_idn, s_idl,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_r = tl.program_id(0)
+    """Program (c, d) walks output rows c*ROWS .. (c+1)*ROWS: scatters rows from x to grad_x and sums
+    the mask-token rows in float32, in a fixed order, into part[c] (no atomics)."""
+    pid_c = tl.program_id(0)
     pid_d = tl.program_id(1)
-    r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    r_ok = r < R
-    n = r // (L + 1)
-    j = r % (L + 1)
-    src = tl.load(ids_ptr + n.to(tl.int64) * s_idn + (j - 1) * s_idl, mask=r_ok & (j > 0), other=-1)
-    to_x = (j == 0) | (src < K)
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = d < Dd
-    ok = r_ok[:, None] & d_ok[None, :]
-    g = tl.load(g_ptr + n.to(tl.int64)[:, None] * s_gn + j[:, None] * s_gt + d[None, :] * s_gd,
-                mask=ok, other=0.0).to(tl.float32)
-    dst = n.to(tl.int64) * T + (src + 1)
-    tl.store(gx_ptr + dst[:, None] * Dd + d[None, :], g.to(gx_ptr.dtype.element_ty), mask=ok & to_x[:, None])
-    part = tl.sum(tl.where(to_x[:, None], 0.0, g), axis=0)
-    tl.store(part_ptr + pid_r.to(tl.int64) * Dd + d, part, mask=d_ok)
+    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    first = pid_c * ROWS
+    for r0 in range(first, first + ROWS, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        r_ok = r < R
+        n = r // (L + 1)
+        j = r % (L + 1)
+        src = tl.load(ids_ptr + n.to(tl.int64) * s_idn + (j - 1) * s_idl, mask=r_ok & (j > 0), other=-1)
+        to_x = (j == 0) | (src < K)
+        ok = r_ok[:, None] & d_ok[None, :]
+        g = tl.load(g_ptr + n.to(tl.int64)[:, None] * s_gn + j[:, None] * s_gt + d[None, :] * s_gd,
+                    mask=ok, other=0.0).to(tl.float32)
+        dst = n.to(tl.int64) * T + (src + 1)
+        tl.store(gx_ptr + dst[:, None] * Dd + d[None, :], g.to(gx_ptr.dtype.element_ty), mask=ok & to_x[:, None])
+        acc += tl.sum(tl.where(to_x[:, None], 0.0, g), axis=0)
+    tl.store(part_ptr + pid_c.to(tl.int64) * Dd + d, acc, mask=d_ok)
 
 
-def _blocks(Dd: int):
-    if interpreting():
-        return 128, min(1024, triton.next_power_of_2(Dd))
-    return 8, min(256, triton.next_power_of_2(Dd))
+# ----------------------------------------------------------------------------- launch configuration
+MAX_PARTIALS = 256
+
+
+def unshuffle_config(R: int, Dd: int) -> Dict[str, int]:
+    """Tiles of both unshuffle kernels for R = N * (1 + L) output rows of width Dd, and the rows each
+    backward program walks (a multiple of BLOCK_R; at most MAX_PARTIALS partial rows of the mask-token
+    gradient); used by the launch, the interpreter tests and ``mae_fast.bench.kernel_resources``."""
+    block_r = 8
+    rows = max(4 * block_r, triton.cdiv(triton.cdiv(max(R, 1), MAX_PARTIALS), block_r) * block_r)
+    return dict(BLOCK_R=block_r, BLOCK_D=min(256, triton.next_power_of_2(Dd)), ROWS=rows, num_warps=4)
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -104,24 +119,28 @@ def _out_dtype(x: torch.Tensor, mask_token: torch.Tensor, pos: torch.Tensor) -> 
     return torch.promote_types(torch.promote_types(x.dtype, mask_token.dtype), pos.dtype)
 
 
-@torch.library.custom_op("mae_fast::unshuffle_mask_tokens", mutates_args=())
-def _unshuffle_op(x: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+def _forward(x: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     N, T, Dd = x.shape
     L = ids_restore.shape[1]
     out = new_empty((N, L + 1, Dd), _out_dtype(x, mask_token, pos), x.device)
     R = N * (L + 1)
     if R == 0 or Dd == 0:
         return out
-    BLOCK_R, BLOCK_D = _blocks(Dd)
+    cfg = unshuffle_config(R, Dd)
     mt = mask_token.reshape(Dd)
     pos2 = pos.reshape(L + 1, Dd)
-    grid = (triton.cdiv(R, BLOCK_R), triton.cdiv(Dd, BLOCK_D))
-    _unshuffle_fwd_kernel[grid](
-        x, mt, ids_restore, pos2, out, R, L, T - 1, Dd,
-        *x.stride(), mt.stride(0), *ids_restore.stride(), *pos2.stride(),
-        BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
-    )
+    grid = (triton.cdiv(R, cfg["BLOCK_R"]), triton.cdiv(Dd, cfg["BLOCK_D"]))
+    launch(_unshuffle_fwd_kernel, grid, dict(
+        x_ptr=x, mt_ptr=mt, ids_ptr=ids_restore, pos_ptr=pos2, out_ptr=out, R=R, L=L, K=T - 1, Dd=Dd,
+        **dict(zip(("s_xn", "s_xt", "s_xd"), x.stride())), s_md=mt.stride(0),
+        **dict(zip(("s_idn", "s_idl"), ids_restore.stride())), **dict(zip(("s_pt", "s_pd"), pos2.stride())),
+        BLOCK_R=cfg["BLOCK_R"], BLOCK_D=cfg["BLOCK_D"]), dict(num_warps=cfg["num_warps"]))
     return out
+
+
+@torch.library.custom_op("mae_fast::unshuffle_mask_tokens", mutates_args=())
+def _unshuffle_op(x: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    return _forward(x, mask_token, ids_restore, pos)
 
 
 @_unshuffle_op.register_fake
@@ -130,35 +149,40 @@ def _(x, mask_token, ids_restore, pos):
     return x.new_empty((N, ids_restore.shape[1] + 1, Dd), dtype=_out_dtype(x, mask_token, pos))
 
 
+def _backward_kernels(grad_out: torch.Tensor, ids_restore: torch.Tensor, T: int, x_dtype: torch.dtype
+                      ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Returns (grad_x (N, T, Dd) in x's dtype, float32 partial sums of the mask-token grad, one row per
+    backward row range: at most MAX_PARTIALS x Dd)."""
+    N, L = ids_restore.shape
+    Dd = grad_out.shape[-1]
+    R = N * (L + 1)
+    cfg = unshuffle_config(R, Dd)
+    n_part = triton.cdiv(R, cfg["ROWS"])
+    grad_x = new_empty((N, T, Dd), x_dtype, grad_out.device)
+    part = new_empty((n_part, Dd), torch.float32, grad_out.device)
+    if R == 0 or Dd == 0:
+        return grad_x, part.zero_()
+    launch(_unshuffle_bwd_kernel, (n_part, triton.cdiv(Dd, cfg["BLOCK_D"])), dict(
+        g_ptr=grad_out, ids_ptr=ids_restore, gx_ptr=grad_x, part_ptr=part, R=R, L=L, K=T - 1, Dd=Dd, T=T,
+        ROWS=cfg["ROWS"], **dict(zip(("s_gn", "s_gt", "s_gd"), grad_out.stride())),
+        **dict(zip(("s_idn", "s_idl"), ids_restore.stride())),
+        BLOCK_R=cfg["BLOCK_R"], BLOCK_D=cfg["BLOCK_D"]), dict(num_warps=cfg["num_warps"]))
+    return grad_x, part
+
+
 @torch.library.custom_op("mae_fast::unshuffle_mask_tokens_backward", mutates_args=())
 def _unshuffle_bwd_op(
     grad_out: torch.Tensor, ids_restore: torch.Tensor, T: int, x_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (grad_x (N, T, Dd) in x's dtype, float32 per-program partial sums of the mask-token grad)."""
-    N, L = ids_restore.shape
-    Dd = grad_out.shape[-1]
-    R = N * (L + 1)
-    BLOCK_R, BLOCK_D = _blocks(Dd)
-    n_prog = triton.cdiv(R, BLOCK_R)
-    grad_x = new_empty((N, T, Dd), x_dtype, grad_out.device)
-    part = new_empty((n_prog, Dd), torch.float32, grad_out.device)
-    if R == 0 or Dd == 0:
-        return grad_x, part.zero_()
-    grid = (n_prog, triton.cdiv(Dd, BLOCK_D))
-    _unshuffle_bwd_kernel[grid](
-        grad_out, ids_restore, grad_x, part, R, L, T - 1, Dd, T,
-        *grad_out.stride(), *ids_restore.stride(),
-        BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
-    )
-    return grad_x, part
+    return _backward_kernels(grad_out, ids_restore, T, x_dtype)
 
 
 @_unshuffle_bwd_op.register_fake
 def _(grad_out, ids_restore, T, x_dtype):
     N, L = ids_restore.shape
     Dd = grad_out.shape[-1]
-    n_prog = triton.cdiv(N * (L + 1), _blocks(Dd)[0])
-    return grad_out.new_empty((N, T, Dd), dtype=x_dtype), grad_out.new_empty((n_prog, Dd), dtype=torch.float32)
+    n_part = triton.cdiv(N * (L + 1), unshuffle_config(N * (L + 1), Dd)["ROWS"])
+    return grad_out.new_empty((N, T, Dd), dtype=x_dtype), grad_out.new_empty((n_part, Dd), dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output) -> None:

@@ -67,8 +67,9 @@ class MAEConfig:
 class PatchEmbed(nn.Module):
     """Stride-p convolution (key ``proj``, as timm's) whose weight also serves a GEMM on patches.
 
-    The conv weight is (D, C, p, p), i.e. (c, py, px) order; ``weight_in_patch_order`` permutes it
-    to patchify's (py, px, c) order so that one GEMM on gathered patches equals conv-then-gather.
+    The conv weight is (D, C, p, p); ``weight_in_patch_order`` views it as the (D, C*p*p) matrix in
+    its own (c, py, px) order, the order ``patch_embed_gather`` reads patch pixels in, so one GEMM on
+    gathered patches equals conv-then-gather (no permuted copy of the weight).
     """
 
     def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
@@ -77,9 +78,9 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def weight_in_patch_order(self) -> torch.Tensor:
-        """Conv weight as a (D, p*p*C) matrix in patchify's (py, px, c) order."""
+        """Conv weight as a (D, C*p*p) matrix in its (c, py, px) order: a view (no copy) when contiguous."""
         w = self.proj.weight
-        return w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)
+        return w.reshape(w.shape[0], -1)
 
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:
         """All patches, as the official code: (N, C, H, W) -> (N, L, D)."""

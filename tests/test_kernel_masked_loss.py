@@ -10,9 +10,8 @@ import torch
 
 from mae_fast import mae_vit_tiny_patch8
 from mae_fast.kernels import masked_loss, masked_loss_reference
-from kernel_helpers import compile_for_h100
+from kernel_helpers import DEVICE, compile_for_h100
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 
 
@@ -34,21 +33,21 @@ def _inputs(N, p, grid, ratio, dtype, seed, C=3):
 
 
 CASES = [
-    # N, p, grid, ratio, pred dtype, norm_pix_loss, masked-only predictions
-    (2, 16, 7, 0.75, F32, True, False),     # L 49, P 768
-    (1, 16, 14, 0.5, BF16, True, True),     # L 196
-    (1, 16, 16, 0.9, F16, False, False),    # L 256
-    (1, 14, 32, 0.75, BF16, True, True),    # L 1024, P 588
-    (1, 14, 32, 0.75, F32, True, False),
-    (2, 14, 14, 0.75, F32, False, True),
+    # N, p, grid, ratio, pred dtype, norm_pix_loss, masked-only predictions, channels
+    (2, 16, 5, 0.75, F32, True, False, 3),     # ViT-B/L/16: P 768 = 512 + 256
+    (1, 16, 7, 0.5, BF16, True, True, 3),      # batch 1
+    (1, 16, 6, 0.9, F16, False, False, 3),
+    (1, 14, 6, 0.75, BF16, True, True, 3),     # ViT-H/14: P 588 = 512 + 76 of 128
+    (2, 14, 5, 0.75, F32, True, False, 3),
+    (2, 14, 4, 0.75, F32, False, True, 3),
+    (3, 8, 3, 0.6, BF16, True, False, 3),      # P 192 = 128 + 64, odd batch
+    (1, 8, 5, 0.75, F32, True, False, 1),      # P 64: a power of two, no tail part
 ]
-
-
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"N{c[0]}-p{c[1]}-L{c[2]**2}-r{c[3]}-{c[4]}-norm{c[5]}-sub{c[6]}")
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"N{c[0]}-p{c[1]}-C{c[7]}-L{c[2]**2}-r{c[3]}-{c[4]}-norm{c[5]}-sub{c[6]}")
 def test_forward_backward_matches_reference(case):
-    N, p, grid, ratio, dtype, norm, sub = case
+    N, p, grid, ratio, dtype, norm, sub, C = case
     seed = 3000 + CASES.index(case)
-    pred, imgs, mask, ids_masked = _inputs(N, p, grid, ratio, dtype, seed)
+    pred, imgs, mask, ids_masked = _inputs(N, p, grid, ratio, dtype, seed, C)
     if sub:
         pred = torch.gather(pred, 1, ids_masked.unsqueeze(-1).expand(-1, -1, pred.shape[-1]))
     else:
@@ -132,16 +131,33 @@ def test_torch_compile_no_graph_breaks():
     torch.testing.assert_close(grad, grad_ref)
 
 
+def test_lanes_busy_at_headline_patch_sizes():
+    """A patch row is a power-of-two main part plus a power-of-two tail: at P = 588 (ViT-H/14) over
+    90% of the lanes hold a pixel (BLOCK_P = 1024 left 43% idle), at P = 768 all of them."""
+    from mae_fast.kernels.masked_loss import loss_config
+
+    for P, busy in ((588, 0.9), (768, 1.0), (192, 1.0), (64, 1.0)):
+        cfg = loss_config(P)
+        assert cfg["BLOCK_A"] + cfg["BLOCK_B"] >= P and (cfg["BLOCK_B"] == 0) == (cfg["BLOCK_A"] == P)
+        assert P / (cfg["BLOCK_A"] + cfg["BLOCK_B"]) >= busy, (P, cfg)
+
+
 def test_kernels_compile_for_h100():
-    """The GPU path compiles for sm_90: bf16 predictions, norm-pix on/off, full and masked-only rows."""
+    """The GPU launches compile for sm_90: bf16 / fp16 predictions, norm-pix on/off, full and
+    masked-only rows, as the launch code builds them (the training case is in test_kernel_resources)."""
     proc = compile_for_h100("""
-        m = importlib.import_module("mae_fast.kernels.masked_loss")
-        for norm, ids in ((True, False), (True, True), (False, False)):
-            c = dict(PS=14, C=3, NORM=norm, HAS_IDS=ids, BLOCK_R=4, BLOCK_P=1024)
-            compile_for_gpu(m._loss_fwd_kernel, dict(pred_ptr="*bf16", img_ptr="*fp32", mask_ptr="*fp32",
-                            ids_ptr="*i64", part_ptr="*fp32"), c, dict(num_warps=4))
-            compile_for_gpu(m._loss_bwd_kernel, dict(pred_ptr="*bf16", img_ptr="*fp32", mask_ptr="*fp32",
-                            ids_ptr="*i64", scale_ptr="*fp32", grad_ptr="*bf16"), c, dict(num_warps=4))
+        ml = importlib.import_module("mae_fast.kernels.masked_loss")
+        meta = dict(device="meta")
+        imgs, mask = torch.empty(2, 3, 224, 224, **meta), torch.empty(2, 256, **meta)
+        ids = torch.empty(2, 256, dtype=torch.int64, **meta)[:, 64:]
+        grad_loss = torch.empty((), **meta)
+        for dt, norm, sub in ((torch.float16, True, True), (torch.bfloat16, False, False), (torch.float32, True, True)):
+            pred = torch.empty(2, 1 + (192 if sub else 256), 588, dtype=dt, **meta)[:, 1:]
+            with recording_launches(execute=False) as rec:
+                ml._forward(pred, imgs, mask, ids if sub else None, 14, norm)
+                ml._backward_kernel(grad_loss, pred, imgs, mask, ids if sub else None, 14, norm)
+            assert [lc.name for lc in rec] == ["_loss_fwd_kernel", "_loss_bwd_kernel"]
+            for lc in rec:
+                compile_launch(lc)
     """)
     assert proc.returncode == 0, proc.stderr[-4000:]
-

@@ -1,4 +1,5 @@
-"""patch_embed_gather: Triton (CPU interpreter without a GPU) against the PyTorch reference."""
+"""patch_embed_gather: Triton (CPU interpreter without a GPU, the GPU launch's tiles) against the
+PyTorch reference, and the reference against the official conv-then-gather."""
 import os
 
 if not (os.path.exists("/dev/nvidia0") or os.path.exists("/dev/nvidiactl")):
@@ -8,11 +9,10 @@ if not (os.path.exists("/dev/nvidia0") or os.path.exists("/dev/nvidiactl")):
 import pytest
 import torch
 
-from mae_fast.kernels import patch_embed_gather, patch_embed_gather_reference
+from mae_fast.kernels import backend_choices, patch_embed_gather, patch_embed_gather_reference
 from mae_fast.kernels._utils import patchify_reference
-from kernel_helpers import compile_for_h100
+from kernel_helpers import DEVICE, close, compile_for_h100
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
 
@@ -21,21 +21,13 @@ def _poison(monkeypatch):
     monkeypatch.setenv("MAE_FAST_KERNELS_POISON", "1")  # outputs start as NaN: unwritten elements fail
 
 
-def _close(a: torch.Tensor, b: torch.Tensor, tol: float, what: str) -> None:
-    assert a.shape == b.shape, what
-    assert torch.isfinite(a).all(), f"{what}: non-finite values (unwritten output?)"
-    err = (a.double() - b.double()).abs().max().item()
-    scale = b.double().abs().max().item()
-    assert err <= tol * scale + 1e-6, f"{what}: max error {err:.3g} vs scale {scale:.3g}"
-
-
 def _inputs(N, p, grid, C, D, ratio, dtype, pos_dtype, seed):
     g = torch.Generator().manual_seed(seed)
     L = grid * grid
     K = int(L * (1 - ratio))
     imgs = torch.randn(N, C, grid * p, grid * p, generator=g).to(DEVICE, dtype)
-    ids_keep = torch.argsort(torch.rand(N, L, generator=g), dim=1)[:, :K].to(DEVICE)
-    weight = (torch.randn(D, p * p * C, generator=g) * 0.05).to(DEVICE, dtype)
+    ids_keep = torch.argsort(torch.rand(N, L, generator=g), dim=1)[:, :K].to(DEVICE)  # a view, as the model's
+    weight = (torch.randn(D, C * p * p, generator=g) * 0.05).to(DEVICE, dtype)
     bias = torch.randn(D, generator=g).to(DEVICE, dtype)
     pos = torch.randn(L, D, generator=g).to(DEVICE, pos_dtype)
     return imgs, ids_keep, weight, bias, pos
@@ -43,32 +35,35 @@ def _inputs(N, p, grid, C, D, ratio, dtype, pos_dtype, seed):
 
 CASES = [
     # N, p, grid, C, D, ratio, dtype, pos dtype
-    (2, 16, 7, 3, 80, 0.75, torch.float32, torch.float32),      # L 49, P 768
-    (1, 16, 14, 3, 96, 0.5, torch.bfloat16, torch.float32),     # L 196
-    (1, 16, 16, 3, 72, 0.9, torch.float16, torch.float16),      # L 256
-    (1, 14, 32, 3, 80, 0.75, torch.bfloat16, torch.bfloat16),   # L 1024, P 588
-    (2, 14, 7, 3, 48, 0.5, torch.float32, torch.float32),       # P 588
+    (2, 16, 5, 3, 1024, 0.75, torch.float32, torch.float32),    # ViT-L/16: P 768, D 1024
+    (1, 14, 6, 3, 1280, 0.75, torch.bfloat16, torch.float32),   # ViT-H/14: P 588 (rows padded), D 1280, batch 1
+    (2, 14, 7, 3, 80, 0.5, torch.float32, torch.float32),       # P 588, width not a multiple of BLOCK_N
+    (1, 16, 14, 3, 96, 0.5, torch.float16, torch.float16),      # L 196
+    (3, 4, 5, 3, 40, 0.6, torch.bfloat16, torch.bfloat16),      # P 48: p a power of two, P not a multiple of BLOCK_K
+    (1, 7, 3, 1, 24, 0.5, torch.float32, torch.float32),        # one channel, p 7
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"N{c[0]}-p{c[1]}-L{c[2]**2}-D{c[4]}-r{c[5]}-{c[6]}")
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"N{c[0]}-p{c[1]}-C{c[3]}-L{c[2]**2}-D{c[4]}-r{c[5]}-{c[6]}")
 def test_forward_backward_matches_reference(case):
     N, p, grid, C, D, ratio, dtype, pos_dtype = case
     seed = 1000 + CASES.index(case)
     imgs, ids_keep, weight, bias, pos = _inputs(N, p, grid, C, D, ratio, dtype, pos_dtype, seed)
     leaves = [t.requires_grad_() for t in (imgs, weight, bias, pos)]
 
-    out = patch_embed_gather(imgs, ids_keep, weight, bias, pos, p, backend="triton")
     ref = patch_embed_gather_reference(imgs, ids_keep, weight, bias, pos, p)
-    assert out.dtype == ref.dtype == torch.promote_types(dtype, pos_dtype)
-    _close(out, ref, TOL[dtype], "forward")
+    assert ref.dtype == dtype  # the GEMM dtype, not the position table's
+    for impl in ("fused", "gemm"):
+        out = patch_embed_gather(imgs, ids_keep, weight, bias, pos, p, backend="triton", impl=impl)
+        assert out.dtype == dtype, impl
+        close(out, ref, TOL[dtype], f"forward ({impl})")
 
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE, out.dtype)
     grads = torch.autograd.grad(out, leaves, grad_out)
     grads_ref = torch.autograd.grad(ref, leaves, grad_out)
     for name, a, b, leaf in zip(("imgs", "weight", "bias", "pos"), grads, grads_ref, leaves):
         assert a.dtype == leaf.dtype, name
-        _close(a, b, TOL[dtype], f"grad {name}")
+        close(a, b, TOL[dtype], f"grad {name}")
 
     # the image gradient is exactly zero at masked patches
     kept = torch.zeros(N, grid * grid, dtype=torch.bool, device=DEVICE)
@@ -76,8 +71,26 @@ def test_forward_backward_matches_reference(case):
     assert (patchify_reference(grads[0], p)[~kept] == 0).all()
 
 
+@pytest.mark.parametrize("p,C,dtype", [(14, 3, torch.float64), (16, 3, torch.float32), (7, 1, torch.float64)])
+def test_reference_is_conv_then_gather(p, C, dtype):
+    """The reference, with the conv weight viewed in its own (c, py, px) order, is the official
+    embed-all-patches conv, + positions, then the gather of the kept rows."""
+    torch.manual_seed(7)
+    conv = torch.nn.Conv2d(C, 48, p, p).to(dtype)
+    grid, N = 4, 2
+    imgs = torch.randn(N, C, grid * p, grid * p, dtype=dtype)
+    ids_keep = torch.argsort(torch.rand(N, grid * grid), dim=1)[:, :5]
+    pos = torch.randn(grid * grid, 48, dtype=dtype)
+    full = conv(imgs).flatten(2).transpose(1, 2) + pos
+    expect = torch.gather(full, 1, ids_keep[..., None].expand(-1, -1, 48))
+    got = patch_embed_gather_reference(imgs, ids_keep, conv.weight.reshape(48, -1), conv.bias, pos, p)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(got, expect, rtol=tol, atol=tol)
+
+
 def test_partial_requires_grad_and_autocast():
-    """Only weight/bias need grad (pretraining: pos frozen, images data); bf16 autocast like F.linear."""
+    """Only weight/bias need grad (pretraining: pos frozen, images data); bf16 autocast like F.linear,
+    output in bf16 (the float32 position table does not promote it)."""
     p = 16
     imgs, ids_keep, weight, bias, pos = _inputs(2, p, 7, 3, 64, 0.75, torch.float32, torch.float32, 77)
     weight.requires_grad_()
@@ -86,23 +99,37 @@ def test_partial_requires_grad_and_autocast():
     with torch.autocast(dev, dtype=torch.bfloat16):
         out = patch_embed_gather(imgs, ids_keep, weight, bias, pos, p, backend="triton")
         ref = patch_embed_gather(imgs, ids_keep, weight, bias, pos, p, backend="torch")
-    assert out.dtype == ref.dtype == torch.float32
-    _close(out, ref, TOL[torch.bfloat16], "autocast forward")
-    gw, gb = torch.autograd.grad(out.sum(), (weight, bias))
-    rw, rb = torch.autograd.grad(ref.sum(), (weight, bias))
+    assert out.dtype == ref.dtype == torch.bfloat16
+    close(out, ref, TOL[torch.bfloat16], "autocast forward")
+    gw, gb = torch.autograd.grad(out.float().sum(), (weight, bias))
+    rw, rb = torch.autograd.grad(ref.float().sum(), (weight, bias))
     assert gw.dtype == weight.dtype
-    _close(gw, rw, TOL[torch.bfloat16], "autocast grad weight")
-    _close(gb, rb, TOL[torch.bfloat16], "autocast grad bias")
+    close(gw, rw, TOL[torch.bfloat16], "autocast grad weight")
+    close(gb, rb, TOL[torch.bfloat16], "autocast grad bias")
 
 
-def test_backend_dispatch():
+def test_backend_dispatch_and_errors():
     imgs, ids_keep, weight, bias, pos = _inputs(1, 16, 7, 3, 32, 0.75, torch.float32, torch.float32, 5)
     a = patch_embed_gather(imgs, ids_keep, weight, bias, pos, 16, backend="torch")
     b = patch_embed_gather(imgs, ids_keep, weight, bias, pos, 16)  # auto
     assert torch.equal(a, patch_embed_gather_reference(imgs, ids_keep, weight, bias, pos, 16))
-    _close(b, a, 1e-4, "auto")  # CPU: the reference itself; CUDA: the Triton kernel
+    close(b, a, 1e-4, "auto")  # CPU: the reference itself; CUDA: the Triton kernel
     with pytest.raises(ValueError, match="backend"):
         patch_embed_gather(imgs, ids_keep, weight, bias, pos, 16, backend="cuda")
+    with pytest.raises(ValueError, match="impl must be one of"):
+        patch_embed_gather(imgs, ids_keep, weight, bias, pos, 16, backend="triton", impl="cublas")
+    with pytest.raises(ValueError, match=r"weight \(32, 588\) \(want \(D, 768\)\)"):
+        patch_embed_gather(imgs, ids_keep, weight[:, :588], bias, pos, 16, backend="triton")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU behaviour of the timed choice")
+def test_auto_impl_is_not_timed_on_cpu():
+    """On CPU (interpreter) "auto" runs the fused kernel and records no timed choice."""
+    imgs, ids_keep, weight, bias, pos = _inputs(1, 16, 5, 3, 48, 0.75, torch.float32, torch.float32, 8)
+    auto = patch_embed_gather(imgs, ids_keep, weight, bias, pos, 16, backend="triton", impl="auto")
+    fused = patch_embed_gather(imgs, ids_keep, weight, bias, pos, 16, backend="triton", impl="fused")
+    assert torch.equal(auto, fused)
+    assert "patch_embed_gather" not in backend_choices()
 
 
 def test_torch_compile_no_graph_breaks():
@@ -120,24 +147,28 @@ def test_torch_compile_no_graph_breaks():
     (gw,) = torch.autograd.grad(loss, weight)
     loss_ref = f(imgs, ids_keep, weight)
     (gw_ref,) = torch.autograd.grad(loss_ref, weight)
-    _close(loss, loss_ref, 1e-5, "compiled loss")
-    _close(gw, gw_ref, 1e-5, "compiled grad")
+    close(loss, loss_ref, 1e-5, "compiled loss")
+    close(gw, gw_ref, 1e-5, "compiled grad")
 
 
 def test_kernels_compile_for_h100():
-    """The GPU path (bf16 / fp16 wgmma and fp32 IEEE tl.dot, gather, scatter) compiles for sm_90."""
+    """The GPU launches (fp16 wgmma and fp32 IEEE tl.dot; gather; image-gradient scatter) compile for
+    sm_90 as the launch code builds them at ViT-H/14 (bf16 is covered by test_kernel_resources)."""
     proc = compile_for_h100("""
-        m = importlib.import_module("mae_fast.kernels.patch_embed_gather")
-        for wdt, f32 in (("bf16", False), ("fp16", False), ("fp32", True)):
-            types = dict(img_ptr="*fp32", ids_ptr="*i64", w_ptr="*" + wdt, b_ptr="*" + wdt,
-                         pos_ptr="*fp32", out_ptr="*fp32")
-            k = compile_for_gpu(m._pe_fwd_kernel, types, dict(PS=16, C=3, BLOCK_M=64, BLOCK_N=128,
-                                BLOCK_K=64, DOT_F32=f32), dict(num_warps=4, num_stages=3))
-            assert f32 or "wgmma" in k.asm["ptx"]
-        compile_for_gpu(m._pe_gather_kernel, dict(img_ptr="*fp32", ids_ptr="*i64", out_ptr="*bf16"),
-                        dict(PS=14, C=3, BLOCK_M=16, BLOCK_P=1024))
-        compile_for_gpu(m._pe_scatter_kernel, dict(gp_ptr="*bf16", slot_ptr="*i32", gimg_ptr="*fp32"),
-                        dict(PS=14, C=3, BLOCK_M=16, BLOCK_P=1024))
+        pe = importlib.import_module("mae_fast.kernels.patch_embed_gather")
+        meta = dict(device="meta")
+        for wdt in (torch.float16, torch.float32):
+            imgs = torch.empty(2, 3, 224, 224, **meta)
+            ids = torch.empty(2, 256, dtype=torch.int64, **meta)[:, :64]
+            w, b = torch.empty(1280, 588, dtype=wdt, **meta), torch.empty(1280, dtype=wdt, **meta)
+            pos = torch.empty(1, 257, 1280, **meta)[0, 1:]
+            with recording_launches(execute=False) as rec:
+                pe._forward_fused(imgs, ids, w, b, pos, 14)
+                pe._forward_gemm(imgs, ids, w, b, pos, 14)
+                pe._scatter_grad(torch.empty(128, 588, dtype=wdt, **meta), ids, imgs, 14)
+            assert [lc.name for lc in rec] == ["_pe_fwd_kernel", "_pe_gather_kernel", "_pe_scatter_kernel"], rec
+            for lc in rec:
+                k = compile_launch(lc)
+                assert lc.name != "_pe_fwd_kernel" or wdt == torch.float32 or "wgmma" in k.asm["ptx"]
     """)
     assert proc.returncode == 0, proc.stderr[-4000:]
-
