@@ -1,45 +1,100 @@
 """``mae-bench``: full MAE training steps per second, MFU and peak memory, side by side with peers.
 
-Variants, same batch and precision policy, in one run:
-  fused     mae-fast as it trains: Triton kernels on CUDA, auto attention backend, bf16 autocast
-  torch     the same with ``kernel_backend="torch"`` (plain PyTorch ops)
-  compile   ``fused`` under ``torch.compile``
-  official  the official computation (embed all patches, math attention) with fp16 autocast + GradScaler
-  hf        Hugging Face ``ViTMAEForPreTraining`` with SDPA (when transformers is installed)
+Variants, same model, batch and synthetic images, in one run (``--variants``; see VARIANTS):
+  official  what the official code does on today's torch: every patch embedded, explicit softmax
+            attention, fp16 autocast + GradScaler (unscale, grad norm), torch AdamW (default foreach)
+            over the official param groups, loss.item() + synchronize per step. The baseline of ratios.
+  fused     mae-fast as it trains by default: Triton kernels (after their self-test), attention chosen
+            per site, --compile auto (per-block on CUDA), --precision, the StepRunner step
+  eager     fused with --compile off           torch    fused with the PyTorch ops, no Triton kernels
+  compile   fused with --compile model         bf16act  fused with a bf16 residual stream
+  graphs    fused with the whole step (forward, backward, fused capturable AdamW) in one CUDA graph
+  no_ckpt   fused without activation checkpointing (where the preset checkpoints)
+  hf        Hugging Face ViTMAEForPreTraining (SDPA), the StepRunner step
 
     mae-bench --preset vit_l16_224
-    mae-bench --device cpu --model mae_vit_tiny_patch8 --batch-size 8 --steps 3
+    mae-bench --device cpu --model mae_vit_tiny_patch8 --img-size 32 --batch-size 8 --steps 3
+
+Every row records what actually ran (kernels after the self-test, attention per site, compile mode,
+precision, optimizer, clocks after timing); a row whose kernels fell back is labelled so and gets no
+ratio. Records are written after every row, to bench/results/ on a GPU and to $MAE_RESULTS_DIR.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
+import gc
 import json
 import math
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
+import torch.nn as nn
 
-from mae_fast.bench.records import record_header, write_result
+from mae_fast.attention import BACKEND_NAMES
+from mae_fast.bench.records import nvidia_smi, record_header, utc_stamp, write_result
+from mae_fast.compile import COMPILE_BACKENDS, COMPILE_MODES, apply_compile, resolve_compile_mode
+from mae_fast.device import DeviceError, autocast_dtype, autocast_for, resolve_device, synchronize
 from mae_fast.flops import build_on_meta, count_flops
-from mae_fast.models_mae import MODELS, create_model
+from mae_fast.models_mae import ACTIVATION_DTYPES, MODELS, create_model
+from mae_fast.train.distributed import DistInfo
+from mae_fast.train.loop import StepRunner
+from mae_fast.train.optim import build_adamw, param_groups_weight_decay, set_lr
 
-VARIANTS = ("fused", "torch", "compile", "official", "hf")
+LR, BETAS, WEIGHT_DECAY = 1.5e-4, (0.9, 0.95), 0.05  # the recipe's (lr is blr at batch 256)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One benchmarked configuration: overrides of the command line's mae-fast settings."""
+
+    what: str
+    kind: str = "mae"  # mae | official | hf
+    kernels: str = "auto"
+    compile: Optional[str] = None  # None: --compile
+    activation_dtype: Optional[str] = None  # None: --activation-dtype
+    checkpointing: bool = True  # False: no activation checkpointing whatever the preset says
+    graphs: bool = False
+
+
+VARIANTS: Dict[str, Variant] = {
+    "official": Variant("official-equivalent: embed all, math attention, fp16 + GradScaler, foreach AdamW",
+                        kind="official", kernels="torch", compile="off"),
+    "fused": Variant("mae-fast default: Triton kernels, attention per site, --compile, fused AdamW"),
+    "eager": Variant("fused, compile off", compile="off"),
+    "torch": Variant("fused with the PyTorch ops instead of the Triton kernels", kernels="torch"),
+    "compile": Variant("fused, whole model compiled", compile="model"),
+    "bf16act": Variant("fused, bf16 residual stream", activation_dtype="bf16"),
+    "graphs": Variant("fused, whole step captured in one CUDA graph (capturable fused AdamW)", graphs=True),
+    "no_ckpt": Variant("fused without activation checkpointing", checkpointing=False),
+    "hf": Variant("Hugging Face ViTMAEForPreTraining, SDPA", kind="hf", kernels="torch", compile="off"),
+}
+#: variants that must run: an error in one of them makes mae-bench exit 1
+REQUIRED = ("official", "fused", "eager", "torch")
 
 #: dense bf16 tensor-core peaks (TFLOP/s) by device-name substring, most specific first
 PEAK_TFLOPS = [("H100 PCIe", 756.5), ("H100", 989.5), ("H200", 989.5), ("GH200", 989.5), ("B200", 2250.0),
                ("A100", 312.0), ("L40S", 362.1), ("L4", 121.0), ("A10", 125.0), ("V100", 125.0)]
 
 PRESETS = {
-    "vit_b16_224": dict(model="mae_vit_base_patch16", img_size=224, batch_size=256),
-    "vit_l16_224": dict(model="mae_vit_large_patch16", img_size=224, batch_size=256),
-    "vit_h14_224": dict(model="mae_vit_huge_patch14", img_size=224, batch_size=128),
-    "vit_h14_448": dict(model="mae_vit_huge_patch14", img_size=448, batch_size=32, grad_checkpointing=1),
+    "vit_b16_224": dict(model="mae_vit_base_patch16", img_size=224, batch_size=256, grad_checkpointing=0,
+                        what="ViT-B/16 at 224 px, batch 256, no activation checkpointing"),
+    "vit_l16_224": dict(model="mae_vit_large_patch16", img_size=224, batch_size=256, grad_checkpointing=0,
+                        what="ViT-L/16 at 224 px, batch 256, no activation checkpointing (the headline)"),
+    "vit_h14_224": dict(model="mae_vit_huge_patch14", img_size=224, batch_size=128, grad_checkpointing=0,
+                        what="ViT-H/14 at 224 px, batch 128, no activation checkpointing"),
+    "vit_h14_448": dict(model="mae_vit_huge_patch14", img_size=448, batch_size=32, grad_checkpointing=1,
+                        what="ViT-H/14 at 448 px, batch 32, every block checkpointed (fits an 80 GB GPU); "
+                             "variant no_ckpt measures it without checkpointing (fits 141 GB, if at all)"),
 }
+
+
+class VariantUnavailable(RuntimeError):
+    """This variant cannot run here (no CUDA, package missing); the row says why instead of numbers."""
 
 
 def peak_tflops(device: torch.device) -> Optional[float]:
@@ -50,165 +105,362 @@ def peak_tflops(device: torch.device) -> Optional[float]:
     return next((tf for key, tf in PEAK_TFLOPS if key in name), None)
 
 
-def build_variant(variant: str, args: argparse.Namespace, device: torch.device):
-    """(model, step-loss function, precision) of one variant; raises RuntimeError if unavailable."""
+# ------------------------------------------------------------------------------------ building
+def kernel_status(model: nn.Module, device: torch.device) -> Dict[str, Any]:
+    """Run the kernel self-test (``check_kernels``) and say which ops really run: "triton" or "torch",
+    and whether the Triton kernels fell back (with the failing ops)."""
+    requested = model.kernel_backend
+    after = model.check_kernels()
+    uses_triton = after == "triton" or (after == "auto" and device.type == "cuda")
+    status: Dict[str, Any] = {"kernel_backend": requested, "kernels": "triton" if uses_triton else "torch",
+                              "kernels_fell_back": requested == "auto" and after == "torch"}
+    if status["kernels_fell_back"]:
+        from mae_fast.kernels.selftest import selftest
+
+        c = model.config
+        status["kernel_failures"] = {op: why for op, why in
+                                     selftest(device, c.patch_size, c.embed_dim, c.decoder_embed_dim).items() if why}
+    return status
+
+
+def build_mae(variant: Variant, args: argparse.Namespace, device: torch.device) -> Tuple[nn.Module, Dict[str, Any]]:
+    """An mae-fast (or official-equivalent) model set up as ``variant`` asks, and what it runs."""
     kw = dict(img_size=args.img_size, norm_pix_loss=True)
-    if variant in ("fused", "torch", "compile"):
-        model = create_model(args.model, **kw).to(device)
-        model.set_kernel_backend("auto" if variant != "torch" else "torch")
-        model.check_kernels()
-        model.set_attn_backend(args.attn_backend, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision))
-        if args.grad_checkpointing:
-            model.set_grad_checkpointing(args.grad_checkpointing)
-        fn = model
-        if variant == "compile":
-            fn = torch.compile(model)
-        return model, (lambda imgs: fn(imgs, mask_ratio=args.mask_ratio)[0]), args.precision
-    if variant == "official":
+    if variant.kind == "official":
         from .official_mae import official_model
 
-        model = official_model(args.model, **kw).to(device)
-        if args.grad_checkpointing:
-            model.set_grad_checkpointing(args.grad_checkpointing)
-        return model, (lambda imgs: model(imgs, mask_ratio=args.mask_ratio)[0]), "fp16"
-    if variant == "hf":
-        try:
-            from transformers import ViTMAEConfig, ViTMAEForPreTraining
-        except ImportError as e:
-            raise RuntimeError("transformers is not installed") from e
-        c = build_on_meta(args.model, img_size=args.img_size).config
-        cfg = ViTMAEConfig(hidden_size=c.embed_dim, num_hidden_layers=c.depth, num_attention_heads=c.num_heads,
-                           intermediate_size=int(c.embed_dim * c.mlp_ratio), image_size=c.img_size,
-                           patch_size=c.patch_size, decoder_hidden_size=c.decoder_embed_dim,
-                           decoder_num_hidden_layers=c.decoder_depth, decoder_num_attention_heads=c.decoder_num_heads,
-                           decoder_intermediate_size=int(c.decoder_embed_dim * c.mlp_ratio),
-                           mask_ratio=args.mask_ratio, norm_pix_loss=True, layer_norm_eps=1e-6,
-                           hidden_act="gelu", attn_implementation="sdpa")
-        model = ViTMAEForPreTraining(cfg).to(device)
-        if args.grad_checkpointing:
-            model.gradient_checkpointing_enable()
-        return model, (lambda imgs: model(pixel_values=imgs).loss), args.precision
-    raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
+        with torch.device(device):  # initialized on the device: seconds, not minutes, for ViT-H
+            model = official_model(args.model, **kw)
+        precision, ckpt, act = "fp16", 0, "fp32"  # the official code: fp16 autocast, no checkpointing
+    else:
+        with torch.device(device):
+            model = create_model(args.model, **kw)
+        precision = args.precision
+        ckpt = args.grad_checkpointing if variant.checkpointing else 0
+        act = variant.activation_dtype or args.activation_dtype
+    model.set_kernel_backend(variant.kernels)
+    info = kernel_status(model, device)
+    attn = "math" if variant.kind == "official" else args.attn_backend
+    model.set_attn_backend(attn, dtype=autocast_dtype(precision), batch=args.batch_size, mask_ratio=args.mask_ratio)
+    model.set_grad_checkpointing(ckpt)
+    model.set_activation_dtype(act)
+    mode = variant.compile or args.compile
+    compiled = apply_compile(model, mode, device, backend=args.compile_backend)
+    info.update(precision=precision, attention=model.attn_choices, compile=compiled,
+                compile_backend=args.compile_backend if compiled != "off" else None,
+                grad_checkpointing=ckpt, activation_dtype=act)
+    return model, info
 
 
-def time_steps(model: torch.nn.Module, loss_fn: Callable, precision: str, imgs: torch.Tensor, steps: int,
-               warmup: int, next_batch: Optional[Callable[[], torch.Tensor]] = None) -> List[float]:
-    """Seconds per full training step (forward, backward, fused AdamW step) after ``warmup`` steps."""
+def build_hf(args: argparse.Namespace, device: torch.device) -> Tuple[nn.Module, Dict[str, Any]]:
+    """Hugging Face ViTMAEForPreTraining of the same shape (SDPA attention, norm-pix loss)."""
+    try:
+        from transformers import ViTMAEConfig, ViTMAEForPreTraining
+    except ImportError as e:
+        raise VariantUnavailable("transformers is not installed") from e
+    c = build_on_meta(args.model, img_size=args.img_size).config
+    cfg = ViTMAEConfig(hidden_size=c.embed_dim, num_hidden_layers=c.depth, num_attention_heads=c.num_heads,
+                       intermediate_size=int(c.embed_dim * c.mlp_ratio), image_size=c.img_size,
+                       patch_size=c.patch_size, decoder_hidden_size=c.decoder_embed_dim,
+                       decoder_num_hidden_layers=c.decoder_depth, decoder_num_attention_heads=c.decoder_num_heads,
+                       decoder_intermediate_size=int(c.decoder_embed_dim * c.mlp_ratio),
+                       mask_ratio=args.mask_ratio, norm_pix_loss=True, layer_norm_eps=1e-6,
+                       hidden_act="gelu", attn_implementation="sdpa")
+    with torch.device(device):
+        model = ViTMAEForPreTraining(cfg)
+    if args.grad_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model, {"kernel_backend": "torch", "kernels": "torch", "kernels_fell_back": False,
+                   "precision": args.precision, "attention": {"encoder": {"backend": "sdpa (transformers)"},
+                                                              "decoder": {"backend": "sdpa (transformers)"}},
+                   "compile": "off", "grad_checkpointing": args.grad_checkpointing, "activation_dtype": "fp32"}
+
+
+def loss_of(model: nn.Module, kind: str, mask_ratio: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    if kind == "hf":
+        return lambda imgs: model(pixel_values=imgs).loss
+    return lambda imgs: model(imgs, mask_ratio=mask_ratio)[0]
+
+
+# ------------------------------------------------------------------------------------ steps
+StepFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def mae_fast_step(model: nn.Module, loss_fn: StepFn, precision: str, device: torch.device
+                  ) -> Tuple[StepFn, str, Callable[[], None]]:
+    """The training step mae-pretrain runs (StepRunner: fused AdamW, non-finite steps skipped on the
+    device, no host sync); returns (step, description, check that raises if a step was non-finite)."""
+    opt = build_adamw(model, LR, WEIGHT_DECAY, BETAS)
+    runner = StepRunner(model, opt, precision, device, DistInfo())
+
+    def step(imgs: torch.Tensor) -> torch.Tensor:
+        with autocast_for(precision, device):
+            loss = loss_fn(imgs)
+        runner.backward(loss, 0, imgs.shape[0])
+        runner.optimizer_step(0)
+        return loss
+
+    fused = "fused" if opt.defaults.get("fused") else "foreach/for-loop"
+    return step, f"StepRunner: {fused} AdamW, GradScaler found-inf skip, no host sync", lambda: runner.check(None)
+
+
+def official_grad_norm(params: List[nn.Parameter]) -> torch.Tensor:
+    """util/misc.py get_grad_norm_: the 2-norm of the per-parameter gradient norms."""
+    grads = [p.grad.detach() for p in params if p.grad is not None]
+    return torch.norm(torch.stack([torch.norm(g, 2.0) for g in grads]), 2.0)
+
+
+def official_step(model: nn.Module, loss_fn: StepFn, device: torch.device) -> Tuple[StepFn, str, Callable[[], None]]:
+    """engine_pretrain.train_one_epoch's step (accum_iter 1): lr set per iteration, fp16 autocast,
+    loss.item() and a finiteness check, NativeScalerWithGradNormCount (scale, backward, unscale_, grad
+    norm, step, update), zero_grad, torch.cuda.synchronize()."""
+    opt = torch.optim.AdamW(param_groups_weight_decay(model, WEIGHT_DECAY), lr=LR, betas=BETAS)
+    scaler = torch.amp.GradScaler(device.type)
+    params = list(model.parameters())
+
+    def step(imgs: torch.Tensor) -> torch.Tensor:
+        set_lr(opt, LR)
+        with torch.autocast(device.type, dtype=torch.float16):
+            loss = loss_fn(imgs)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise RuntimeError(f"official step: loss is {value}")
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        official_grad_norm(params)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        synchronize(device)
+        return loss
+
+    return step, "official: foreach AdamW, fp16 GradScaler + unscale + grad norm, loss.item() + sync", lambda: None
+
+
+def graphed_step(model: nn.Module, loss_fn: StepFn, precision: str, imgs: torch.Tensor
+                 ) -> Tuple[StepFn, str, Callable[[], None]]:
+    """Forward, backward and a fused capturable AdamW (tensor lr) captured once as a CUDA graph after
+    3 warm-up steps on a side stream; each step copies the batch in and replays. torch.compile's
+    "reduce-overhead" would graph each compiled block alone, not the optimizer: one manual capture
+    of the whole step removes every launch gap."""
     device = imgs.device
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05,
-                            fused=True if device.type == "cuda" else None)
-    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    ctx = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    model.train()
-    times = []
-    for i in range(warmup + steps):
-        sync()
+    if device.type != "cuda":
+        raise VariantUnavailable("needs CUDA")
+    if precision == "fp16":
+        raise VariantUnavailable("fp16's dynamic GradScaler is not captured; use --precision bf16")
+    lr = torch.tensor(LR, device=device)
+    opt = torch.optim.AdamW(param_groups_weight_decay(model, WEIGHT_DECAY), lr=lr, betas=BETAS, fused=True,
+                            capturable=True)
+    static = imgs.clone()
+    dtype = autocast_dtype(precision)
+
+    def body() -> torch.Tensor:
+        with torch.autocast("cuda", dtype=dtype or torch.bfloat16, enabled=dtype is not None, cache_enabled=False):
+            loss = loss_fn(static)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            body()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)  # gradients are then allocated in the graph's pool, overwritten each replay
+    with torch.cuda.graph(graph):
+        static_loss = body()
+
+    def step(batch: torch.Tensor) -> torch.Tensor:
+        if batch is not imgs:
+            static.copy_(batch, non_blocking=True)
+        graph.replay()
+        return static_loss
+
+    return step, "CUDA graph of forward + backward + fused capturable AdamW (no non-finite skip)", lambda: None
+
+
+# ------------------------------------------------------------------------------------ timing
+def time_steps(step: StepFn, imgs: torch.Tensor, steps: int, warmup: int,
+               next_batch: Optional[Callable[[], torch.Tensor]] = None) -> Dict[str, Any]:
+    """Seconds of the first step (compile, autotune), of each timed step (CUDA events, no host sync
+    between steps), and the wall time of all timed steps; raises if the last loss is not finite."""
+    device = imgs.device
+    first = None
+    for i in range(warmup):
         t0 = time.perf_counter()
-        batch = next_batch() if next_batch else imgs
-        with ctx():
-            loss = loss_fn(batch)
-        if scaler:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
+        step(next_batch() if next_batch else imgs)
+        synchronize(device)
+        if i == 0:
+            first = time.perf_counter() - t0
+    cuda = device.type == "cuda"
+    marks: List[Any] = []
+    synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        if cuda:
+            marks.append(torch.cuda.Event(enable_timing=True))
+            marks[-1].record()
         else:
-            loss.backward()
-            opt.step()
-        opt.zero_grad(set_to_none=True)
-        sync()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
+            marks.append(time.perf_counter())
+        loss = step(next_batch() if next_batch else imgs)
+    if cuda:
+        marks.append(torch.cuda.Event(enable_timing=True))
+        marks[-1].record()
+    synchronize(device)
+    wall = time.perf_counter() - t0
+    if not cuda:
+        marks.append(t0 + wall)
+    times = [(a.elapsed_time(b) / 1e3) if cuda else (b - a) for a, b in zip(marks, marks[1:])]
     last = float(loss.detach())
     if not math.isfinite(last):
         raise RuntimeError(f"non-finite loss {last}")
-    return times
+    return {"first_step_s": first, "times": times, "wall_s": wall, "last_loss": last}
 
 
-def run_variant(variant: str, args: argparse.Namespace, device: torch.device, flops_per_image: float,
-                peak: Optional[float], data_loader=None) -> Dict:
+def run_variant(name: str, args: argparse.Namespace, device: torch.device, flops_per_image: float,
+                peak: Optional[float], data_loader=None) -> Dict[str, Any]:
     """Benchmark one variant; a variant that cannot run reports why instead of numbers."""
-    row: Dict = {"variant": variant + ("+data" if data_loader is not None else "")}
+    variant = VARIANTS[name]
+    row: Dict[str, Any] = {"variant": name + ("+data" if data_loader is not None else ""), "what": variant.what,
+                           "batch_size": args.batch_size}
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
     try:
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
+        if name == "no_ckpt" and not args.grad_checkpointing:
+            raise VariantUnavailable("same as fused: this configuration does not checkpoint")
+        if variant.graphs and device.type != "cuda":
+            raise VariantUnavailable("needs CUDA")
         torch.manual_seed(0)
-        model, loss_fn, precision = build_variant(variant, args, device)
+        model, info = build_hf(args, device) if variant.kind == "hf" else build_mae(variant, args, device)
+        row.update(info)
         imgs = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
-        next_batch: Optional[Callable[[], torch.Tensor]] = None
-        if data_loader is not None:
-            it = iter(data_loader)
-
-            def next_from_loader() -> torch.Tensor:
-                nonlocal it
-                try:
-                    return next(it).to(device, non_blocking=True)
-                except StopIteration:
-                    it = iter(data_loader)
-                    return next(it).to(device, non_blocking=True)
-            next_batch = next_from_loader
-        times = time_steps(model, loss_fn, precision, imgs, args.steps, args.warmup, next_batch)
+        loss_fn = loss_of(model, variant.kind, args.mask_ratio)
+        model.train()
+        t_setup = time.perf_counter()
+        if variant.kind == "official":
+            step, how, check = official_step(model, loss_fn, device)
+        elif variant.graphs:
+            step, how, check = graphed_step(model, loss_fn, row["precision"], imgs)
+        else:
+            step, how, check = mae_fast_step(model, loss_fn, row["precision"], device)
+        setup_s = time.perf_counter() - t_setup
+        row.update(step=how, cuda_graphs=variant.graphs)
+        next_batch = _loader_batches(data_loader, device) if data_loader is not None else None
+        timing = time_steps(step, imgs, args.steps, args.warmup, next_batch)
+        check()
+    except VariantUnavailable as e:
+        return {**row, "unavailable": str(e)}
     except Exception as e:  # report, keep benchmarking the others
-        return {**row, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
-    med = statistics.median(times)
-    ips = args.batch_size / med
-    row.update(precision=precision, images_per_s=ips, step_ms_median=med * 1e3,
-               step_ms_min=min(times) * 1e3, step_ms_max=max(times) * 1e3,
+        msg = str(e).strip().splitlines()
+        return {**row, "error": f"{type(e).__name__}: {msg[0] if msg else ''}"[:300]}
+    times = timing["times"]
+    ips = args.batch_size * len(times) / timing["wall_s"]
+    first = timing["first_step_s"]
+    if variant.graphs:
+        first = setup_s  # warm-up + capture
+    row.update(images_per_s=ips, step_ms_mean=timing["wall_s"] / len(times) * 1e3,
+               step_ms_median=statistics.median(times) * 1e3, step_ms_min=min(times) * 1e3,
+               step_ms_max=max(times) * 1e3,
                step_ms_stdev=(statistics.stdev(times) * 1e3) if len(times) > 1 else 0.0,
+               first_step_s=first, last_loss=timing["last_loss"],
                tflops=ips * flops_per_image / 1e12,
                mfu=(ips * flops_per_image / (peak * 1e12)) if peak else None,
                peak_mem_gb=(torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else None)
+    if device.type == "cuda":
+        row["clocks_after"] = {k: v for k, v in nvidia_smi(device.index or 0).items() if k != "driver"}
+    if row.get("compile", "off") != "off" and first is not None:
+        print(f"  {row['variant']}: first step {first:.1f} s (includes torch.compile {row['compile']})", flush=True)
     del model
     return row
 
 
-def benchmark(args: argparse.Namespace) -> Dict:
-    """Run every requested variant for one (model, img_size, batch) and return the JSON record."""
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+def _loader_batches(loader, device: torch.device) -> Callable[[], torch.Tensor]:
+    it = iter(loader)
+
+    def next_batch() -> torch.Tensor:
+        nonlocal it
+        try:
+            return next(it).to(device, non_blocking=True)
+        except StopIteration:
+            it = iter(loader)
+            return next(it).to(device, non_blocking=True)
+    return next_batch
+
+
+def usable_for_ratio(row: Dict[str, Any]) -> bool:
+    """A measured row whose kernels are the ones it claims (no fallback)."""
+    return "images_per_s" in row and not row.get("kernels_fell_back", False)
+
+
+def add_ratios(rows: List[Dict[str, Any]]) -> None:
+    """vs_official on every usable row, when the official row was measured; labels fallbacks."""
+    base = next((r for r in rows if r["variant"] == "official" and usable_for_ratio(r)), None)
+    for r in rows:
+        r["label"] = r["variant"] + (" [kernels fell back to torch]" if r.get("kernels_fell_back") else "")
+        r.pop("vs_official", None)
+        if base and usable_for_ratio(r):
+            r["vs_official"] = r["images_per_s"] / base["images_per_s"]
+
+
+def benchmark(args: argparse.Namespace, device: torch.device,
+              emit: Callable[[Dict[str, Any]], None] = lambda rec: None) -> Dict[str, Any]:
+    """Run every requested variant for one (model, img_size, batch); ``emit(record)`` after each row."""
     report = count_flops(args.model, args.mask_ratio, img_size=args.img_size, norm_pix_loss=True)
     flops = report.total("training")
     peak = args.peak_tflops or peak_tflops(device)
-    rows = [run_variant(v, args, device, flops, peak) for v in args.variants]
+    record = {
+        **record_header("mae-bench", device, "mae-bench " + " ".join(args.argv)), "model": args.model,
+        "img_size": args.img_size, "batch_size": args.batch_size, "preset": args.preset,
+        "preset_what": PRESETS.get(args.preset, {}).get("what"), "precision": args.precision,
+        "mask_ratio": args.mask_ratio, "grad_checkpointing": args.grad_checkpointing,
+        "attn_backend": args.attn_backend, "compile": args.compile,
+        "compile_resolved": resolve_compile_mode(args.compile, device), "activation_dtype": args.activation_dtype,
+        "steps": args.steps, "warmup": args.warmup, "train_gflops_per_image": flops / 1e9, "peak_tflops": peak,
+        "mfu_flops": "mae-flops training FLOPs (2 per multiply-add, visible patches only, no recompute)",
+        "results": [],
+    }
+    rows = record["results"]
+    jobs: List[Tuple[str, Any]] = [(v, None) for v in args.variants]
     if args.data:
         from mae_fast.train.data import build_loader
 
         loader = build_loader(args.data, batch_size=args.batch_size, img_size=args.img_size, device=device,
                               drop_last=True, dtype=torch.float32)
-        rows.append(run_variant(args.variants[0], args, device, flops, peak, data_loader=loader))
-    base = next((r for r in rows if r["variant"] == "official" and "images_per_s" in r), None)
-    for r in rows:
-        if base and "images_per_s" in r:
-            r["vs_official"] = r["images_per_s"] / base["images_per_s"]
-    return {
-        **record_header("mae-bench", device, "mae-bench " + " ".join(args.argv)), "model": args.model, "img_size": args.img_size, "batch_size": args.batch_size,
-        "precision": args.precision, "mask_ratio": args.mask_ratio, "grad_checkpointing": args.grad_checkpointing,
-        "attn_backend": args.attn_backend, "steps": args.steps, "warmup": args.warmup,
-        "train_gflops_per_image": flops / 1e9, "peak_tflops": peak, "results": rows,
-    }
+        jobs.append(("fused", loader))
+    for name, loader in jobs:
+        rows.append(run_variant(name, args, device, flops, peak, data_loader=loader))
+        add_ratios(rows)
+        emit(record)
+    return record
 
 
-def format_table(rec: Dict) -> str:
+def format_table(rec: Dict[str, Any]) -> str:
     lines = [f"{rec['model']} @ {rec['img_size']}px, batch {rec['batch_size']}, {rec['device']}, "
-             f"{rec['train_gflops_per_image']:.1f} GFLOPs/img (train), peak "
-             f"{rec['peak_tflops'] or 'n/a'} TFLOP/s",
-             f"{'variant':<14}{'img/s':>10}{'step ms (min-max)':>24}{'MFU':>8}{'mem GB':>9}{'vs official':>13}"]
+             f"{rec['train_gflops_per_image']:.1f} GFLOPs/img (train), peak {rec['peak_tflops'] or 'n/a'} TFLOP/s",
+             f"{'variant':<16}{'img/s':>10}{'step ms (min-max)':>24}{'MFU':>7}{'mem GB':>8}{'vs off.':>9}"
+             f"  kernels  compile  attention enc/dec"]
     for r in rec["results"]:
-        if "error" in r:
-            lines.append(f"{r['variant']:<14}  unavailable: {r['error']}")
+        label = r.get("label", r["variant"])
+        if "images_per_s" not in r:
+            why = r.get("unavailable") or r.get("error")
+            lines.append(f"{label:<16}  {'unavailable' if 'unavailable' in r else 'FAILED'}: {why}")
             continue
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
         mem = f"{r['peak_mem_gb']:.1f}" if r["peak_mem_gb"] is not None else "n/a"
         vs = f"{r['vs_official']:.2f}x" if "vs_official" in r else "-"
         span = f"{r['step_ms_median']:.1f} ({r['step_ms_min']:.1f}-{r['step_ms_max']:.1f})"
-        lines.append(f"{r['variant']:<14}{r['images_per_s']:>10.1f}{span:>24}{mfu:>8}{mem:>9}{vs:>13}")
+        attn = "/".join(str(s.get("backend")) for s in r.get("attention", {}).values())
+        lines.append(f"{label:<16}{r['images_per_s']:>10.1f}{span:>24}{mfu:>7}{mem:>8}{vs:>9}"
+                     f"  {r['kernels']:<7}  {r['compile']:<7}  {attn}")
     return "\n".join(lines)
 
 
-def plot(records: List[Dict], path: str) -> None:
+def plot(records: List[Dict[str, Any]], path: str) -> None:
     """images/s per variant across the records (a batch-size or model sweep)."""
     import matplotlib
 
@@ -232,25 +484,33 @@ def plot(records: List[Dict], path: str) -> None:
     plt.close(fig)
 
 
+# ------------------------------------------------------------------------------------ command line
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="mae-bench", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), help="a headline configuration (sets model, size, batch)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a headline configuration (model, size, batch, "
+                   "checkpointing): " + "; ".join(f"{k}: {v['what']}" for k, v in PRESETS.items()))
     p.add_argument("--model", action="append", choices=sorted(MODELS), help="model; repeat to sweep models")
     p.add_argument("--img-size", type=int, default=None, help="image side (default 224, or the preset's)")
-    p.add_argument("--batch-size", type=int, default=None, help="images per step (default 64, or the preset's)")
+    p.add_argument("--batch-size", default=None, help="images per step (default 64, or the preset's)")
     p.add_argument("--sweep-batch", default="", help="comma-separated batch sizes to sweep, e.g. 64,128,256")
     p.add_argument("--steps", type=int, default=20, help="timed steps")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compile, autotune)")
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {list(VARIANTS)}")
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16", help="mae-fast variants' autocast")
-    p.add_argument("--attn-backend", default="auto", help="auto | sdpa | xformers | math")
+    p.add_argument("--attn-backend", default="auto", choices=BACKEND_NAMES, help="mae-fast variants' attention")
+    p.add_argument("--compile", default="auto", choices=COMPILE_MODES, help="mae-fast variants' torch.compile")
+    p.add_argument("--compile-backend", default="inductor", choices=COMPILE_BACKENDS,
+                   help="torch.compile backend (aot_eager / eager: trace only, for checks and dry runs)")
+    p.add_argument("--activation-dtype", default="fp32", choices=sorted(ACTIVATION_DTYPES),
+                   help="mae-fast variants' residual stream between blocks (bf16 needs --precision bf16)")
     p.add_argument("--grad-checkpointing", type=int, default=None, help="checkpoint every k-th block (0: off)")
     p.add_argument("--mask-ratio", type=float, default=0.75)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: from a table)")
     p.add_argument("--data", default=None, help="also time the fused step fed by the real loader from this folder")
-    p.add_argument("--json", default=None, help="write the records here (on CUDA also under bench/results/)")
+    p.add_argument("--json", default=None, help="also write the records here")
+    p.add_argument("--no-save", action="store_true", help="write no record to bench/results/ or $MAE_RESULTS_DIR")
     p.add_argument("--plot", default=None, help="PNG of images/s per variant across the sweep")
     args = p.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
@@ -258,35 +518,82 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args.models = args.model or [preset.get("model", "mae_vit_large_patch16")]
     args.img_size = args.img_size or preset.get("img_size", 224)
     args.batch_size = args.batch_size or preset.get("batch_size", 64)
+    if args.batch_size != "auto":
+        try:
+            args.batch_size = int(args.batch_size)
+        except ValueError:
+            p.error(f"--batch-size must be a positive integer or 'auto', got {args.batch_size!r}")
+        if args.batch_size < 1:
+            p.error(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.grad_checkpointing is None:
         args.grad_checkpointing = preset.get("grad_checkpointing", 0)
+    if args.grad_checkpointing < 0:
+        p.error(f"--grad-checkpointing must be >= 0, got {args.grad_checkpointing}")
+    if args.steps < 1 or args.warmup < 1:
+        p.error(f"--steps and --warmup must be >= 1, got {args.steps} and {args.warmup}")
+    if args.activation_dtype == "bf16" and args.precision != "bf16":
+        p.error("--activation-dtype bf16 needs --precision bf16 (the residual stream is kept in autocast's dtype)")
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [v for v in args.variants if v not in VARIANTS]
     if bad:
         p.error(f"unknown variant(s) {bad}; choose from {list(VARIANTS)}")
+    if "bf16act" in args.variants and args.precision != "bf16":
+        p.error("variant bf16act needs --precision bf16")
     return args
+
+
+def resolve_batch(args: argparse.Namespace, model: str, device: torch.device) -> int:
+    """``--batch-size auto``: the largest batch the memory planner says fits this device."""
+    try:
+        from mae_fast.memory import plan_batch
+    except ImportError:
+        raise DeviceError("--batch-size auto needs mae_fast.memory.plan_batch, which this install lacks; "
+                          "give a number") from None
+    return int(plan_batch(model, img_size=args.img_size, device=device, precision=args.precision,
+                          grad_checkpointing=args.grad_checkpointing))
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
+    try:
+        device = resolve_device(args.device)
+    except DeviceError as e:
+        print(f"mae-bench: error: {e}", file=sys.stderr)
+        return 2
+    if args.preset:
+        print(f"preset {args.preset}: {PRESETS[args.preset]['what']}", flush=True)
     batches = [int(b) for b in args.sweep_batch.split(",") if b] or [args.batch_size]
-    records = []
+    records: List[Dict[str, Any]] = []
     for model in args.models:
         for batch in batches:
+            if batch == "auto":
+                try:
+                    batch = resolve_batch(args, model, device)
+                except DeviceError as e:
+                    print(f"mae-bench: error: {e}", file=sys.stderr)
+                    return 2
             run = argparse.Namespace(**{**vars(args), "model": model, "batch_size": batch})
-            rec = benchmark(run)
+            stamp = utc_stamp()
+            prefix = f"mae-bench-{model}-{args.img_size}-b{batch}"
+
+            def emit(rec: Dict[str, Any], prefix: str = prefix, stamp: str = stamp) -> None:
+                if not args.no_save:
+                    write_result(prefix, rec, stamp=stamp)
+                if args.json:
+                    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+                    Path(args.json).write_text(json.dumps([*records, rec], indent=2))
+
+            rec = benchmark(run, device, emit)
             records.append(rec)
             print(format_table(rec), flush=True)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(records, indent=2))
-    if records and not records[0]["device"].startswith("cpu"):
-        print(f"wrote {write_result(f'mae-bench-{args.models[0]}-{args.img_size}', records)}")
+            if not args.no_save:
+                path = write_result(prefix, rec, stamp=stamp)
+                print(f"wrote {path}" if path else "no record written (a CPU run goes only to $MAE_RESULTS_DIR)")
     if args.plot:
         plot(records, args.plot)
         print(f"wrote {args.plot}")
-    return 0 if all("images_per_s" in r for rec in records for r in rec["results"]
-                    if r["variant"] in ("fused", "torch")) else 1
+    failed = [r["variant"] for rec in records for r in rec["results"] if "error" in r and r["variant"] in REQUIRED]
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

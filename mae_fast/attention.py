@@ -3,30 +3,53 @@
 Every backend takes the fused qkv projection reshaped to (B, N, 3, heads, head_dim) and
 returns (B, N, heads, head_dim), so a backend that wants the BMHK layout (xformers) needs
 no transposes and one that wants BHNK (SDPA) does its own.
+
+Backends: ``sdpa`` (PyTorch picks its kernel), ``sdpa_flash`` / ``sdpa_cudnn`` / ``sdpa_efficient``
+(one SDPA kernel forced with ``torch.nn.attention.sdpa_kernel``), ``math`` (the official explicit
+softmax) and ``xformers``. ``auto`` times the fused ones forward + backward at one attention site's
+real shape (:func:`pick_attention_backend`), so the encoder (1 + visible tokens) and the decoder
+(1 + L tokens) may each get their own.
 """
 from __future__ import annotations
 
 import logging
-from typing import Callable, Dict, Iterable
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 AttentionFn = Callable[[torch.Tensor], torch.Tensor]
+log = logging.getLogger(__name__)
 
 
 def sdpa_attention(qkv: torch.Tensor) -> torch.Tensor:
-    """PyTorch ``scaled_dot_product_attention`` (flash / cuDNN / efficient / math, chosen by torch)."""
+    """PyTorch ``scaled_dot_product_attention``, PyTorch choosing flash / cuDNN / efficient / math."""
     q, k, v = qkv.transpose(1, 3).unbind(2)  # each (B, heads, N, head_dim)
     out = F.scaled_dot_product_attention(q, k, v)
     return out.transpose(1, 2)
 
 
+def forced_sdpa(backend: SDPBackend) -> AttentionFn:
+    """SDPA restricted to one kernel (an error, not a silent fallback, where it cannot run)."""
+
+    def attend(qkv: torch.Tensor) -> torch.Tensor:
+        q, k, v = qkv.transpose(1, 3).unbind(2)
+        with sdpa_kernel(backend):
+            out = F.scaled_dot_product_attention(q, k, v)
+        return out.transpose(1, 2)
+
+    attend.__name__ = attend.__qualname__ = f"sdpa_{backend.name.lower()}"
+    attend.__doc__ = f"scaled_dot_product_attention with only SDPBackend.{backend.name} enabled."
+    return attend
+
+
 def math_attention(qkv: torch.Tensor) -> torch.Tensor:
-    """Plain softmax(q k^T / sqrt(d)) v in matmuls: the readable reference, as the official code."""
+    """softmax(q k^T / sqrt(d)) v in matmuls, in the official code's (timm's) order: the scale applied
+    to the (N, N) scores. The readable reference and the official-equivalent baseline."""
     q, k, v = qkv.transpose(1, 3).unbind(2)
-    scale = q.shape[-1] ** -0.5
-    attn = (q * scale) @ k.transpose(-2, -1)
+    attn = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
     attn = attn.softmax(dim=-1)
     return (attn @ v).transpose(1, 2)
 
@@ -41,13 +64,15 @@ def xformers_attention(qkv: torch.Tensor) -> torch.Tensor:
 
 ATTENTION_BACKENDS: Dict[str, AttentionFn] = {
     "sdpa": sdpa_attention,
+    "sdpa_flash": forced_sdpa(SDPBackend.FLASH_ATTENTION),
+    "sdpa_cudnn": forced_sdpa(SDPBackend.CUDNN_ATTENTION),
+    "sdpa_efficient": forced_sdpa(SDPBackend.EFFICIENT_ATTENTION),
     "math": math_attention,
     "xformers": xformers_attention,
 }
 BACKEND_NAMES = ("auto", *ATTENTION_BACKENDS)
-
-log = logging.getLogger(__name__)
-_AUTO_CHOICE: Dict[tuple, str] = {}
+#: what ``auto`` times on CUDA, in this order (xformers only when installed)
+AUTO_CANDIDATES = ("sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "xformers")
 
 
 def get_attention(backend: str) -> AttentionFn:
@@ -68,49 +93,103 @@ def xformers_available() -> bool:
     return True
 
 
-def _time_backend(fn: AttentionFn, qkv: torch.Tensor, iters: int = 10) -> float:
-    """Median seconds of forward+backward of ``fn`` on ``qkv`` (CUDA events)."""
-    times = []
-    for i in range(iters + 3):
-        x = qkv.detach().requires_grad_(True)
+@dataclass(frozen=True)
+class AttentionSite:
+    """One attention call's shape: the qkv tensor is (batch, tokens, 3, heads, head_dim)."""
+
+    batch: int
+    tokens: int
+    heads: int
+    head_dim: int
+
+    def describe(self) -> str:
+        return f"batch {self.batch}, {self.tokens} tokens, {self.heads} heads of {self.head_dim}"
+
+
+@dataclass
+class AttentionChoice:
+    """What ``auto`` chose for a site and why: per-candidate fwd+bwd milliseconds, or why it was out."""
+
+    backend: str
+    site: AttentionSite
+    dtype: str
+    device: str
+    timings_ms: Dict[str, float] = field(default_factory=dict)
+    rejected: Dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> Dict:
+        return {"backend": self.backend, "tokens": self.site.tokens, "heads": self.site.heads,
+                "head_dim": self.site.head_dim, "batch": self.site.batch, "dtype": self.dtype,
+                "device": self.device, "timings_ms": dict(self.timings_ms), "rejected": dict(self.rejected)}
+
+
+_AUTO_CHOICE: Dict[tuple, AttentionChoice] = {}
+
+
+def _time_fwd_bwd(fn: AttentionFn, qkv: torch.Tensor, iters: int = 10, warmup: int = 3) -> float:
+    """Median milliseconds of forward + backward of ``fn`` on ``qkv`` (CUDA events, no host sync inside)."""
+    x = qkv.detach().requires_grad_(True)
+    grad = torch.randn_like(fn(x))
+    events = []
+    for i in range(warmup + iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn(x).sum().backward()
+        fn(x).backward(grad)
         end.record()
-        torch.cuda.synchronize()
-        if i >= 3:
-            times.append(start.elapsed_time(end) / 1e3)
-    return sorted(times)[len(times) // 2]
+        x.grad = None
+        if i >= warmup:
+            events.append((start, end))
+    torch.cuda.synchronize(qkv.device)
+    times = sorted(s.elapsed_time(e) for s, e in events)
+    return times[len(times) // 2]
 
 
-def pick_attention_backend(device: torch.device, dtype: torch.dtype, head_dims: Iterable[int],
-                           tokens: int = 256, batch: int = 32, heads: int = 16) -> str:
-    """The fastest backend that runs forward and backward for every head size, on this device.
+def _relative_error(fn: AttentionFn, qkv: torch.Tensor) -> float:
+    """‖fn(qkv) − math(qkv in float32)‖ / ‖math‖ on the first two samples (catches a wrong kernel)."""
+    small = qkv[:2].detach()
+    got = fn(small).float()
+    ref = math_attention(small.float())
+    return float((got - ref).norm() / ref.norm().clamp_min(1e-12))
 
-    CPU (xformers has no CPU kernels) → "sdpa". On CUDA, "sdpa" and, when installed, "xformers" are
-    timed on (batch, tokens) for each head size; the choice is logged once per (device, dtype, heads).
+
+def pick_attention_backend(device: torch.device, dtype: torch.dtype, site: AttentionSite,
+                           candidates: Optional[Sequence[str]] = None) -> AttentionChoice:
+    """The fastest backend whose forward + backward runs, and agrees with ``math``, at ``site``.
+
+    CPU: plain ``sdpa``, nothing timed. CUDA: each candidate (default :data:`AUTO_CANDIDATES`,
+    xformers only when installed) is timed on random inputs of the site's shape; the choice is cached
+    per (device, dtype, shape) and logged once.
     """
     device = torch.device(device)
-    head_dims = tuple(sorted(set(head_dims)))
-    key = (str(device), dtype, head_dims)
+    key = (str(device), torch.cuda.get_device_name(device) if device.type == "cuda" else "", dtype, site)
     if key in _AUTO_CHOICE:
         return _AUTO_CHOICE[key]
+    dname = str(dtype).replace("torch.", "")
     if device.type != "cuda":
-        choice, why = "sdpa", "no CUDA device (xformers has no CPU kernels)"
+        choice = AttentionChoice("sdpa", site, dname, str(device), rejected={"*": "no CUDA device: nothing timed"})
     else:
-        candidates = ["sdpa"] + (["xformers"] if xformers_available() else [])
-        totals: Dict[str, float] = {}
-        for name in candidates:
+        choice = AttentionChoice("sdpa", site, dname, str(device))  # if no candidate runs
+        names = [n for n in (candidates or AUTO_CANDIDATES) if n != "xformers" or xformers_available()]
+        g = torch.Generator(device=device).manual_seed(0)
+        qkv = torch.randn(site.batch, site.tokens, 3, site.heads, site.head_dim, device=device, dtype=dtype,
+                          generator=g)
+        tol = 2e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-3
+        for name in names:
+            fn = ATTENTION_BACKENDS[name]
             try:
-                totals[name] = sum(
-                    _time_backend(ATTENTION_BACKENDS[name],
-                                  torch.randn(batch, tokens, 3, heads, d, device=device, dtype=dtype))
-                    for d in head_dims)
-            except Exception as e:  # a backend that cannot run these shapes is not a candidate
-                log.info("attention backend %s unavailable for head dims %s: %s", name, head_dims, e)
-        choice = min(totals, key=totals.get) if totals else "math"
-        why = ", ".join(f"{n} {t * 1e3:.2f} ms" for n, t in totals.items()) or "no fused backend ran"
+                err = _relative_error(fn, qkv)
+                if not err <= tol:  # NaN too
+                    choice.rejected[name] = f"relative error {err:.3g} vs math > {tol}"
+                    continue
+                choice.timings_ms[name] = _time_fwd_bwd(fn, qkv)
+            except Exception as e:  # a backend that cannot run this shape is no candidate
+                msg = str(e).strip().splitlines()
+                choice.rejected[name] = f"{type(e).__name__}: {msg[0] if msg else ''}"[:200]
+        del qkv
+        if choice.timings_ms:
+            choice.backend = min(choice.timings_ms, key=choice.timings_ms.get)
     _AUTO_CHOICE[key] = choice
-    log.info("attn_backend auto: using %s on %s %s for head dims %s (%s)",
-                choice, device, str(dtype).replace("torch.", ""), list(head_dims), why)
+    why = ", ".join([f"{n} {t:.3f} ms" for n, t in choice.timings_ms.items()] +
+                    [f"{n} out ({r})" for n, r in choice.rejected.items()])
+    log.info("attn_backend auto on %s %s at %s: %s (%s)", device, dname, site.describe(), choice.backend, why)
     return choice

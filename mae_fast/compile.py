@@ -1,9 +1,12 @@
 """``--compile auto|off|blocks|model``: torch.compile applied in place, so ``state_dict`` keys, checkpoints
 and DDP / FSDP2 wrapping are unchanged.
 
-``blocks`` compiles each transformer block on its own (regional compilation): the 24-32 identical
-encoder blocks and the decoder blocks share one compiled graph per shape, so compile time stays that of
-one block while the memory-bound glue inside it (LayerNorm, GELU, residual adds, casts) is fused.
+``blocks`` compiles each transformer block's ``forward`` on its own (regional compilation). The blocks
+share one code object, and dynamo guards on parameter shapes, not on module identity, so the 24-32
+identical encoder blocks reuse one compiled graph (and the decoder blocks a second): compile time
+stays that of a block or two while the memory-bound glue inside them (LayerNorm, GELU, residual
+adds, casts) is fused. Module hooks (FSDP2's all-gather / reshard, DDP's) run outside the compiled
+region, and activation checkpointing, done inside ``Block.forward``, is traced as part of it.
 ``model`` compiles the whole forward. ``auto`` is ``blocks`` on CUDA and ``off`` on CPU.
 """
 from __future__ import annotations
@@ -17,6 +20,11 @@ import torch.nn as nn
 log = logging.getLogger(__name__)
 
 COMPILE_MODES = ("auto", "off", "blocks", "model")
+#: torch.compile backends: inductor (the fast one), aot_eager / eager (trace only: checks and dry runs)
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
+#: recompiles allowed per code object: every block site x checkpointing x residual dtype x attention
+#: backend is one entry, and a benchmark builds several variants in one process
+RECOMPILE_LIMIT = 64
 
 
 def resolve_compile_mode(mode: str, device: torch.device) -> str:
@@ -38,17 +46,43 @@ def transformer_blocks(model: nn.Module) -> List[nn.Module]:
     return found
 
 
-def apply_compile(model: nn.Module, mode: str, device: torch.device) -> str:
+def _raise_recompile_limit() -> None:
+    """Lift dynamo's per-code-object cache limit to RECOMPILE_LIMIT (never lower it): past the limit
+    dynamo silently runs a block eagerly."""
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):  # the new name, then the old one
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), RECOMPILE_LIMIT))
+            return
+
+
+def compile_block(block: nn.Module, backend: str = "inductor") -> None:
+    """Compile ``block.forward`` in place (hooks stay outside; keys unchanged); idempotent."""
+    if getattr(block, "_mae_compiled", None) == backend:
+        return
+    block.forward = torch.compile(type(block).forward.__get__(block), backend=backend)
+    block._mae_compiled = backend
+
+
+def apply_compile(model: nn.Module, mode: str, device: torch.device, backend: str = "inductor") -> str:
     """Compile ``model`` in place as ``mode`` asks (see the module doc); returns the concrete mode used."""
     concrete = resolve_compile_mode(mode, device)
+    if backend not in COMPILE_BACKENDS:
+        raise ValueError(f"compile backend must be one of {list(COMPILE_BACKENDS)}, got {backend!r}")
+    if concrete == "off":
+        return concrete
+    _raise_recompile_limit()
     if concrete == "blocks":
         blocks = transformer_blocks(model)
         if not blocks:
             raise ValueError(f"--compile blocks: {type(model).__name__} has no 'blocks' to compile")
         for blk in blocks:
-            blk.compile()
-    elif concrete == "model":
-        model.compile()
-    if concrete != "off":
-        log.info("torch.compile: %s (compiled on the first step; its time is logged after it)", concrete)
+            compile_block(blk, backend)
+        what = f"{len(blocks)} blocks, one graph per distinct block shape"
+    else:
+        model.compile(backend=backend)
+        what = "the whole model"
+    log.info("torch.compile %s (%s, backend %s): compiled on the first step, whose time is logged",
+             concrete, what, backend)
     return concrete
+

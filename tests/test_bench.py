@@ -1,34 +1,59 @@
-"""mae-bench on CPU, the official-path variant, attention backend choice, torch.compile without breaks."""
+"""mae-bench on CPU: the official-equivalent variant, what every row records, fallback labels, records
+that never put CPU figures in bench/results/, torch.compile of the model without graph breaks."""
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch._dynamo
 
 from conftest import random_images, random_noise
+from official_reference import official_forward
 from mae_fast import create_model, mae_vit_tiny_patch8
-from mae_fast.attention import ATTENTION_BACKENDS, pick_attention_backend
+from mae_fast.attention import AttentionSite, pick_attention_backend
+from mae_fast.bench import records, throughput
 from mae_fast.bench.official_mae import official_model
-from mae_fast.bench.throughput import PEAK_TFLOPS, main as bench_main
+from mae_fast.bench.throughput import PEAK_TFLOPS, add_ratios, kernel_status, main as bench_main
 
 
-def test_official_variant_computes_the_same():
+def test_official_variant_computes_the_official_way():
     torch.manual_seed(0)
     ours = create_model("mae_vit_tiny_patch8", norm_pix_loss=True)
     torch.manual_seed(0)
     off = official_model("mae_vit_tiny_patch8", norm_pix_loss=True)
-    assert off.blocks[0].attn.attn_backend == "math"
+    assert off.kernel_backend == "torch"
+    assert {blk.attn.attn_backend for blk in [*off.blocks, *off.decoder_blocks]} == {"math"}
     imgs, noise = random_images(2, 64), random_noise(2, 64)
-    a, b = ours(imgs, noise=noise), off(imgs, noise=noise)
-    torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(a[1], b[1], rtol=1e-4, atol=1e-5)
+    a, b, ref = ours(imgs, noise=noise), off(imgs, noise=noise), official_forward(off, imgs, 0.75, noise)
+    for x, y, z in zip(a, b, ref):
+        torch.testing.assert_close(y, z, rtol=1e-5, atol=1e-6)  # the transcription of the official code
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)  # and mae-fast computes the same
 
 
-def test_auto_attention_is_sdpa_on_cpu(caplog):
-    assert pick_attention_backend(torch.device("cpu"), torch.float32, [32, 64]) == "sdpa"
+def test_official_grad_norm_is_the_total_two_norm():
+    from mae_fast.bench.throughput import official_grad_norm
+
+    m = mae_vit_tiny_patch8(norm_pix_loss=True)
+    m(random_images(2, 64))[0].backward()
+    params = list(m.parameters())
+    want = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in params if p.grad is not None]))
+    torch.testing.assert_close(official_grad_norm(params), want, rtol=1e-5, atol=0)
+
+
+def test_auto_attention_on_cpu_is_sdpa_per_site():
+    site = AttentionSite(batch=4, tokens=17, heads=3, head_dim=32)
+    choice = pick_attention_backend(torch.device("cpu"), torch.float32, site)
+    assert choice.backend == "sdpa" and not choice.timings_ms
     m = mae_vit_tiny_patch8(attn_backend="auto")
     assert {blk.attn.attn_backend for blk in [*m.blocks, *m.decoder_blocks]} == {"sdpa"}
-    assert set(ATTENTION_BACKENDS) >= {"sdpa", "math", "xformers"}
+    picked = m.set_attn_backend("auto", batch=8, mask_ratio=0.75)
+    assert picked == {"encoder": "sdpa", "decoder": "sdpa"}
+    enc, dec = m.attn_choices["encoder"], m.attn_choices["decoder"]
+    assert (enc["tokens"], enc["heads"], enc["head_dim"]) == (1 + 16, 3, 32)  # 1 + visible of 64 patches
+    assert (dec["tokens"], dec["heads"], dec["head_dim"]) == (1 + 64, 2, 32)  # 1 + L
+    assert m.set_attn_backend("sdpa_flash") == {"encoder": "sdpa_flash", "decoder": "sdpa_flash"}
+    assert {blk.attn.attn_backend for blk in [*m.blocks, *m.decoder_blocks]} == {"sdpa_flash"}
 
 
 @pytest.mark.parametrize("ckpt", [0, 2])
@@ -49,30 +74,124 @@ def test_grad_checkpointing_same_gradients():
     ref = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
     m.zero_grad()
     m.set_grad_checkpointing(1)
+    assert all(blk.checkpointed for blk in [*m.blocks, *m.decoder_blocks])
     m(imgs, noise=noise)[0].backward()
     for n, p in m.named_parameters():
         if n in ref:
             torch.testing.assert_close(p.grad, ref[n], rtol=1e-5, atol=1e-7, msg=n)
+    m.set_grad_checkpointing(2)
+    assert [blk.checkpointed for blk in m.blocks] == [True, False, True, False]
 
 
-def test_mae_bench_cpu_runs_and_writes_json(tmp_path, capsys):
+def test_bf16_residual_stream():
+    """--activation-dtype bf16: the stream between blocks is bf16 (fp32 by default), same loss to bf16 rounding."""
+    torch.manual_seed(0)
+    m = mae_vit_tiny_patch8(norm_pix_loss=True)
+    imgs, noise = random_images(2, 64), random_noise(2, 64)
+    seen = []
+    m.blocks[1].register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = m(imgs, noise=noise)[0]
+        m.set_activation_dtype("bf16")
+        got = m(imgs, noise=noise)[0]
+    assert seen == [torch.float32, torch.bfloat16]
+    assert got.dtype == torch.float32 and torch.isfinite(got)
+    torch.testing.assert_close(got, ref, rtol=3e-2, atol=0)
+    got.backward()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+    with pytest.raises(ValueError, match="unknown activation dtype 'fp8'"):
+        m.set_activation_dtype("fp8")
+
+
+def test_mae_bench_cpu_rows_record_what_ran(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(records.RESULTS_ENV, str(tmp_path / "results"))
+    before = set(records.RESULTS_DIR.glob("*")) if records.RESULTS_DIR.exists() else set()
     out = tmp_path / "b.json"
     rc = bench_main(["--device", "cpu", "--model", "mae_vit_tiny_patch8", "--img-size", "32", "--batch-size", "4",
-                     "--steps", "2", "--warmup", "1", "--variants", "fused,torch,official,hf", "--data", "demo",
-                     "--json", str(out), "--plot", str(tmp_path / "b.png")])
+                     "--steps", "2", "--warmup", "1", "--variants", "official,fused,torch,graphs,no_ckpt,hf",
+                     "--data", "demo", "--json", str(out), "--plot", str(tmp_path / "b.png")])
     assert rc == 0
     text = capsys.readouterr().out
-    assert "img/s" in text and "vs official" in text
+    assert "img/s" in text and "vs off." in text and "graphs" in text
     rec = json.loads(out.read_text())[0]
-    assert {"device", "date", "commit", "command", "results"} <= set(rec)
+    assert {"device", "date", "commit", "command", "torch", "triton", "cuda", "results"} <= set(rec)
     rows = {r["variant"]: r for r in rec["results"]}
-    for v in ("fused", "torch", "official"):
-        assert rows[v]["images_per_s"] > 0 and rows[v]["step_ms_median"] > 0, rows[v]
+    for v in ("official", "fused", "torch"):
+        r = rows[v]
+        assert r["images_per_s"] > 0 and r["step_ms_median"] > 0 and r["first_step_s"] > 0, r
+        assert r["kernels"] == "torch" and r["kernels_fell_back"] is False  # a CPU runs the references
+        assert r["compile"] == "off" and r["batch_size"] == 4 and r["label"] == v
+        assert set(r["attention"]) == {"encoder", "decoder"}
     assert rows["official"]["vs_official"] == 1.0 and rows["official"]["precision"] == "fp16"
-    assert rows["fused"]["mfu"] is None  # no peak for a CPU
-    assert "images_per_s" in rows["hf"] or "error" in rows["hf"]
+    assert "foreach AdamW" in rows["official"]["step"] and "fused AdamW" in rows["fused"]["step"]
+    assert rows["official"]["attention"]["encoder"]["backend"] == "math"
+    assert rows["fused"]["attention"]["decoder"] == {"backend": "sdpa", "tokens": 17, "heads": 2, "head_dim": 32,
+                                                     "batch": 4, "dtype": "bfloat16", "device": "cpu",
+                                                     "timings_ms": {}, "rejected": {"*": "no CUDA device: nothing timed"}}
+    assert rows["fused"]["precision"] == "bf16" and rows["fused"]["mfu"] is None  # no peak for a CPU
+    assert rows["graphs"]["unavailable"] == "needs CUDA"
+    assert "does not checkpoint" in rows["no_ckpt"]["unavailable"]
+    assert "images_per_s" in rows["hf"] or "unavailable" in rows["hf"] or "error" in rows["hf"]
     assert rows["fused+data"]["images_per_s"] > 0  # the real loader feeding the fused step
     assert (tmp_path / "b.png").stat().st_size > 5000
+    written = list((tmp_path / "results").glob("mae-bench-*.json"))
+    assert len(written) == 1 and json.loads(written[0].read_text())["results"][-1]["variant"] == "fused+data"
+    after = set(records.RESULTS_DIR.glob("*")) if records.RESULTS_DIR.exists() else set()
+    assert after == before  # a CPU record never lands in bench/results/
+
+
+def test_fallen_back_row_is_labelled_and_gets_no_ratio(monkeypatch):
+    m = mae_vit_tiny_patch8()
+
+    def failing_check(force=False):
+        m.kernel_backend = "torch"
+        return "torch"
+    monkeypatch.setattr(m, "check_kernels", failing_check)
+    import mae_fast.kernels.selftest as st
+    monkeypatch.setattr(st, "selftest", lambda *a, **k: {"masked_loss": "AssertionError: differs", "unshuffle": None})
+    status = kernel_status(m, torch.device("cpu"))
+    assert status["kernels_fell_back"] and status["kernels"] == "torch"
+    assert status["kernel_failures"] == {"masked_loss": "AssertionError: differs"}
+    rows = [{"variant": "official", "images_per_s": 10.0}, {"variant": "fused", "images_per_s": 30.0, **status},
+            {"variant": "eager", "images_per_s": 20.0, "kernels_fell_back": False}, {"variant": "hf", "error": "x"}]
+    add_ratios(rows)
+    assert rows[1]["label"] == "fused [kernels fell back to torch]" and "vs_official" not in rows[1]
+    assert rows[2]["vs_official"] == 2.0 and rows[0]["vs_official"] == 1.0 and "vs_official" not in rows[3]
+    rows[0]["kernels_fell_back"] = True  # a baseline that is not what it claims gives no ratios at all
+    add_ratios(rows)
+    assert not any("vs_official" in r for r in rows)
+
+
+def test_device_cuda_without_gpu_is_one_line(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    p = subprocess.run([sys.executable, "-m", "mae_fast.bench.throughput", "--device", "cuda", "--model",
+                        "mae_vit_tiny_patch8", "--steps", "1", "--warmup", "1"], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=120)
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.strip().splitlines() == ["mae-bench: error: --device cuda was asked for but no CUDA device is "
+                                             "visible (use --device auto or cpu)"]
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--batch-size", "x"], "positive integer or 'auto'"),
+    (["--variants", "fused,nope"], r"unknown variant\(s\) \['nope'\]"),
+    (["--activation-dtype", "bf16", "--precision", "fp16"], "needs --precision bf16"),
+])
+def test_bad_options_name_the_problem(argv, match, capsys):
+    with pytest.raises(SystemExit) as e:
+        throughput.parse_args(argv)
+    assert e.value.code == 2
+    import re
+    assert re.search(match, capsys.readouterr().err)
+
+
+def test_presets_say_what_they_do():
+    for name, preset in throughput.PRESETS.items():
+        assert preset["what"] and "grad_checkpointing" in preset, name
+    assert throughput.PRESETS["vit_h14_448"]["grad_checkpointing"] == 1 and "no_ckpt" in throughput.PRESETS[
+        "vit_h14_448"]["what"]
 
 
 def test_peak_table_prefers_specific_names():
@@ -80,16 +199,32 @@ def test_peak_table_prefers_specific_names():
     assert names.index("H100 PCIe") < names.index("H100")
 
 
-def test_records_carry_device_date_commit_command(tmp_path):
-    from mae_fast.bench.records import junit_summary, record_header, write_result
-
+def test_records_carry_environment_and_never_put_cpu_figures_in_results(tmp_path, monkeypatch):
     xml = tmp_path / "j.xml"
     xml.write_text('<testsuites><testsuite><testcase classname="a" name="t1"/><testcase classname="a" name="t2">'
                    '<failure/></testcase><testcase classname="a" name="t3"><skipped/></testcase></testsuite></testsuites>')
-    summary = junit_summary(str(xml))
+    summary = records.junit_summary(str(xml))
     assert (summary["passed"], summary["failed"], summary["skipped"], summary["failures"]) == (1, 1, 1, ["a::t2"])
-    rec = {**record_header("unit", torch.device("cpu"), "cmd --x"), **summary}
-    path = write_result("unit", rec, folder=tmp_path)
+    rec = {**records.record_header("unit", torch.device("cpu"), "cmd --x"), **summary}
+    assert {"device", "date", "commit", "torch", "triton", "cuda", "cudnn", "python"} <= set(rec)
+    path = records.write_result("unit", rec, folder=tmp_path, stamp="S")
     data = json.loads(path.read_text())
-    assert path.name.startswith("unit-cpu") and data["command"] == "cmd --x"
-    assert {"device", "date", "commit", "torch"} <= set(data) and len(data["commit"]) >= 7
+    assert path.name.startswith("unit-cpu") and path.name.endswith("-S.json")
+    assert data["command"] == "cmd --x" and len(data["commit"]) >= 7
+    rec["passed"] = 7  # the same stamp rewrites the same file (records written after every row)
+    assert records.write_result("unit", rec, folder=tmp_path, stamp="S") == path
+    assert json.loads(path.read_text())["passed"] == 7 and not list(tmp_path.glob(".*.tmp"))
+
+    monkeypatch.delenv(records.RESULTS_ENV, raising=False)
+    assert records.result_folders(rec) == []  # CPU, no $MAE_RESULTS_DIR: nowhere
+    assert records.write_result("unit", rec) is None
+    assert records.result_folders(rec, folder=records.RESULTS_DIR) == []  # not even when asked
+    monkeypatch.setenv(records.RESULTS_ENV, str(tmp_path / "env"))
+    assert records.result_folders(rec) == [tmp_path / "env"]
+    gpu = {**rec, "device": "NVIDIA H200"}
+    assert records.result_folders(gpu) == [records.RESULTS_DIR, tmp_path / "env"]
+
+
+def test_nvidia_smi_absent_is_empty(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert records.nvidia_smi() == {}
