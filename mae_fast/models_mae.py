@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from mae_fast.kernels import masked_loss, patch_embed_gather, unshuffle_mask_tokens
 from mae_fast.kernels._utils import patchify_reference
 
-from .attention import get_attention, pick_attention_backend
+from .attention import AttentionSite, get_attention, pick_attention_backend
 from .pos_embed import get_2d_sincos_pos_embed
 
 log = logging.getLogger(__name__)
@@ -124,8 +124,17 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+#: ``set_activation_dtype`` names: the residual stream's dtype between blocks (None: as autocast leaves it)
+ACTIVATION_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+
+
 class Block(nn.Module):
-    """Pre-norm transformer block: x += attn(LN(x)); x += mlp(LN(x)). No dropout, no drop path."""
+    """Pre-norm transformer block: x += attn(LN(x)); x += mlp(LN(x)). No dropout, no drop path.
+
+    ``checkpointed``: recompute this block's activations in backward (inside ``forward``, so a
+    compiled block traces the checkpoint too). ``residual_dtype``: keep the residual stream in this
+    dtype (bf16 halves the activations kept between blocks); None keeps autocast's float32 sums.
+    """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, attn_backend: str = "sdpa"):
         super().__init__()
@@ -133,10 +142,22 @@ class Block(nn.Module):
         self.attn = Attention(dim, num_heads, attn_backend)
         self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.checkpointed = False
+        self.residual_dtype: Optional[torch.dtype] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        if self.checkpointed and self.training and torch.is_grad_enabled():
+            return checkpoint(self._residual_stream, x, use_reentrant=False)
+        return self._residual_stream(x)
+
+    def _residual_stream(self, x: torch.Tensor) -> torch.Tensor:
+        dt = self.residual_dtype
+        if dt is None:
+            x = x + self.attn(self.norm1(x))
+            return x + self.mlp(self.norm2(x))
+        x = x.to(dt)
+        x = x + self.attn(self.norm1(x)).to(dt)
+        return x + self.mlp(self.norm2(x)).to(dt)
 
 
 class MaskedAutoencoderViT(nn.Module):
@@ -197,6 +218,8 @@ class MaskedAutoencoderViT(nn.Module):
         self.decoder_pred = nn.Linear(decoder_embed_dim, self.config.patch_dim)
 
         self.grad_checkpointing = 0  # 0: off; k: checkpoint every k-th block (activation memory)
+        self.activation_dtype = "fp32"  # residual stream between blocks (set_activation_dtype)
+        self.attn_choices: Dict[str, dict] = {}  # per site: backend and why (set_attn_backend)
         self.set_kernel_backend(kernel_backend)
         self.initialize_weights()
         if attn_backend == "auto":
@@ -227,20 +250,49 @@ class MaskedAutoencoderViT(nn.Module):
             nn.init.constant_(m.bias, 0)
             nn.init.constant_(m.weight, 1.0)
 
-    def set_attn_backend(self, attn_backend: str, dtype: Optional[torch.dtype] = None) -> str:
-        """Switch every block's attention backend (see ``mae_fast.attention``); returns the one used.
+    def attention_sites(self, batch: int = 64, mask_ratio: float = 0.75) -> Dict[str, Tuple[nn.ModuleList, AttentionSite]]:
+        """{"encoder" | "decoder": (its blocks, its attention shape)}: 1 + visible tokens, 1 + L tokens."""
+        sites = {}
+        for name, blocks, tokens in (("encoder", self.blocks, 1 + self.num_visible(mask_ratio)),
+                                     ("decoder", self.decoder_blocks, 1 + self.config.num_patches)):
+            if len(blocks):
+                attn = blocks[0].attn
+                sites[name] = (blocks, AttentionSite(batch, tokens, attn.num_heads, attn.head_dim))
+        return sites
 
-        "auto" picks, for the model's device and ``dtype`` (default bf16 on CUDA), the fastest backend
-        that runs all of the model's head sizes; call it after moving the model to its device.
+    def set_attn_backend(self, attn_backend: str, dtype: Optional[torch.dtype] = None, batch: int = 64,
+                         mask_ratio: float = 0.75) -> Dict[str, str]:
+        """Set the attention backend (see ``mae_fast.attention``) of the encoder and decoder blocks;
+        returns {site: backend}, also kept with the reasons in ``attn_choices`` (for records).
+
+        "auto" times the candidates per site at its real shape (``batch`` images, ``mask_ratio``) on
+        the model's device in ``dtype`` (default bf16 on CUDA), so encoder and decoder may differ; call
+        it after moving the model to its device. On CPU it is plain SDPA, nothing timed.
         """
-        if attn_backend == "auto":
-            device = self.cls_token.device
-            dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-            heads = {blk.attn.head_dim for blk in [*self.blocks, *self.decoder_blocks]}
-            attn_backend = pick_attention_backend(device, dtype, heads)
+        if attn_backend != "auto":
+            get_attention(attn_backend)  # an unknown name: ValueError listing the known ones
+        device = self.cls_token.device
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        self.attn_choices: Dict[str, dict] = {}
+        for name, (blocks, site) in self.attention_sites(batch, mask_ratio).items():
+            if attn_backend == "auto":
+                choice = pick_attention_backend(device, dtype, site).to_dict()
+            else:
+                choice = {"backend": attn_backend, "tokens": site.tokens, "heads": site.heads,
+                          "head_dim": site.head_dim, "forced": True}
+            for blk in blocks:
+                blk.attn.set_backend(choice["backend"])
+            self.attn_choices[name] = choice
+        return {name: c["backend"] for name, c in self.attn_choices.items()}
+
+    def set_activation_dtype(self, name: str = "fp32") -> None:
+        """Residual stream between blocks kept in fp32 (as autocast leaves it: exact to the official
+        code) or "bf16" (less activation memory and traffic, bf16 sums; use under bf16 autocast)."""
+        if name not in ACTIVATION_DTYPES:
+            raise ValueError(f"unknown activation dtype {name!r}; choose one of {list(ACTIVATION_DTYPES)}")
         for blk in [*self.blocks, *self.decoder_blocks]:
-            blk.attn.set_backend(attn_backend)
-        return attn_backend
+            blk.residual_dtype = ACTIVATION_DTYPES[name]
+        self.activation_dtype = name
 
     def set_kernel_backend(self, kernel_backend: str) -> None:
         """"auto": Triton kernels on CUDA tensors, PyTorch elsewhere; "triton": always (CPU tensors need
@@ -267,18 +319,18 @@ class MaskedAutoencoderViT(nn.Module):
         return self.kernel_backend
 
     def set_grad_checkpointing(self, every: int = 1) -> None:
-        """Recompute activations of every ``every``-th block in backward (0 turns it off)."""
+        """Recompute activations of every ``every``-th block (of the encoder and of the decoder) in
+        backward (0 turns it off)."""
         if every < 0:
             raise ValueError(f"grad checkpointing interval must be >= 0, got {every}")
         self.grad_checkpointing = every
+        for blocks in (self.blocks, self.decoder_blocks):
+            for i, blk in enumerate(blocks):
+                blk.checkpointed = bool(every) and i % every == 0
 
     def _run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
-        k = self.grad_checkpointing
-        for i, blk in enumerate(blocks):
-            if k and self.training and i % k == 0 and torch.is_grad_enabled():
-                x = checkpoint(blk, x, use_reentrant=False)
-            else:
-                x = blk(x)
+        for blk in blocks:  # each block checkpoints itself (set_grad_checkpointing)
+            x = blk(x)
         return x
 
     # ---------------------------------------------------------- layout utils
