@@ -15,7 +15,7 @@ from .cli import ConfigError, add_config_flags, dataclass_parser, opt
 from .cli import parse_config as parse_dataclass_config
 
 COMPILE_MODES = ("auto", "off", "blocks", "model")
-LOADERS = ("auto", "dali", "pil", "synthetic")
+LOADERS = ("auto", "dali", "nvjpeg", "pil", "synthetic")
 
 
 def default_workers() -> int:
@@ -34,8 +34,10 @@ class PretrainConfig:
     model: str = opt("model factory name", "mae_vit_large_patch16", choices=sorted(MODELS))
     img_size: int = opt("input resolution (multiple of the patch)", 224, min=1)
     data: str = opt("image folder, ImageFolder tree, list file, or 'demo'", "demo")
-    loader: str = opt("auto (DALI on CUDA when installed, else PIL) | dali | pil | synthetic", "auto", choices=LOADERS)
-    num_workers: int = opt("PIL loader workers / DALI threads (default: the cores available, at most 8)",
+    loader: str = opt("auto (DALI on CUDA when installed, else nvjpeg on CUDA, else PIL) | dali | nvjpeg "
+                      "(torchvision GPU JPEG decode) | pil | synthetic", "auto", choices=LOADERS)
+    num_workers: int = opt("PIL loader workers / DALI threads / nvjpeg file-reading threads (default: the cores "
+                           "available, at most 8)",
                            default_workers(), min=0)
     strict_data: bool = opt("stop at the first unreadable image instead of skipping it", False)
     output_dir: str = opt("checkpoints, logs and figures go here (default: a new runs/<preset or mae>[-N])", "")
@@ -49,6 +51,7 @@ class PretrainConfig:
     min_lr: float = opt("lr at the end of the cosine", 0.0, min=0)
     weight_decay: float = opt("AdamW weight decay (not on norms and biases)", 0.05, min=0)
     mask_ratio: float = opt("fraction of patches removed", 0.75, above=0, below=1)
+    min_crop_scale: float = opt("smallest area fraction of RandomResizedCrop (the recipe's 0.2)", 0.2, above=0, max=1)
     norm_pix_loss: bool = opt("per-patch normalized pixel target", True)
     precision: str = opt("bf16 (autocast, no scaler) | fp16 (autocast + GradScaler) | fp32 | fp64 (float64 "
                          "weights, for exactness checks on CPU)", "bf16", choices=["bf16", "fp16", "fp32", "fp64"])

@@ -42,8 +42,8 @@ class LinprobeConfig(ClassifierConfig):
     min_lr: float = opt("lr at the end of the cosine", 0.0)
     weight_decay: float = opt("LARS weight decay", 0.0)
     output_dir: str = opt("checkpoints and logs go here", "runs/linprobe")
-    loader: str = opt("training loader: auto (DALI on GPU when installed) | dali | pil", "auto",
-                      choices=["auto", "dali", "pil"])
+    loader: str = opt("training loader: auto (DALI on GPU when installed, else nvjpeg on GPU) | dali | nvjpeg | pil",
+                      "auto", choices=["auto", "dali", "nvjpeg", "pil"])
 
 
 def linear_head(in_features: int, num_classes: int) -> nn.Sequential:

@@ -71,6 +71,8 @@ def nvjpeg_problem(device: torch.device | str) -> str | None:
     device), or None when it can."""
     device = torch.device(device)
     key = str(device)
+    if device.type not in ("cpu", "cuda"):
+        return f"torchvision's decode_jpeg decodes on cpu or cuda, not {device}"
     if key not in _PROBLEMS:
         from PIL import Image
 
