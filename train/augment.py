@@ -13,7 +13,6 @@ import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
-from torchvision.transforms.v2 import functional as TF2
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -123,16 +122,18 @@ def augment_pil(img: Image.Image, size: int, box: tuple[int, int, int, int], fli
 def resized_crops(images: Sequence[torch.Tensor], size: int, boxes: np.ndarray, flips: np.ndarray
                   ) -> torch.Tensor:
     """Tensor twin of :func:`augment_pil` for a batch: crop ``boxes[i]`` (top, left, h, w) of uint8
-    (3, H, W) ``images[i]``, bicubic-resize with antialias to size x size in float32, flip where
-    ``flips[i]``; returns float32 (N, 3, size, size) on the images' device, clamped to [0, 255] and
-    rounded as PIL's uint8 output is (PIL also rounds and clips between its two resize passes, so
-    values differ by up to ~10 levels at saturated edges, well under one level on average)."""
-    out = []
-    for img, (top, left, h, w), flip in zip(images, np.asarray(boxes).tolist(), np.asarray(flips).tolist()):
-        crop = TF2.resize(img[:, top:top + h, left:left + w].float(), [size, size],
-                          interpolation=InterpolationMode.BICUBIC, antialias=True)
-        out.append(crop.flip(-1) if flip else crop)
-    return torch.stack(out).clamp_(0, 255).round_()
+    (3, H, W) ``images[i]``, bicubic-resize with antialias to size x size in float32 (the computation
+    of torchvision.transforms.v2.functional.resize(antialias=True, BICUBIC) on float tensors, called
+    without its per-call checks), flip where ``flips[i]``; returns float32 (N, 3, size, size) on the
+    images' device, clamped to [0, 255] and rounded as PIL's uint8 output is. PIL also rounds and
+    clips between its two resize passes, so values differ from it by up to ~10 levels at saturated
+    edges and by well under one level on average (tests/test_nvjpeg.py)."""
+    out = [torch.nn.functional.interpolate(img[None, :, top:top + h, left:left + w].float(), size=(size, size),
+                                           mode="bicubic", antialias=True, align_corners=False)
+           for img, (top, left, h, w) in zip(images, np.asarray(boxes).tolist())]
+    x = torch.cat(out).clamp_(0, 255).round_()
+    flip = torch.from_numpy(np.asarray(flips, dtype=bool)).to(x.device, non_blocking=True)
+    return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
 
 
 def normalize(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
