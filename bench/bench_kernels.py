@@ -4,7 +4,8 @@ Run:   pytest bench/bench_kernels.py            (not part of the default test ru
 
 For each op (patch_embed_gather, unshuffle_mask_tokens, masked_loss), pass (fwd, fwd+bwd), shape
 (ViT-L/16 @ 224 batch 256, ViT-H/14 @ 448 batch 64) and implementation (eager reference,
-torch.compile(reference), Triton), it reports the time per call, the achieved GB/s counted on the
+torch.compile(reference), Triton as the model runs it; for patch_embed_gather also each of its two
+Triton forwards, "triton_fused" and "triton_gemm" = Triton gather + cuBLAS), it reports the time per call, the achieved GB/s counted on the
 minimum bytes the op must read and write, and that as a fraction of a measured device-to-device copy
 bandwidth (patch_embed_gather also reports TFLOP/s: its GEMM is 2*N*K*P*D FLOPs).
 
@@ -13,7 +14,8 @@ them), position tables / mask token float32, decoder tokens and predictions bf16
 
 On a machine without CUDA it runs the eager (and, with MAE_FAST_BENCH_CPU_COMPILE=1, the compiled)
 reference at batch 2 and skips the Triton rows with the reason. On a GPU it writes a JSON record to
-bench/results/ (device, date, git commit, command, numbers).
+bench/results/ (device, date, git commit, command, numbers, and the forward each op chose by timing:
+``mae_fast.kernels.backend_choices()``).
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from mae_fast.bench.records import record_header, write_result
 import torch
 
 from mae_fast.kernels import (
+    backend_choices,
     masked_loss,
     masked_loss_reference,
     patch_embed_gather,
@@ -49,7 +52,7 @@ SHAPES = {
 }
 CPU_BATCH = 2
 MASK_RATIO = 0.75
-IMPLS = ("eager", "compiled", "triton")
+IMPLS = ("eager", "compiled", "triton", "triton_fused", "triton_gemm")
 PASSES = ("fwd", "fwd_bwd")
 
 
@@ -137,12 +140,15 @@ def make_case(op: str, shape: str, pas: str):
         args = (imgs, ids_keep, weight, bias, pos, p)
         leaves = (weight, bias)
         fns = {"eager": patch_embed_gather_reference,
-               "triton": lambda *a: patch_embed_gather(*a, backend="triton")}
+               "triton": lambda *a: patch_embed_gather(*a, backend="triton"),
+               "triton_fused": lambda *a: patch_embed_gather(*a, backend="triton", impl="fused"),
+               "triton_gemm": lambda *a: patch_embed_gather(*a, backend="triton", impl="gemm")}
         M = N * K
-        nbytes = M * P * 4 + M * 8 + D * P * 2 + D * 2 + L * D * 4 + M * D * 4
+        # visible pixels, ids, weight, bias, position table; the output is bf16 (the GEMM dtype)
+        nbytes = M * P * 4 + M * 8 + D * P * 2 + D * 2 + L * D * 4 + M * D * 2
         flops = 2 * M * P * D
         if bwd:  # grad_out, visible pixels again, weight, ids; write grad_weight, grad_bias
-            nbytes += M * D * 4 + M * P * 4 + M * 8 + D * P * 2 + D * P * 2 + D * 2
+            nbytes += M * D * 2 + M * P * 4 + M * 8 + D * P * 2 + D * P * 2 + D * 2
             flops *= 2  # + grad_weight GEMM (images need no grad)
     elif op == "unshuffle_mask_tokens":
         x = torch.randn(N, 1 + K, Dd, generator=g).to(DEVICE, bf16).requires_grad_(bwd)
@@ -195,6 +201,7 @@ def _write_record():
     record = {
         **record_header("bench_kernels", command=" ".join([Path(sys.executable).name, "-m", "pytest", *sys.argv[1:]])),
         "copy_bandwidth_GBps": _COPY_BW.get("cuda", 0.0) / 1e9,
+        "backend_choices": backend_choices(),
         "results": RECORDS,
     }
     path = write_result("kernels", record)
@@ -206,7 +213,9 @@ def _write_record():
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("op", ["patch_embed_gather", "unshuffle_mask_tokens", "masked_loss"])
 def test_bench(benchmark, op: str, shape: str, pas: str, impl: str):
-    if impl == "triton" and not CUDA:
+    if impl.startswith("triton_") and op != "patch_embed_gather":
+        pytest.skip(f"{op} has one Triton implementation")
+    if impl.startswith("triton") and not CUDA:
         pytest.skip("Triton timing needs a CUDA GPU (the CPU interpreter checks correctness, it is not a speed)")
     if impl == "compiled" and not CUDA and os.environ.get("MAE_FAST_BENCH_CPU_COMPILE") != "1":
         pytest.skip("torch.compile on CPU is slow to build and not the target; set MAE_FAST_BENCH_CPU_COMPILE=1")
