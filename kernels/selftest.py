@@ -44,14 +44,15 @@ def _check_patch_embed_gather(device: torch.device, g: torch.Generator, p: int, 
     pos = torch.randn(16, D, generator=g).to(device)
     gout = torch.randn(N, 4, D, generator=g).to(device)
 
-    def run(backend: str):
+    def run(backend: str, impl: str):
         w, b = w0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            out = patch_embed_gather(imgs, ids_keep, w, b, pos, p, backend=backend)
+            out = patch_embed_gather(imgs, ids_keep, w, b, pos, p, backend=backend, impl=impl)
         out.float().backward(gout)
         return out, w.grad, b.grad
 
-    _compare(run, tol=2e-2)
+    for impl in ("fused", "gemm"):  # "auto" may time its way to either
+        _compare(lambda backend: run(backend, impl), tol=2e-2)
 
 
 def _check_unshuffle(device: torch.device, g: torch.Generator, p: int, D: int, Dd: int) -> None:

@@ -132,6 +132,29 @@ def test_auto_impl_is_not_timed_on_cpu():
     assert "patch_embed_gather" not in backend_choices()
 
 
+def test_timed_choice_is_cached_logged_and_visible(monkeypatch, caplog):
+    """On CUDA the forward is timed once per shape key: the fastest candidate runs, later calls reuse
+    the cached choice without timing, the choice is logged and listed by backend_choices()."""
+    import logging
+
+    import mae_fast.kernels._utils as ku
+
+    timed = []
+    monkeypatch.setattr(ku, "_CHOICES", {})
+    monkeypatch.setattr(ku, "_median_ms", lambda fn: timed.append(fn) or {0: 2.0, 1: 0.5}[len(timed) - 1])
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    cands = {"fused": lambda: torch.zeros(1), "gemm": lambda: torch.ones(1)}
+    with caplog.at_level(logging.INFO, logger="mae_fast.kernels"):
+        first = ku.choose_by_timing("patch_embed_gather", "N2 K4", cands, torch.device("cuda"))
+        again = ku.choose_by_timing("patch_embed_gather", "N2 K4", cands, torch.device("cuda"))
+    assert torch.equal(first, torch.ones(1)) and torch.equal(again, torch.ones(1)) and len(timed) == 2
+    assert backend_choices() == {"patch_embed_gather": {"N2 K4": "gemm"}}
+    assert "patch_embed_gather N2 K4: using gemm (fused 2.000 ms, gemm 0.500 ms)" in caplog.text
+    # on CPU nothing is timed and nothing cached: the first candidate runs
+    assert torch.equal(ku.choose_by_timing("patch_embed_gather", "N1", cands, torch.device("cpu")), torch.zeros(1))
+    assert len(timed) == 2 and "N1" not in backend_choices()["patch_embed_gather"]
+
+
 def test_torch_compile_no_graph_breaks():
     p = 16
     imgs, ids_keep, weight, bias, pos = _inputs(1, p, 7, 3, 48, 0.75, torch.float32, torch.float32, 9)
