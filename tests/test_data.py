@@ -179,6 +179,26 @@ def test_resume_mid_epoch(kind):
     assert resumed.state_dict()["epoch"] == 3
 
 
+@pytest.mark.parametrize("kind,workers", [("pil", 0), ("pil", 1), ("nvjpeg", 1)])
+def test_iterating_draws_nothing_from_the_global_rngs(kind, workers):
+    """Starting a pass mid-epoch (as after a resume) leaves torch, numpy and python RNG states alone."""
+    import random
+
+    ld = make(kind=kind, num_workers=workers, batch_size=4)
+    torch.manual_seed(123)
+    np.random.seed(5)
+    random.seed(6)
+    before = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+    for i, _ in enumerate(ld):
+        if i == 1:
+            break
+    list(ld)
+    assert torch.equal(torch.get_rng_state(), before[0])
+    assert np.array_equal(np.random.get_state()[1], before[1]) and random.getstate() == before[2]
+    if hasattr(ld, "close"):
+        ld.close()
+
+
 def test_pil_workers_break_and_continue():
     """Leaving a pass early and iterating again continues the epoch (persistent workers)."""
     ref = list(make(batch_size=4, num_workers=1))

@@ -115,9 +115,10 @@ class Loader(ABC):
             yielded += 1
             yield (images, labels) if self.with_labels else images
         if start == 0 and yielded == 0 and len(self) > 0:
+            where = f" of {self.source!r}" if self.source else ""
             raise NoReadableImagesError(
-                f"none of the {self.shard_size()} image file(s) of {self.source or 'the data'!r} read in "
-                f"epoch {epoch} could be decoded (each is named in a warning above)")
+                f"none of the {self.shard_size()} image file(s){where} read in epoch {epoch} could be "
+                f"decoded (each is named in a warning above)")
         self._end_epoch(epoch)
 
     def _end_epoch(self, epoch: int) -> None:
