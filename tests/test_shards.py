@@ -152,22 +152,25 @@ def test_pil_batches_are_the_augmented_source_images(tree, shards):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_resume_mid_epoch_is_exact(shards, kind):
-    ref = make(shards, kind, seed=1, streams=2, drop_last=True)
+    opts = dict(batch_size=2, seed=1, streams=2, drop_last=True)
+    ref = make(shards, kind, **opts)
     ref_batches = [b.clone() for _ in range(2) for b in ref]  # epochs 0 and 1
-    part = make(shards, kind, seed=1, streams=2, drop_last=True)
-    it = iter(part)
-    first = [next(it).clone(), next(it).clone()]
-    state = part.state_dict()
-    assert state["batch"] == 2 and state["streams"] == 2 and len(state["position"]) == 2
-    resumed = make(shards, kind, seed=1, streams=2, drop_last=True)
-    resumed.load_state_dict(state)
-    plan = resumed.stream_plan(0, 2)  # reading starts at the resume point: (shard, offset)
-    assert sum(len(b.perm) for p in plan for b in p) < sum(len(b.perm) for p in resumed.stream_plan(0, 0) for b in p)
-    rest = [b.clone() for b in resumed] + [b.clone() for b in resumed]
-    got = first + rest
-    assert len(got) == len(ref_batches) == 2 * len(ref)
-    for a, b in zip(ref_batches, got):
-        assert torch.equal(a, b)
+    n = len(ref)
+    for stop in ([1, 2, 3, 4, 5, 6, 7, 8] if kind == "pil" else [3]):  # inside and at block boundaries
+        part = make(shards, kind, **opts)
+        it = iter(part)
+        first = [next(it).clone() for _ in range(stop)]
+        state = part.state_dict()
+        assert state["batch"] == stop and state["streams"] == 2 and len(state["position"]) == 2
+        resumed = make(shards, kind, **opts)
+        resumed.load_state_dict(state)
+        # reading starts at the resume point (shard + offset): fewer samples left to read
+        left = sum(len(b.perm) for p in resumed.stream_plan(0, stop) for b in p)
+        assert left == 19 - 2 * stop, stop
+        got = first + [b.clone() for b in resumed] + [b.clone() for b in resumed]
+        assert len(got) == len(ref_batches) == 2 * n
+        for i, (a, b) in enumerate(zip(ref_batches, got)):
+            assert torch.equal(a, b), (stop, i)
 
 
 @needs_dali

@@ -431,12 +431,12 @@ def read_blocks(ss: ShardSet, blocks: Iterator[Block] | Sequence[Block]
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
     for b in blocks:
-        path, start = ss.shards[b.shard], int(ss.starts[b.shard])
-        lo, n = start + b.first, len(b.perm)
-        want = {ss.keys[g]: g for g in range(lo, lo + n)}
+        path, lo = ss.shards[b.shard], int(ss.starts[b.shard]) + b.first
+        gids = (lo + b.perm).tolist()  # a partly read block: the tail of its permutation
+        want, n = {ss.keys[g]: g for g in gids}, len(gids)
         got: dict[int, bytes] = {}
         with open(path, "rb") as f:
-            f.seek(int(ss.header[lo]))
+            f.seek(int(ss.header[min(gids)]))
             for sample in group_by_keys(tar_file_expander([{"url": path, "stream": f}])):
                 gid = want.get(sample["__key__"])
                 if gid is None:
@@ -450,11 +450,11 @@ def read_blocks(ss: ShardSet, blocks: Iterator[Block] | Sequence[Block]
                 if len(got) == n:
                     break
         if len(got) != n:
-            lost = next(g for g in range(lo, lo + n) if g not in got)
+            lost = next(g for g in gids if g not in got)
             raise ShardError(f"{ss.name(lost)} was not found where its index says (shard changed "
                              f"or truncated after indexing)")
-        for p in b.perm:
-            yield lo + int(p), got[lo + int(p)]
+        for g in gids:
+            yield g, got[g]
 
 
 def decode_bytes(data: bytes) -> Image.Image:
