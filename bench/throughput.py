@@ -543,14 +543,16 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 
 def resolve_batch(args: argparse.Namespace, model: str, device: torch.device) -> int:
-    """``--batch-size auto``: the largest batch the memory planner says fits this device."""
-    try:
-        from mae_fast.memory import plan_batch
-    except ImportError:
-        raise DeviceError("--batch-size auto needs mae_fast.memory.plan_batch, which this install lacks; "
-                          "give a number") from None
-    return int(plan_batch(model, img_size=args.img_size, device=device, precision=args.precision,
-                          grad_checkpointing=args.grad_checkpointing))
+    """``--batch-size auto``: the largest batch that ``mae_fast.memory.plan_batch`` predicts fits this GPU
+    at ``--grad-checkpointing``; MemoryPlanError (one line) on a CPU or when nothing fits."""
+    from mae_fast.memory import MemoryPlanError, plan_batch
+
+    if device.type != "cuda":
+        raise MemoryPlanError("--batch-size auto plans for a CUDA device's memory; on a CPU give a number")
+    plan = plan_batch(model, img_size=args.img_size, precision=args.precision,
+                      grad_checkpointing=args.grad_checkpointing)
+    print(f"--batch-size auto: {plan.describe()}", flush=True)
+    return plan.batch_size
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -567,9 +569,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     for model in args.models:
         for batch in batches:
             if batch == "auto":
+                from mae_fast.memory import MemoryPlanError
+
                 try:
                     batch = resolve_batch(args, model, device)
-                except DeviceError as e:
+                except MemoryPlanError as e:
                     print(f"mae-bench: error: {e}", file=sys.stderr)
                     return 2
             run = argparse.Namespace(**{**vars(args), "model": model, "batch_size": batch})
