@@ -152,6 +152,7 @@ class Launch(NamedTuple):
     grid: Tuple[int, ...]
     args: Dict[str, Any]
     options: Dict[str, int]
+    compiled: Any = None  # the runtime's CompiledKernel, when the launch ran on a GPU
 
     @property
     def name(self) -> str:
@@ -177,9 +178,9 @@ def launch(kernel, grid: Tuple[int, ...], args: Dict[str, Any], options: Dict[st
     """Launch ``kernel[grid](**args, **options)`` (the only place the ops launch from), or record it."""
     if _RECORDERS:
         record, execute = _RECORDERS[-1]
-        record.append(Launch(kernel, tuple(grid), dict(args), dict(options)))
-        if not execute:
-            return
+        compiled = kernel[tuple(grid)](**args, **options) if execute else None
+        record.append(Launch(kernel, tuple(grid), dict(args), dict(options), compiled))
+        return
     kernel[tuple(grid)](**args, **options)
 
 

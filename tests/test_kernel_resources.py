@@ -79,6 +79,30 @@ def test_launches_are_those_of_a_training_step():
                                        "_unshuffle_bwd_kernel", "_loss_fwd_kernel", "_loss_bwd_kernel"}
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compares with the runtime's build on a GPU")
+def test_report_is_the_runtime_build_on_cuda():
+    """On a GPU: a ViT-H/14 448-px training step (batch 32, bf16 autocast; depth does not change the
+    kernels) launches kernels whose runtime builds have the registers and local memory (spills) that
+    the ahead-of-time report gives for the same launches."""
+    from mae_fast import mae_vit_huge_patch14
+    from mae_fast.bench.kernel_resources import fresh_build, measure
+
+    model = mae_vit_huge_patch14(img_size=448, norm_pix_loss=True, depth=1, decoder_depth=1).cuda()
+    model.set_kernel_backend("triton")
+    imgs = random_images(32, 448, seed=5).cuda()
+    with recording_launches(execute=True) as rec:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss, _, _ = model(imgs, mask_ratio=0.75)
+        loss.backward()
+    assert {lc.name for lc in rec} >= {"_pe_fwd_kernel", "_loss_fwd_kernel", "_unshuffle_bwd_kernel"}
+    with fresh_build():
+        for lc in rec:
+            aot = measure(lc, torch.cuda.get_device_capability()[0] * 10 + torch.cuda.get_device_capability()[1])
+            lc.compiled._init_handles()
+            assert lc.compiled.n_regs == aot["registers"], (lc.name, lc.compiled.n_regs, aot)
+            assert lc.compiled.n_spills * 4 == aot["stack_bytes"], (lc.name, lc.compiled.n_spills, aot)
+
+
 def test_specialization_rule_is_tritons():
     """``arg_specialization`` agrees with the Triton runtime's own rule on this Triton version."""
     try:
