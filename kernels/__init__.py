@@ -1,7 +1,12 @@
 """Triton ops for MAE (issue 3), each with a plain-PyTorch reference beside it.
 
 Every public op takes ``backend="auto" | "triton" | "torch"``: "auto" runs Triton on CUDA tensors and
-the reference elsewhere; "triton" on CPU tensors needs ``TRITON_INTERPRET=1`` (tests).
+the reference elsewhere; "triton" on CPU tensors needs ``TRITON_INTERPRET=1`` (tests). Each kernel's
+tiles come from one function (``pe_fwd_config``, ``pe_move_config``, ``loss_config``,
+``unshuffle_config``) that the GPU launch and the interpreter tests share; every launch goes through
+``_utils.launch``, so it can be recorded and built for sm_90 without a GPU
+(``python -m mae_fast.bench.kernel_resources``). ``backend_choices()`` lists the implementation each op
+chose by timing on the GPU (patch embedding: fused kernel or Triton gather + cuBLAS).
 
 The ops are registered with ``torch.library.custom_op`` + ``register_fake`` + ``register_autograd``
 (namespace ``mae_fast::``), so torch.compile traces them without graph breaks. ``triton_op`` +

@@ -4,8 +4,10 @@ per_patch[n, l] = mean_P (pred[n, l] - target[n, l])^2,   target = patchify(imgs
 norm_pix_loss (t - mean) / sqrt(var_unbiased + 1e-6) per patch;   loss = sum(per_patch * mask) / sum(mask)
 
 Forward (one Triton kernel): each program takes a block of patch rows, reads their pixels straight
-from the NCHW image (no patchified target tensor), normalizes them in registers, reads the prediction
-rows, and writes one float32 partial sum; partials are summed in a fixed order (deterministic) and
+from the NCHW image (no patchified target tensor), normalizes them in registers (two-pass mean and
+variance; a row of P values is held as a power-of-two main part plus a power-of-two tail, 588 = 512 +
+76 of 128, so few lanes idle: ``loss_config``), reads the prediction rows, and writes one float32
+partial sum; partials are summed in a fixed order (deterministic) and
 divided by sum(mask). Rows with mask 0 are skipped (neither pred nor pixels are read).
 Backward (one Triton kernel): recomputes the target and writes grad_pred directly
 (2 (pred - target) / P * mask / sum(mask) * grad_loss, zeros where mask is 0); grad_loss and sum(mask)
