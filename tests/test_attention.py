@@ -1,18 +1,25 @@
 """Attention backends agree with the plain reference, forward and backward, at MAE's head sizes
-(64: ViT-B/L encoder, 80: ViT-H/14 encoder, 32: the 512-wide 16-head decoder)."""
+(64: ViT-B/L encoder, 80: ViT-H/14 encoder, 32: the 512-wide 16-head decoder); a forced SDPA kernel
+is that kernel or an error; ``auto`` on CUDA times the candidates at a site's real shape."""
 import pytest
 import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
 
-from mae_fast.attention import ATTENTION_BACKENDS, math_attention, xformers_available
+import mae_fast.attention as attention
+from mae_fast import mae_vit_tiny_patch8
+from mae_fast.attention import ATTENTION_BACKENDS, BACKEND_NAMES, AttentionSite, get_attention, math_attention, \
+    pick_attention_backend, xformers_available
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+#: SDPA kernels with CPU implementations (flash has one; cuDNN and memory-efficient are CUDA-only)
+CPU_BACKENDS = ("sdpa", "sdpa_flash", "math")
 
 
 def _backends(device):
-    names = ["sdpa", "math"]
-    if device == "cuda" and xformers_available():
-        names.append("xformers")
-    return names
+    if device == "cpu":
+        return list(CPU_BACKENDS)
+    return [n for n in ATTENTION_BACKENDS if n != "xformers" or xformers_available()]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -27,9 +34,74 @@ def test_backends_match_reference(device, head_dim, dtype):
     ref.backward(grad_out.double())
     tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-5)
     for name in _backends(device):
+        if device == "cuda" and name in ("sdpa_flash", "sdpa_cudnn") and dtype == torch.float32:
+            continue  # the flash and cuDNN kernels have no float32 version on CUDA
         x = qkv32.to(dtype).clone().requires_grad_(True)
         out = ATTENTION_BACKENDS[name](x)
         assert out.shape == (2, 50, 4, head_dim) and out.dtype == dtype
         out.backward(grad_out.to(dtype))
         torch.testing.assert_close(out.double(), ref.detach(), **tol, msg=f"{name} forward")
         torch.testing.assert_close(x.grad.double(), ref_in.grad, **tol, msg=f"{name} backward")
+
+
+def test_math_is_the_official_formula():
+    """timm's (the official code's) order: scores scaled after q k^T, softmax, then @ v."""
+    qkv = torch.randn(2, 7, 3, 2, 16, dtype=torch.float64)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)
+    want = (((q @ k.transpose(-2, -1)) * 16 ** -0.5).softmax(-1) @ v).transpose(1, 2)
+    assert torch.equal(math_attention(qkv), want)
+
+
+def test_forced_sdpa_kernel_errors_instead_of_falling_back():
+    """sdpa_efficient / sdpa_cudnn have no CPU kernel: forcing one must fail, not silently run another."""
+    x = torch.randn(1, 9, 3, 2, 16)
+    for name in ("sdpa_efficient", "sdpa_cudnn"):
+        with pytest.raises(RuntimeError):
+            ATTENTION_BACKENDS[name](x)
+
+
+def test_every_backend_is_selectable_by_name():
+    assert BACKEND_NAMES == ("auto", "sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "math", "xformers")
+    m = mae_vit_tiny_patch8()
+    for name in BACKEND_NAMES[1:]:
+        assert get_attention(name) is ATTENTION_BACKENDS[name]
+        m.set_attn_backend(name)
+        assert {blk.attn.attn_backend for blk in [*m.blocks, *m.decoder_blocks]} == {name}
+        assert m.attn_choices["encoder"]["forced"] is True
+    with pytest.raises(ValueError, match=r"unknown attn_backend 'flash'; choose one of \['auto', 'sdpa'"):
+        m.set_attn_backend("flash")
+
+
+def test_forced_sdpa_traces_without_graph_break():
+    torch._dynamo.reset()
+    counters.clear()
+    fn = torch.compile(ATTENTION_BACKENDS["sdpa_flash"], backend="aot_eager")
+    x = torch.randn(2, 9, 3, 2, 16, requires_grad=True)
+    fn(x).sum().backward()
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="auto times backends on a CUDA device only")
+def test_auto_times_candidates_at_the_site_shape_and_rejects_a_wrong_kernel(monkeypatch):
+    attention._AUTO_CHOICE.clear()
+    wrong = lambda qkv: attention.sdpa_attention(qkv) * 1.5  # noqa: E731 - fast and wrong
+    monkeypatch.setitem(ATTENTION_BACKENDS, "sdpa_flash", wrong)
+    site = AttentionSite(batch=8, tokens=50, heads=16, head_dim=64)
+    choice = pick_attention_backend(torch.device("cuda"), torch.bfloat16, site)
+    assert "relative error" in choice.rejected["sdpa_flash"]
+    assert choice.backend in choice.timings_ms and choice.backend != "sdpa_flash"
+    assert set(choice.timings_ms) | set(choice.rejected) >= {"sdpa_cudnn", "sdpa_efficient"}
+    assert all(t > 0 for t in choice.timings_ms.values())
+    assert pick_attention_backend(torch.device("cuda"), torch.bfloat16, site) is choice  # cached per shape
+    attention._AUTO_CHOICE.clear()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="auto times backends on a CUDA device only")
+def test_auto_picks_per_site_on_cuda():
+    m = mae_vit_tiny_patch8().cuda()
+    picked = m.set_attn_backend("auto", dtype=torch.bfloat16, batch=16)
+    assert set(picked) == {"encoder", "decoder"}
+    for site, blocks in (("encoder", m.blocks), ("decoder", m.decoder_blocks)):
+        assert {blk.attn.attn_backend for blk in blocks} == {picked[site]}
+        assert m.attn_choices[site]["timings_ms"], m.attn_choices[site]
