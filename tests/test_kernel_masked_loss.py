@@ -159,5 +159,14 @@ def test_kernels_compile_for_h100():
             assert [lc.name for lc in rec] == ["_loss_fwd_kernel", "_loss_bwd_kernel"]
             for lc in rec:
                 compile_launch(lc)
+        # P = 256, a power of two: no tail part
+        pred = torch.empty(2, 65, 256, dtype=torch.bfloat16, **meta)[:, 1:]
+        imgs1, mask1 = torch.empty(2, 1, 128, 128, **meta), torch.empty(2, 64, **meta)
+        with recording_launches(execute=False) as rec:
+            ml._forward(pred, imgs1, mask1, None, 16, True)
+            ml._backward_kernel(grad_loss, pred, imgs1, mask1, None, 16, True)
+        assert [lc.args["BLOCK_B"] for lc in rec] == [0, 0]
+        for lc in rec:
+            compile_launch(lc)
     """)
     assert proc.returncode == 0, proc.stderr[-4000:]
