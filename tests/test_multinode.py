@@ -62,8 +62,3 @@ def test_two_torchrun_nodes_equal_one_process(tmp_path, monkeypatch):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
     assert a["blocks.0.attn.qkv.weight"].dtype == torch.float64
-    # and the nodes did not simply read the same data: one process with one stream differs
-    monkeypatch.setattr(data, "build_loader", functools.partial(data.build_loader.func, shard_streams=1))
-    train(parse_config(ARGS + ["--data", str(shards), "--batch-size", "8", "--output-dir", str(tmp_path / "v1")]))
-    c = final_weights(tmp_path / "v1")
-    assert not torch.allclose(a["blocks.0.attn.qkv.weight"], c["blocks.0.attn.qkv.weight"], rtol=0, atol=1e-6)
