@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -60,15 +61,18 @@ def _fsync_dir(folder: Path) -> None:
 
 @contextlib.contextmanager
 def _as_checkpoint_error(path: Path) -> Iterator[None]:
-    """DCP read failures (on any rank: DCP raises them on every rank) as one CheckpointError."""
+    """DCP failures (DCP raises them on every rank) as one CheckpointError naming the folder."""
     from torch.distributed.checkpoint.api import CheckpointException
 
     try:
-        yield
+        with warnings.catch_warnings():  # one process without a group is intended here
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            yield
     except (CheckpointException, OSError, RuntimeError, ValueError, EOFError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise CheckpointError(f"checkpoint {path}: cannot be read ({type(e).__name__}: {first[:300]}); "
-                              f"a shard file is truncated, corrupt or missing") from e
+        raise CheckpointError(f"checkpoint {path}: cannot be read or written ({type(e).__name__}: "
+                              f"{first[:300]}); a shard file is truncated, corrupt or missing, or the disk "
+                              f"is full") from e
 
 
 def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> Dict[str, Any]:
@@ -115,7 +119,8 @@ class ShardedCheckpoints:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         _barrier()
-        dcp.save(sharded_state(model, optimizer), storage_writer=dcp.FileSystemWriter(tmp, sync_files=True))
+        with _as_checkpoint_error(tmp):
+            dcp.save(sharded_state(model, optimizer), storage_writer=dcp.FileSystemWriter(tmp, sync_files=True))
         if _is_main():
             save_checkpoint(run_state, tmp / RUN_STATE)
         _barrier()  # every rank's shards are on disk
