@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .augment import IMAGENET_MEAN, IMAGENET_STD, load_rgb_or_reason
 from .loader_base import EpochBatches, Loader, epoch_order, worker_init
+from .shards import ShardSet, is_shard_source
 from .sources import ImageList, scan_source
 
 log = logging.getLogger("mae_fast.data")
@@ -30,6 +31,8 @@ Transform = Callable[[Any], torch.Tensor]
 
 def require_labelled(source: str | os.PathLike) -> None:
     """Raise ValueError unless ``source`` is a folder with class sub-folders or a (list) file."""
+    if is_shard_source(source):
+        return  # tar shards: every sample's .cls label is checked when they are indexed
     root = Path(source).expanduser()
     if not root.exists():
         raise FileNotFoundError(f"data {str(root)!r} does not exist (expected an ImageFolder tree: one "
@@ -55,6 +58,10 @@ def split_sources(data: str, eval_data: str = "") -> Tuple[str, str]:
 
 def scan_labelled(source: str, strict: bool = False, rank: int = 0, world_size: int = 1) -> ImageList:
     """Scan a labelled source (unreadable files logged and left out); ValueError without labels."""
+    if is_shard_source(source):  # tar shards with .cls labels (train/shard_loaders.py)
+        from .shard_loaders import scan_labelled_shards
+
+        return scan_labelled_shards(source, strict, rank, world_size)  # type: ignore[return-value]
     require_labelled(source)
     images = scan_source(source, strict, "fast", rank, world_size)
     if any(lab < 0 for lab in images.labels):
@@ -184,6 +191,12 @@ def build_labelled_loader(images: ImageList, transform: Transform, batch_size: i
                           strict: bool = False, num_workers: int = 8, training: bool = True
                           ) -> LabelledLoader:
     """Training (shuffled, full batches) or evaluation (file order, every file once) loader."""
+    if isinstance(images, ShardSet):
+        from .shard_loaders import build_labelled_shard_loader
+
+        return build_labelled_shard_loader(images, transform, batch_size, seed=seed, rank=rank,  # type: ignore[return-value]
+                                           world_size=world_size, device=device, strict=strict,
+                                           num_workers=num_workers, training=training)
     return LabelledLoader(images, transform, batch_size, seed=seed, rank=rank, world_size=world_size,
                           device=device, strict=strict, num_workers=num_workers, shuffle=training,
                           drop_last=training)
