@@ -64,11 +64,27 @@ class _CropSource:
         return starts, shapes, mirror
 
 
+def decode_crop_normalize(data: Any, start: Any, shape: Any, mirror: Any, img_size: int, gpu: bool) -> Any:
+    """Pipeline graph from encoded images to the batch (shared with the tar-shard DALI loader): the crop
+    decoded as a region of interest, bicubic resize, flip, ImageNet normalization (CHW float)."""
+    from nvidia.dali import fn, types
+
+    # nvJPEG buffer paddings sized for ImageNet-like JPEGs avoid re-allocations
+    pads = dict(device_memory_padding=211025920, host_memory_padding=140544512) if gpu else {}
+    images = fn.decoders.image_slice(data, start=start, shape=shape, axis_names="WH",
+                                     device="mixed" if gpu else "cpu",
+                                     output_type=types.RGB, adjust_orientation=False, **pads)
+    images = fn.resize(images, size=[img_size, img_size], interp_type=types.INTERP_CUBIC,
+                       antialias=True)
+    return fn.crop_mirror_normalize(images, mirror=mirror, dtype=types.FLOAT,
+                                    output_layout="CHW",
+                                    mean=[m * 255.0 for m in IMAGENET_MEAN],
+                                    std=[s * 255.0 for s in IMAGENET_STD])
+
+
 def _build_pipeline(paths: list[str], source: _CropSource, batch_size: int, img_size: int,
                     num_threads: int, device_id: int | None, seed: int) -> Any:
-    from nvidia.dali import fn, pipeline_def, types
-
-    gpu = device_id is not None
+    from nvidia.dali import fn, pipeline_def
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
                   prefetch_queue_depth=2, exec_dynamic=True)
@@ -77,17 +93,7 @@ def _build_pipeline(paths: list[str], source: _CropSource, batch_size: int, img_
                                   shard_id=0, num_shards=1, pad_last_batch=True)
         start, shape, mirror = fn.external_source(source=source, num_outputs=3, batch=True,
                                                   batch_info=True)
-        # nvJPEG buffer paddings sized for ImageNet-like JPEGs avoid re-allocations
-        pads = dict(device_memory_padding=211025920, host_memory_padding=140544512) if gpu else {}
-        images = fn.decoders.image_slice(data, start=start, shape=shape, axis_names="WH",
-                                         device="mixed" if gpu else "cpu",
-                                         output_type=types.RGB, adjust_orientation=False, **pads)
-        images = fn.resize(images, size=[img_size, img_size], interp_type=types.INTERP_CUBIC,
-                           antialias=True)
-        return fn.crop_mirror_normalize(images, mirror=mirror, dtype=types.FLOAT,
-                                        output_layout="CHW",
-                                        mean=[m * 255.0 for m in IMAGENET_MEAN],
-                                        std=[s * 255.0 for s in IMAGENET_STD])
+        return decode_crop_normalize(data, start, shape, mirror, img_size, device_id is not None)
 
     pipe = mae_pipeline()
     pipe.build()
