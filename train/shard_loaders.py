@@ -318,7 +318,7 @@ def _build_shard_pipeline(inputs: list[tuple[list[str], list[str], np.ndarray]],
     that row j * K + m of the output is item j of stream m."""
     from nvidia.dali import fn, pipeline_def
 
-    from .dali_loader import _CropSource
+    from .dali_loader import _CropSource, decode_crop_normalize
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
                   seed=(seed * 7919 + epoch) % (2 ** 31), prefetch_queue_depth=2, exec_dynamic=True)
@@ -331,28 +331,12 @@ def _build_shard_pipeline(inputs: list[tuple[list[str], list[str], np.ndarray]],
             crops = _CropSource(gids.tolist(), sizes, seed, epoch, batch_size, scale)
             start, shape, mirror = fn.external_source(source=crops, num_outputs=3, batch=True,
                                                       batch_info=True)
-            outs.append(_decode_crop_normalize(data, start, shape, mirror, img_size, device_id is not None))
+            outs.append(decode_crop_normalize(data, start, shape, mirror, img_size, device_id is not None))
         return fn.stack(*outs) if len(outs) > 1 else outs[0]
 
     pipe = shard_pipeline()
     pipe.build()
     return pipe
-
-
-def _decode_crop_normalize(data: Any, start: Any, shape: Any, mirror: Any, img_size: int, gpu: bool) -> Any:
-    """The folder DALI loader's decode chain: crop decoded as ROI, bicubic resize, flip, normalize."""
-    from nvidia.dali import fn, types
-
-    from .augment import IMAGENET_MEAN, IMAGENET_STD
-
-    pads = dict(device_memory_padding=211025920, host_memory_padding=140544512) if gpu else {}
-    images = fn.decoders.image_slice(data, start=start, shape=shape, axis_names="WH",
-                                     device="mixed" if gpu else "cpu", output_type=types.RGB,
-                                     adjust_orientation=False, **pads)
-    images = fn.resize(images, size=[img_size, img_size], interp_type=types.INTERP_CUBIC, antialias=True)
-    return fn.crop_mirror_normalize(images, mirror=mirror, dtype=types.FLOAT, output_layout="CHW",
-                                    mean=[m * 255.0 for m in IMAGENET_MEAN],
-                                    std=[s * 255.0 for s in IMAGENET_STD])
 
 
 # ---------------------------------------------------------------- builders
