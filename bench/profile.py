@@ -21,6 +21,7 @@ import json
 import statistics
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -293,11 +294,13 @@ def write_trace(trace_dir: str, run_step: Callable[[Optional[TraceRanges]], obje
     Path(trace_dir).mkdir(parents=True, exist_ok=True)
     before = set(Path(trace_dir).glob("*.json"))
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities, schedule=schedule(wait=0, warmup=1, active=2),
-                 on_trace_ready=tensorboard_trace_handler(trace_dir)) as prof:
-        for _ in range(3):
-            run_step(TraceRanges())
-            prof.step()
+    with warnings.catch_warnings():  # "Profiler clears events at the end of each cycle": there is one cycle
+        warnings.filterwarnings("ignore", message=".*Profiler clears events")
+        with profile(activities=activities, schedule=schedule(wait=0, warmup=1, active=2),
+                     on_trace_ready=tensorboard_trace_handler(trace_dir)) as prof:
+            for _ in range(3):
+                run_step(TraceRanges())
+                prof.step()
     return sorted(str(p) for p in set(Path(trace_dir).glob("*.json")) - before)
 
 
@@ -440,20 +443,23 @@ def memory_report(args: argparse.Namespace) -> Dict:
 
 
 def format_memory(rec: Dict, markdown: bool = False) -> str:
-    """The predictions as a table (GiB), with a fits column per budget (peak <= budget less headroom)."""
-    head = ["batch", "checkpointing", "parameters", "gradients", "optimizer", "inputs", "activations", "peak",
-            "peak in"] + [f"fits {b:g} GiB" for b in rec["budgets_gib"]]
+    """The predictions as a table (GiB, or MiB below 1 GiB), with a fits column per budget (peak <= budget
+    less headroom)."""
+    preds = rec["predictions"]
+    unit, div = ("GiB", GiB) if max(p["peak_bytes"] for p in preds) >= GiB else ("MiB", 2**20)
+    head = ["batch", "checkpointing", "parameters", "gradients", "optimizer", "inputs", "activations",
+            f"peak {unit}", "peak in"] + [f"fits {b:g} GiB" for b in rec["budgets_gib"]]
     rows = []
-    for p in rec["predictions"]:
+    for p in preds:
         b = p["breakdown"]
         fits = ["yes" if p["peak_bytes"] <= g * GiB * (1 - rec["headroom"]) else "no" for g in rec["budgets_gib"]]
         rows.append([str(p["batch_size"]), f"every {p['grad_checkpointing']}" if p["grad_checkpointing"] else "off",
-                     *(f"{b[c] / GiB:.2f}" for c in ("parameters", "gradients", "optimizer_state", "inputs",
+                     *(f"{b[c] / div:.2f}" for c in ("parameters", "gradients", "optimizer_state", "inputs",
                                                      "activations")),
-                     f"{p['peak_bytes'] / GiB:.2f}", p["peak_phase"], *fits])
-    first = rec["predictions"][0]
+                     f"{p['peak_bytes'] / div:.2f}", p["peak_phase"], *fits])
+    first = preds[0]
     title = (f"{rec['model']} @ {rec['img_size']}px, {rec['precision']}, AdamW (fused), mask ratio "
-             f"{first['mask_ratio']:g}: predicted peak GiB of one training step on {rec['device_type']} "
+             f"{first['mask_ratio']:g}: predicted peak memory ({unit}) of one training step on {rec['device_type']} "
              f"(traced on {first['traced_on']}; fits: peak <= budget less {rec['headroom']:.0%} headroom)")
     if markdown:
         out = [title, "", "| " + " | ".join(head) + " |", "|" + "|".join("---:" for _ in head) + "|"]
@@ -463,14 +469,8 @@ def format_memory(rec: Dict, markdown: bool = False) -> str:
         out = [title, "  ".join(h.rjust(w) for h, w in zip(head, widths))]
         out += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
     if rec["plan"]:
-        out += ["", Plan_describe(rec["plan"])]
+        out += ["", rec["plan"]["summary"]]
     return "\n".join(out)
-
-
-def Plan_describe(d: Dict) -> str:
-    return (f"plan: batch {d['batch_size']}, grad checkpointing {d['grad_checkpointing'] or 'off'}: predicted "
-            f"{d['predicted_bytes'] / GiB:.2f} GiB of {d['budget_bytes'] / GiB:.2f} GiB "
-            f"({d['headroom']:.0%} headroom), {d['traces']} traces")
 
 
 # ----------------------------------------------------------------------------- command line

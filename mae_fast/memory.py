@@ -35,6 +35,11 @@ CATEGORIES = ("parameters", "gradients", "optimizer_state", "inputs", "activatio
 PHASES = ("forward", "backward", "optimizer")
 
 
+def fmt_bytes(n: float) -> str:
+    """Bytes as GiB (from 1 GiB) or MiB."""
+    return f"{n / GiB:.2f} GiB" if abs(n) >= GiB else f"{n / 2**20:.1f} MiB"
+
+
 class MemoryPlanError(ValueError):
     """No configuration fits the memory budget (one line: the prediction and what to try)."""
 
@@ -179,15 +184,11 @@ class MemoryPrediction:
         """One line: the configuration, the peak and its parts."""
         b = self.breakdown
         ckpt = f"every {self.grad_checkpointing} block(s)" if self.grad_checkpointing else "off"
+        parts = ", ".join(f"{name} {fmt_bytes(b[c])}" for name, c in (
+            ("parameters", "parameters"), ("gradients", "gradients"), ("optimizer", "optimizer_state"),
+            ("inputs", "inputs"), ("activations", "activations")))
         return (f"{self.model} @ {self.img_size}px, batch {self.batch_size}, {self.precision}, grad checkpointing "
-                f"{ckpt}: predicted peak {self.peak_bytes / GiB:.2f} GiB ({self.peak_phase}; parameters "
-                f"{b['parameters'] / GiB:.2f}, gradients {b['gradients'] / GiB:.2f}, optimizer "
-                f"{b['optimizer_state'] / GiB:.2f}, inputs {b['inputs'] / GiB:.2f}, activations "
-                f"{b['activations'] / GiB:.2f} GiB)")
-
-
-def _cuda_usable() -> bool:
-    return torch.cuda.is_available()
+                f"{ckpt}: predicted peak {fmt_bytes(self.peak_bytes)} (in {self.peak_phase}; {parts})")
 
 
 class StepTracer:
@@ -206,7 +207,7 @@ class StepTracer:
         if device_type not in ("cuda", "cpu"):
             raise ValueError(f"device_type must be 'cuda' or 'cpu', got {device_type!r}")
         if trace_device is None:
-            trace_device = "cuda" if device_type == "cuda" and _cuda_usable() else "cpu"
+            trace_device = "cuda" if device_type == "cuda" and torch.cuda.is_available() else "cpu"
         if kernel_backend is None:  # what the model would run on the target (auto); refs when emulated on CPU
             kernel_backend = "auto" if trace_device == device_type else "torch"
         self.model_name, self.img_size, self.precision, self.mask_ratio = model_name, img_size, precision, mask_ratio
@@ -261,29 +262,16 @@ class StepTracer:
         return self._cache[key]
 
     def _trace(self, batch_size: int, grad_checkpointing: int) -> MemoryPrediction:
-        model, runner = self.model, self.runner
+        model = self.model
         model.set_grad_checkpointing(grad_checkpointing)
-        tracker = LiveStorageTracker(CUDA_BLOCK if self.device_type == "cuda" else 1)
         c = model.config
         dtype = torch.float64 if self.precision == "fp64" else torch.float32
         with self.fake_mode:
             imgs = torch.empty(batch_size, c.in_chans, c.img_size, c.img_size, dtype=dtype, device=self.device)
-            scaler = [t for t in (runner.scaler._scale, runner.scaler._growth_tracker) if t is not None]
-            track_training_state(tracker, model, self.optimizer,
-                                 [runner.bad_steps, runner.last_bad, runner.loss_sum, runner.loss_count, *scaler])
-            tracker.add(imgs, "inputs")
-            tracker.reset_peak()
-            with tracker, gradients_tagged(tracker, model):
-                tracker.set_phase("forward")
-                with autocast_for(self.precision, self.device):
-                    loss, _, _ = model(imgs, mask_ratio=self.mask_ratio)
-                tracker.set_phase("backward")
-                runner.backward(loss, 0, batch_size)
-                del loss
-                tracker.set_phase("optimizer")
-                tracker.category = "optimizer_state"
-                runner.optimizer_step(0)
-            between = tracker.total - tracker.current["inputs"]
+            tracker = track_step(model, self.runner, imgs, self.precision, self.mask_ratio,
+                                 CUDA_BLOCK if self.device_type == "cuda" else 1)
+            del imgs
+            between = tracker.total  # what lives from one step to the next
         return MemoryPrediction(
             model=self.model_name, img_size=self.img_size, batch_size=batch_size, precision=self.precision,
             grad_checkpointing=grad_checkpointing, mask_ratio=self.mask_ratio, device_type=self.device_type,
@@ -291,6 +279,31 @@ class StepTracer:
             attn_backend=self.attn_backend, peak_bytes=tracker.peak, peak_phase=tracker.peak_phase,
             breakdown=dict(tracker.peak_breakdown), phase_peaks=dict(tracker.phase_peaks),
             between_steps_bytes=between, assumptions=self.assumptions())
+
+
+def track_step(model: MaskedAutoencoderViT, runner, imgs: torch.Tensor, precision: str, mask_ratio: float,
+               round_to: int = 1) -> LiveStorageTracker:
+    """Run one training step as mae-pretrain does (forward under autocast, ``runner.backward``,
+    ``runner.optimizer_step``) under a tracker, on real or fake tensors; returns the tracker (``peak``,
+    ``peak_breakdown``, ``peak_phase``; ``total`` keeps counting what lives on after the step)."""
+    tracker = LiveStorageTracker(round_to)
+    scaler = [t for t in (runner.scaler._scale, runner.scaler._growth_tracker) if t is not None]
+    track_training_state(tracker, model, runner.optimizer,
+                         [runner.bad_steps, runner.last_bad, runner.loss_sum, runner.loss_count, *scaler])
+    tracker.add(imgs, "inputs")
+    tracker.reset_peak()
+    device = imgs.device
+    with tracker, gradients_tagged(tracker, model):
+        tracker.set_phase("forward")
+        with autocast_for(precision, device):
+            loss, _, _ = model(imgs, mask_ratio=mask_ratio)
+        tracker.set_phase("backward")
+        runner.backward(loss, 0, imgs.shape[0])
+        del loss
+        tracker.set_phase("optimizer")
+        tracker.category = "optimizer_state"
+        runner.optimizer_step(0)
+    return tracker
 
 
 def predict_memory(model_name: str, img_size: int = 224, batch_size: int = 64, precision: str = "bf16",
@@ -324,12 +337,12 @@ class Plan:
         return {"batch_size": self.batch_size, "grad_checkpointing": self.grad_checkpointing,
                 "predicted_bytes": self.predicted_bytes, "budget_bytes": self.budget_bytes,
                 "limit_bytes": self.limit_bytes, "headroom": self.headroom, "fits": self.fits,
-                "traces": self.traces, "prediction": self.prediction.to_dict()}
+                "traces": self.traces, "summary": self.describe(), "prediction": self.prediction.to_dict()}
 
     def describe(self) -> str:
         return (f"plan: batch {self.batch_size}, grad checkpointing {self.grad_checkpointing or 'off'}: predicted "
-                f"{self.predicted_bytes / GiB:.2f} GiB of {self.budget_bytes / GiB:.2f} GiB "
-                f"({self.headroom:.0%} headroom: limit {self.limit_bytes / GiB:.2f} GiB)")
+                f"{fmt_bytes(self.predicted_bytes)} of {fmt_bytes(self.budget_bytes)} ({self.headroom:.0%} "
+                f"headroom: limit {fmt_bytes(self.limit_bytes)}; {self.traces} traces)")
 
 
 def checkpointing_choices(depth: int, decoder_depth: int) -> List[int]:
@@ -379,12 +392,15 @@ def _largest_fitting(fits: Callable[[int], bool], peak_at: Callable[[int], int],
             mid = (lo + hi) // 2
         else:
             p_lo, p_hi = peak_at(lo), peak_at(hi)
-            mid = lo + (limit - p_lo) * (hi - lo) // max(1, p_hi - p_lo)
-            mid = min(max(mid, lo + 1), hi - 1)
+            mid = min(max(lo + (limit - p_lo) * width // max(1, p_hi - p_lo), lo + 1), hi - 1)
         if fits(mid):
             lo = mid
+            if not bisect and hi - lo > 1:  # an interpolated guess lands next to the boundary: try across it
+                lo, hi = (mid + 1, hi) if fits(mid + 1) else (lo, mid + 1)
         else:
             hi = mid
+            if not bisect and hi - lo > 1:
+                lo, hi = (mid - 1, hi) if fits(mid - 1) else (lo, mid - 1)
         bisect = not bisect and (hi - lo) > width // 2
     return lo
 
@@ -410,13 +426,13 @@ def plan_batch(model_name: str, img_size: int = 224, precision: str = "bf16", bu
                                  lambda b: tracer.predict(b, k).peak_bytes, limit, max_batch)
         if batch == 0:
             raise MemoryPlanError(
-                f"nothing fits {budget / GiB:.2f} GiB less {headroom:.0%} headroom: {tracer.predict(1, k).describe()}"
+                f"nothing fits {fmt_bytes(budget)} less {headroom:.0%} headroom: {tracer.predict(1, k).describe()}"
                 f"; try a smaller --img-size, another --precision, or a bigger --memory-budget")
     if grad_checkpointing is None:
         # least checkpointing that fits: the peak falls along ``choices``; find the first that fits
         lo, hi = 0, len(choices) - 1
         if tracer.predict(batch, choices[hi]).peak_bytes > limit:
-            raise MemoryPlanError(f"batch {batch} does not fit {budget / GiB:.2f} GiB less {headroom:.0%} headroom "
+            raise MemoryPlanError(f"batch {batch} does not fit {fmt_bytes(budget)} less {headroom:.0%} headroom "
                                   f"even with every block checkpointed: {tracer.predict(batch, 1).describe()}; "
                                   f"try --batch-size auto")
         while lo < hi:
@@ -440,7 +456,7 @@ def oom_message(plan_or_prediction: Union[Plan, MemoryPrediction], budget_bytes:
         pred, budget = plan_or_prediction, budget_bytes
     if budget is None and torch.cuda.is_available():
         budget = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-    against = f" on a {budget / GiB:.2f} GiB device" if budget else ""
+    against = f" on a {fmt_bytes(budget)} device" if budget else ""
     tries = []
     if pred.grad_checkpointing != 1:
         tries.append("--grad-checkpointing 1" if not pred.grad_checkpointing else
