@@ -1,6 +1,7 @@
 """Several nodes on one machine: two torchrun launchers (--nnodes 2 --nproc-per-node 1, c10d rendezvous
 on 127.0.0.1), each one process reading its own tar shards, train to the same weights as one process
-with the same global batch and the same data streams (fp64, gloo on CPU)."""
+with the same global batch and the same data streams (fp64, gloo on CPU). The nodes are started by
+examples/multinode_torchrun.sh, the script the README gives for clusters."""
 from __future__ import annotations
 
 import functools
@@ -16,6 +17,7 @@ import torch
 from mae_fast.train.make_shards import MakeShardsConfig, make_shards
 from mae_fast.train.sources import demo_dir
 
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 ARGS = ["--model", "mae_vit_tiny_patch8", "--img-size", "32", "--loader", "pil", "--num-workers", "0",
         "--warmup-epochs", "1", "--lr", "1e-3", "--no-progress", "--no-tensorboard", "--log-every", "1",
         "--epochs", "2", "--save-every", "100", "--precision", "fp64"]
@@ -37,10 +39,12 @@ def test_two_torchrun_nodes_equal_one_process(tmp_path, monkeypatch):
     make_shards(MakeShardsConfig(src=str(demo_dir()), dst=str(shards), max_count=5, progress=False))
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-              "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "mae-test",
-              "-m", "mae_fast.train.pretrain", *ARGS, "--data", str(shards), "--batch-size", "4",
-              "--output-dir", str(tmp_path / "two")]
+    # the launch script of the README: torchrun --nnodes 2 --nproc-per-node 1 --rdzv-backend c10d
+    # --rdzv-endpoint 127.0.0.1:PORT -m mae_fast.train.pretrain ..., once per "node"
+    env.update(NNODES="2", GPUS="1", HOST="127.0.0.1", PORT=str(port), RDZV_ID="mae-test",
+               TORCHRUN=f"{sys.executable} -m torch.distributed.run")
+    launch = ["bash", str(EXAMPLES / "multinode_torchrun.sh"), "pretrain", *ARGS, "--data", str(shards),
+              "--batch-size", "4", "--output-dir", str(tmp_path / "two")]
     nodes = [subprocess.Popen(launch, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
              for _ in range(2)]
 
