@@ -173,6 +173,24 @@ def test_resume_mid_epoch_is_exact(shards, kind):
             assert torch.equal(a, b), (stop, i)
 
 
+def test_resume_on_another_world_size_with_fixed_streams(shards):
+    """Saved by 1 process x 4 images, resumed by 2 processes x 2 images (2 streams): exact."""
+    one = make(shards, batch_size=4, streams=2, drop_last=True)
+    batches = [b.clone() for b in one]
+    part = make(shards, batch_size=4, streams=2, drop_last=True)
+    it = iter(part)
+    next(it)
+    state = part.state_dict()
+    rest = []
+    for rank in range(2):
+        loader = make(shards, batch_size=2, streams=2, drop_last=True, rank=rank, world_size=2)
+        loader.load_state_dict(state)
+        rest.append([b.clone() for b in loader])
+    assert len(rest[0]) == len(rest[1]) == len(batches) - 1
+    for want, a, b in zip(batches[1:], *rest):
+        assert torch.equal(want[0::2], a) and torch.equal(want[1::2], b)  # rank r holds rows r, r + 2, ...
+
+
 @needs_dali
 def test_dali_agrees_with_pil_two_streams_per_process(shards):
     pil = list(make(shards, "pil", with_labels=True, streams=2, seed=2))
@@ -241,3 +259,52 @@ def test_index_cache(shards, tmp_path, monkeypatch):
     assert len(cached) == 4
     b = scan_shards(shards)
     assert a.keys == b.keys and np.array_equal(a.img_offset, b.img_offset)
+
+
+# ------------------------------------------------------------------ the training commands
+PRETRAIN = ["--model", "mae_vit_tiny_patch8", "--img-size", "32", "--num-workers", "0", "--warmup-epochs", "1",
+            "--lr", "1e-3", "--no-progress", "--no-tensorboard", "--log-every", "1", "--device", "cpu",
+            "--batch-size", "4", "--epochs", "1", "--precision", "fp32"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_pretrain_from_shards(shards, tmp_path, kind):
+    from mae_fast.train.config import parse_config
+    from mae_fast.train.pretrain import train
+
+    pattern = str(shards / "shard-{000000..000003}.tar")
+    summary = train(parse_config(PRETRAIN + ["--data", pattern, "--loader", kind, "--output-dir", str(tmp_path)]))
+    assert summary["steps"] == 4 and np.isfinite(summary["final_loss"])
+    state = torch.load(summary["last_checkpoint"], weights_only=False)["loader"]
+    assert (state["kind"], state["streams"], state["epoch"], state["batch"]) == (kind, 1, 0, 4)
+
+
+@pytest.fixture(scope="module")
+def labelled_shards(tree, tmp_path_factory) -> Path:
+    """DATA/train and DATA/val shard folders (the same 19 photos, 2 classes)."""
+    root = tmp_path_factory.mktemp("labelled_shards")
+    for split in ("train", "val"):
+        make_shards(MakeShardsConfig(src=str(tree), dst=str(root / split), max_count=6, progress=False))
+    return root
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_finetune_and_linprobe_from_shards(labelled_shards, tmp_path, capsys, kind):
+    import json
+
+    from mae_fast.train import finetune, linprobe
+
+    common = ["--model", "vit_tiny_patch8", "--img-size", "32", "--batch-size", "4", "--num-workers", "0",
+              "--precision", "fp32", "--device", "cpu", "--no-progress", "--no-tensorboard", "--epochs", "1",
+              "--warmup-epochs", "1", "--data", str(labelled_shards)]
+    if kind == "pil":  # fine-tuning reads with PIL workers (timm augmentation) whatever --loader
+        assert finetune.main(common + ["--output-dir", str(tmp_path / "ft")]) == 0
+        summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert summary["steps"] == 4 and 0 <= summary["acc1"] <= 100
+        assert finetune.main(common + ["--eval", "--resume", summary["last_checkpoint"],
+                                       "--output-dir", str(tmp_path / "eval")]) == 0
+        metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert metrics["images"] == 19 and metrics["acc1"] == pytest.approx(summary["acc1"])
+    assert linprobe.main(common + ["--loader", kind, "--output-dir", str(tmp_path / "lp")]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["task"] == "linprobe" and summary["steps"] == 4

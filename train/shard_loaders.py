@@ -108,10 +108,19 @@ class _ShardLoader(Loader):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """As for folders; with the same streams and global batch on another number of processes the
+        global order is the same, so the position is exact."""
         for key in ("streams", "block"):
             if key in state and state[key] != getattr(self, key):
                 log.warning("loader state has %s=%s but this loader has %s: the resumed order will "
                             "differ", key, state[key], getattr(self, key))
+        old = (state.get("batch_size", self.batch_size), state.get("world_size", self.world_size))
+        if (old != (self.batch_size, self.world_size) and state.get("streams") == self.streams
+                and old[0] * old[1] == self.batch_size * self.world_size):
+            log.info("loader state saved on %d process(es) x %d images; resuming the same global order "
+                     "on %d x %d (%d data streams)", old[1], old[0], self.world_size, self.batch_size,
+                     self.streams)
+            state = {**state, "batch_size": self.batch_size, "world_size": self.world_size}
         super().load_state_dict(state)
 
 
