@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from mae_fast.train.config import PRESETS, PretrainConfig, build_parser, parse_config
-from mae_fast.train.pretrain import FAULT_KILL_AT_STEP, FAULT_NAN_AT_STEP, NonFiniteLossError, train
+from mae_fast.train.errors import NonFiniteLossError
+from mae_fast.train.pretrain import FAULT_KILL_AT_STEP, FAULT_NAN_AT_STEP, train
 from mae_fast.train.visualize import main as visualize_main
 
 SMALL = ["--model", "mae_vit_tiny_patch8", "--img-size", "32", "--data", "demo", "--loader", "pil",

@@ -18,11 +18,9 @@ import typing
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
+from .errors import ConfigError, NonFiniteLossError
+
 log = logging.getLogger("mae_fast.train")
-
-
-class ConfigError(ValueError):
-    """A bad option value (command line, YAML or checkpoint config): exit 2, one line."""
 
 
 def opt(help_: str, default: Any = None, *, choices: Optional[Sequence[Any]] = None, min: Optional[float] = None,
@@ -229,10 +227,9 @@ def user_errors() -> tuple:
     """Exceptions that are the user's to fix: printed as one line, no traceback."""
     from mae_fast.checkpoint import CheckpointError
 
-    from .loop import NonFiniteLossError
     from .sources import UnreadableImageError
 
-    errors = [ValueError, FileNotFoundError, NotADirectoryError, PermissionError, NonFiniteLossError,
+    errors = [ValueError, FileNotFoundError, NotADirectoryError, PermissionError, ImportError, NonFiniteLossError,
               CheckpointError, UnreadableImageError]
     try:
         import torch

@@ -15,14 +15,11 @@ import torch.nn as nn
 from mae_fast.checkpoint import read_checkpoint
 
 from .checkpoints import CheckpointManager, set_rng_state
+from .errors import NonFiniteLossError
 from .distributed import DistInfo, all_finite, full_state, gather_rng_states, load_full_state
 from .run_folder import RunLog
 
 log = logging.getLogger("mae_fast.train")
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN/inf; the message names the step and the last good checkpoint."""
 
 
 class StepRunner:

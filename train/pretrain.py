@@ -31,7 +31,7 @@ from mae_fast.models_mae import MaskedAutoencoderViT, create_model
 from .cli import run_main
 from .config import PretrainConfig, parse_config
 from .distributed import DistInfo, ddp_wrap, init_distributed, unwrap
-from .loop import NonFiniteLossError, RunCheckpoints, StepRunner, run_steps
+from .loop import RunCheckpoints, StepRunner, run_steps
 from .optim import build_adamw, lr_at, set_lr
 from .run_folder import RunLog, choose_run_dir, clear_run, remove_stale_temp, use_progress_bar, write_json
 
@@ -103,7 +103,8 @@ def train(cfg: PretrainConfig) -> Dict[str, Any]:
     num_patches = model.config.num_patches
     loader = build_loader(cfg.data, kind=cfg.loader, batch_size=cfg.batch_size, img_size=cfg.img_size,
                           seed=cfg.seed, rank=info.rank, world_size=info.world_size, device=device,
-                          strict=cfg.strict_data, num_workers=cfg.num_workers, drop_last=True)
+                          strict=cfg.strict_data, num_workers=cfg.num_workers, drop_last=True,
+                          scale=(cfg.min_crop_scale, 1.0))
     if len(loader) < cfg.accum_iter:
         raise ValueError(f"{cfg.data}: {len(loader)} batches of {cfg.batch_size} per process per epoch, fewer "
                          f"than --accum-iter {cfg.accum_iter}: use more images or a smaller batch")
