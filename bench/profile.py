@@ -33,7 +33,8 @@ from mae_fast.compile import COMPILE_MODES, apply_compile
 from mae_fast.device import DEVICE_CHOICES, PRECISION_DTYPES, DeviceError, autocast_dtype, autocast_for, resolve_device
 from mae_fast.flops import FlopsReport, count_flops
 from mae_fast.kernels import patch_embed_gather, unshuffle_mask_tokens
-from mae_fast.memory import GiB, MemoryPlanError, MemoryPrediction, Plan, StepTracer, oom_message, plan_batch
+from mae_fast.memory import (GiB, MemoryPlanError, MemoryPrediction, Plan, StepTracer, fmt_bytes, oom_message,
+                             plan_batch)
 from mae_fast.models_mae import MODELS, MaskedAutoencoderViT, create_model
 
 PROG = "mae-profile"
@@ -384,9 +385,9 @@ def format_profile(rec: Dict) -> str:
     lines.append(f"{'step (measured around it)':<38}{rec['step_ms']:>10.2f}{rec['step_ms_median']:>10.2f}{span:>18}"
                  f"   phases / step {o['mean']:.1%} ({o['min']:.1%}-{o['max']:.1%})")
     m = rec["memory"]
-    line = f"memory: predicted peak {m['predicted_bytes'] / GiB:.3f} GiB ({m['prediction']['traced_on']})"
+    line = f"memory: predicted peak {fmt_bytes(m['predicted_bytes'])} ({m['prediction']['traced_on']})"
     if m["measured_bytes"] is not None:
-        line += (f", measured {m['measured_bytes'] / GiB:.3f} GiB (torch.cuda.max_memory_allocated): "
+        line += (f", measured {fmt_bytes(m['measured_bytes'])} (torch.cuda.max_memory_allocated): "
                  f"measured / predicted {m['measured_over_predicted']:.3f}")
     lines.append(line)
     if rec["compile"] != "off":

@@ -206,6 +206,9 @@ class StepTracer:
             raise ValueError(f"precision must be one of {list(PRECISION_DTYPES)}, got {precision!r}")
         if device_type not in ("cuda", "cpu"):
             raise ValueError(f"device_type must be 'cuda' or 'cpu', got {device_type!r}")
+        if attn_backend == "auto":  # "auto" times the backends on the device: name the one it picked
+            raise ValueError("attn_backend for a memory prediction must be concrete (sdpa | math | xformers), "
+                             "not 'auto'")
         if trace_device is None:
             trace_device = "cuda" if device_type == "cuda" and torch.cuda.is_available() else "cpu"
         if kernel_backend is None:  # what the model would run on the target (auto); refs when emulated on CPU
@@ -215,11 +218,14 @@ class StepTracer:
         self.kernel_backend, self.attn_backend = kernel_backend, attn_backend
         self.device = torch.device(trace_device)
         self.fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+        default_dtype = torch.get_default_dtype()
         with self.fake_mode, torch.device(self.device):
-            model = create_model(model_name, img_size=img_size, norm_pix_loss=norm_pix_loss,
-                                 attn_backend=attn_backend, kernel_backend=kernel_backend, **model_kwargs)
-            if precision == "fp64":
-                model = model.to(torch.float64)
+            try:  # built in float64 for fp64: Module.to cannot swap fake parameters
+                torch.set_default_dtype(torch.float64 if precision == "fp64" else torch.float32)
+                model = create_model(model_name, img_size=img_size, norm_pix_loss=norm_pix_loss,
+                                     attn_backend=attn_backend, kernel_backend=kernel_backend, **model_kwargs)
+            finally:
+                torch.set_default_dtype(default_dtype)
             model.train()
             optimizer = build_adamw(model, lr=1e-4, weight_decay=0.05)
             for p in model.parameters():  # allocate the optimizer state as after the first step

@@ -49,7 +49,7 @@ def test_tracker_rounds_like_the_cuda_allocator():
 def _real_tiny_step(precision: str, batch: int, k: int):
     """The same tracker on a real CPU training step of the tiny model, optimizer state allocated first."""
     torch.manual_seed(0)
-    model = create_model(TINY, norm_pix_loss=True)
+    model = create_model(TINY, norm_pix_loss=True).to(torch.float64 if precision == "fp64" else None)
     model.set_grad_checkpointing(k)
     model.train()
     opt = build_adamw(model, lr=1e-4, weight_decay=0.05)
@@ -58,12 +58,12 @@ def _real_tiny_step(precision: str, batch: int, k: int):
     opt.step()
     opt.zero_grad(set_to_none=True)
     runner = StepRunner(model, opt, precision, torch.device("cpu"), DistInfo())
-    imgs = torch.randn(batch, 3, 64, 64)
+    imgs = torch.randn(batch, 3, 64, 64, dtype=torch.float64 if precision == "fp64" else None)
     tracker = track_step(model, runner, imgs, precision, 0.75)
     return model, opt, tracker
 
 
-@pytest.mark.parametrize("precision,k", [("bf16", 0), ("fp32", 1)])
+@pytest.mark.parametrize("precision,k", [("bf16", 0), ("fp32", 1), ("fp64", 0)])
 def test_fake_trace_predicts_the_tracked_real_step(precision, k, tracer):
     model, opt, real = _real_tiny_step(precision, 8, k)
     pred = (tracer.predict(8, k) if precision == "bf16" else
@@ -78,10 +78,10 @@ def test_fake_trace_predicts_the_tracked_real_step(precision, k, tracer):
     state_bytes = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values())
     assert param_bytes <= pred.between_steps_bytes - state_bytes <= param_bytes + 64
     assert pred.breakdown["parameters"] == param_bytes
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert state_bytes - 8 * n_train == 4 * len(opt.state)  # exp_avg, exp_avg_sq and a float32 step each
+    train_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    assert state_bytes - 2 * train_bytes == 4 * len(opt.state)  # exp_avg, exp_avg_sq and a float32 step each
     assert pred.breakdown["optimizer_state"] >= state_bytes
-    assert pred.breakdown["inputs"] == 8 * 3 * 64 * 64 * 4
+    assert pred.breakdown["inputs"] == 8 * 3 * 64 * 64 * (8 if precision == "fp64" else 4)
     assert pred.peak_bytes > pred.between_steps_bytes + pred.breakdown["inputs"]  # activations on top
 
 
