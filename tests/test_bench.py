@@ -228,3 +228,12 @@ def test_records_carry_environment_and_never_put_cpu_figures_in_results(tmp_path
 def test_nvidia_smi_absent_is_empty(monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
     assert records.nvidia_smi() == {}
+
+
+def test_batch_size_auto_needs_a_gpu_one_line(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    rc = bench_main(["--device", "cpu", "--model", "mae_vit_tiny_patch8", "--batch-size", "auto", "--no-save"])
+    assert rc == 2
+    assert capsys.readouterr().err.strip() == ("mae-bench: error: --batch-size auto plans for a CUDA device's "
+                                               "memory; on a CPU give a number")
