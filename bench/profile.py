@@ -1,5 +1,7 @@
-"""``mae-profile``: where the time, FLOPs and memory of an MAE training step go, per phase, and the
-step's peak memory predicted before the run (``--memory``, no GPU needed) or planned (``auto``).
+"""``mae-profile``: where the time, FLOPs and memory of an MAE training step go, phase by phase.
+
+The step's peak memory is also predicted before the run (``--memory``, no GPU needed) or planned
+(``--batch-size auto``, ``--grad-checkpointing auto``).
 
     mae-profile --model mae_vit_large_patch16 --batch-size 64                 # phases of real steps
     mae-profile --device cpu --model mae_vit_tiny_patch8 --batch-size 8 --plot phases.png --json phases.json
@@ -498,7 +500,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--grad-checkpointing", default="0",
                    help="recompute every k-th block (0: off), or auto (the least that fits); --memory takes a list")
     p.add_argument("--precision", choices=sorted(PRECISION_DTYPES), default="bf16", help="autocast policy")
-    p.add_argument("--compile", choices=COMPILE_MODES[:-1], default="auto",
+    p.add_argument("--compile", choices=[m for m in COMPILE_MODES if m != "model"], default="auto",
                    help="torch.compile per block (auto: blocks on CUDA, off on CPU); 'model' would hide the phases")
     p.add_argument("--attn-backend", default="auto", help="auto | sdpa | xformers | math")
     p.add_argument("--kernel-backend", default="auto", choices=["auto", "triton", "torch"], help="fused ops")
