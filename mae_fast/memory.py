@@ -32,7 +32,6 @@ from .models_mae import MaskedAutoencoderViT, create_model
 GiB = 2**30
 CUDA_BLOCK = 512  # the CUDA caching allocator rounds every allocation up to a multiple of 512 bytes
 CATEGORIES = ("parameters", "gradients", "optimizer_state", "inputs", "activations")
-PHASES = ("forward", "backward", "optimizer")
 
 
 def fmt_bytes(n: float) -> str:
