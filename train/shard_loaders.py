@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 from .augment import SCALE, augment_pil, normalize, sample_params
 from .loader_base import EpochDataLoader, Loader
 from .shards import (DEFAULT_BLOCK, Block, ShardError, ShardSet, block_gids, decode_bytes, rank_streams,
-                     read_blocks, resolve_streams, sample_name, scan_shards, skip_items, stream_blocks)
+                     read_blocks, resolve_streams, scan_shards, skip_items, stream_blocks)
 from .sources import UnreadableImageError
 
 log = logging.getLogger("mae_fast.data")
@@ -392,4 +392,4 @@ def scan_labelled_shards(source: str, strict: bool = False, rank: int = 0, world
 
 
 __all__ = ["MAEAugment", "SeededTransform", "ShardPILLoader", "ShardDALILoader", "build_shard_loader",
-           "build_labelled_shard_loader", "scan_labelled_shards", "sample_name"]
+           "build_labelled_shard_loader", "scan_labelled_shards"]

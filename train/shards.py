@@ -251,10 +251,6 @@ class ShardSet:
     def labels(self) -> list[int]:
         return self.labels_arr.tolist()
 
-    @property
-    def sizes(self) -> list[tuple[int, int]]:
-        return [tuple(x) for x in self.wh.tolist()]
-
     def shard_of(self, gid: int) -> int:
         return int(np.searchsorted(self.starts, gid, side="right") - 1)
 
