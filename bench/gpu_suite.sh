@@ -38,7 +38,7 @@ step() {  # step NAME LIMIT CMD...: run CMD under its own time limit; a failure 
   local left=$((BUDGET - ($(date +%s) - T0)))
   [ "$limit" -gt "$left" ] && limit=$left
   if [ "$limit" -le 0 ]; then
-    echo "--- [$name] skipped: the suite's ${BUDGET} s are spent"
+    echo "--- [$name] skipped: no time left for it (limit 0 s, or the suite's ${BUDGET} s are spent)"
     printf '%s\t0\t0\tskipped\n' "$name" >> "$TABLE"
     return
   fi
@@ -54,21 +54,23 @@ step() {  # step NAME LIMIT CMD...: run CMD under its own time limit; a failure 
   printf '%s\t%s\t%s\t%s\n' "$name" "$limit" "$dt" "$rc" >> "$TABLE"
 }
 
-install_package() {  # offline: no dependencies, no build isolation; if pip cannot, a symlinked package on PYTHONPATH
+install_package() {  # offline: no dependencies, no build isolation; else (and in a dry run) in-tree symlinks
   # already importable from this checkout (not from some other copy): nothing to do
   $PY -c "import os, sys, mae_fast.bench.throughput as t
 sys.exit(0 if os.path.realpath(t.__file__).startswith(os.path.realpath('.') + os.sep) else 1)" 2>/dev/null && return 0
-  $PY -m pip install -q --no-deps --no-build-isolation -e . && return 0
-  echo "pip install failed: importing mae_fast from symlinks in /tmp/mae-fast-shim instead"
-  rm -rf /tmp/mae-fast-shim && mkdir -p /tmp/mae-fast-shim/mae_fast || return 1
-  for f in "$PWD"/mae_fast/*; do ln -s "$f" /tmp/mae-fast-shim/mae_fast/; done
-  for sub in kernels train bench; do ln -s "$PWD/$sub" "/tmp/mae-fast-shim/mae_fast/$sub"; done
-  echo "/tmp/mae-fast-shim" > /tmp/mae-fast-shim.path
+  [ "$DRY" = 0 ] && $PY -m pip install -q --no-deps --no-build-isolation -e . && return 0
+  # python -m runs from the checkout's root, where ./mae_fast comes first on sys.path: linking the
+  # subpackages into it (removed at exit) makes the whole package import from this checkout
+  echo "importing mae_fast from this checkout through mae_fast/{kernels,train,bench} links (removed at exit)"
+  for sub in kernels train bench; do
+    [ -e "mae_fast/$sub" ] || { ln -s "../$sub" "mae_fast/$sub" && echo "mae_fast/$sub" >> "$MARK"; } || return 1
+  done
 }
 bench() { $PY -m mae_fast.bench.throughput "$@"; }
+MARK=$(mktemp -t mae-suite-links-XXXXXX)
+trap 'while read -r l; do [ -L "$l" ] && rm -f "$l"; done < "$MARK"; rm -f "$MARK"' EXIT
 export -f install_package bench
-export PY
-rm -f /tmp/mae-fast-shim.path
+export PY DRY MARK
 TESTS="tests/test_kernel_patch_embed_gather.py tests/test_kernel_unshuffle.py tests/test_kernel_masked_loss.py
        tests/test_kernels_in_model.py tests/test_attention.py"
 JUNIT="$OUTDIR/.gpu-tests-$STAMP.xml"
@@ -93,7 +95,6 @@ fi
 [ "${#LIM[@]}" = 9 ] || { echo "gpu_suite.sh: error: MAE_SUITE_LIMITS needs 9 numbers, got '${LIM[*]}'" >&2; exit 2; }
 
 step install "${LIM[0]}" install_package
-[ -f /tmp/mae-fast-shim.path ] && export PYTHONPATH="$(cat /tmp/mae-fast-shim.path)${PYTHONPATH:+:$PYTHONPATH}"
 step preflight "${LIM[1]}" $PY -m mae_fast.bench.preflight "${PRE[@]}"
 if [ "$DRY" = 0 ] && ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   echo "gpu_suite: no CUDA device: nothing to measure (bash bench/gpu_suite.sh --dry-run runs on a CPU)"

@@ -4,6 +4,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,8 +15,9 @@ STEPS = ["install", "preflight", "headline", "kernels", "tests", "h448", "l16-mo
 
 
 def run_suite(*args, env=None, timeout=360):
+    """bash bench/gpu_suite.sh ARGS with this interpreter, from another folder (the script finds its root)."""
     return subprocess.run(["bash", str(SUITE), *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})}, cwd=ROOT / "tests")
+                          env={**os.environ, "PYTHON": sys.executable, **(env or {})}, cwd=ROOT / "tests")
 
 
 def test_gpu_plan_runs_in_order_of_value_within_540_s():
