@@ -549,8 +549,8 @@ def resolve_batch(args: argparse.Namespace, model: str, device: torch.device) ->
 
     if device.type != "cuda":
         raise MemoryPlanError("--batch-size auto plans for a CUDA device's memory; on a CPU give a number")
-    plan = plan_batch(model, img_size=args.img_size, precision=args.precision,
-                      grad_checkpointing=args.grad_checkpointing)
+    plan = plan_batch(model, args.img_size, args.precision, grad_checkpointing=args.grad_checkpointing,
+                      device_type=device.type, mask_ratio=args.mask_ratio, norm_pix_loss=True)
     print(f"--batch-size auto: {plan.describe()}", flush=True)
     return plan.batch_size
 
