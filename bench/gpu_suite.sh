@@ -6,6 +6,9 @@
 #   bash bench/gpu_suite.sh              # on a machine with one CUDA GPU, from anywhere in the checkout
 #   bash bench/gpu_suite.sh --dry-run    # every step at a tiny size on the CPU (< 3 min on 2 cores);
 #                                        # records go to $MAE_RESULTS_DIR or a new temp folder, never bench/results/
+# On a lent device machine (only $OUT comes back, at most 8 files), keep every record in one archive:
+#   MAE_RESULTS_DIR=/tmp/r bash bench/gpu_suite.sh; rc=$?; tar czf "$OUT/results.tgz" -C /tmp r; exit $rc
+# then unpack it into bench/results/ here. MAE_SUITE_LIMITS="25 25 190 ..." retunes the 9 step limits.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1

@@ -124,3 +124,23 @@ def test_modes_resolve_per_device_and_keep_keys():
         apply_compile(m, "fast", torch.device("cpu"))
     with pytest.raises(ValueError, match="compile backend must be one of"):
         apply_compile(m, "blocks", torch.device("cpu"), backend="tvm")
+
+
+@pytest.mark.parametrize("mode, graphs", [("model", 1), ("blocks", 2)])
+def test_triton_ops_with_checkpointing_compile_without_graph_break(mode, graphs):
+    """The fused ops (custom ops: on CPU through the Triton interpreter) inside a compiled model, every block
+    checkpointed: one graph for the model (or one per block shape), no break, same loss as eager."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch._dynamo.reset()
+    imgs, noise = random_images(2, IMG).to(device), random_noise(2, 16).to(device)
+    m = tiny().to(device)
+    m.set_kernel_backend("triton")
+    m.set_grad_checkpointing(1)
+    ref = m(imgs, noise=noise)[0]
+    apply_compile(m, mode, device, backend="aot_eager")
+    counters.clear()
+    loss = m(imgs, noise=noise)[0]
+    loss.backward()
+    assert_no_breaks(max_graphs=graphs)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
