@@ -211,7 +211,7 @@ def test_timm_safetensors_loads_into_vision_transformer(tmp_path):
 
 
 def test_init_from_finetune_and_visualize_read_an_hf_folder(tmp_path):
-    from mae_fast.train.finetune import create_classifier, load_pretrained
+    from mae_fast.train.classify import create_classifier, load_pretrained
     from mae_fast.train.visualize import model_from_checkpoint
 
     torch.manual_seed(0)

@@ -13,7 +13,8 @@ from PIL import Image, ImageOps
 from mae_fast import mae_vit_tiny_patch8
 from mae_fast.checkpoint import CheckpointError
 from mae_fast.train import finetune, linprobe
-from mae_fast.train.finetune import create_classifier, load_pretrained, param_groups_lrd
+from mae_fast.train.classify import create_classifier, load_pretrained
+from mae_fast.train.finetune import param_groups_lrd
 
 DEMO = Path(__import__("mae_fast").__file__).parent / "assets" / "demo"
 COMMON = ["--model", "vit_tiny_patch8", "--img-size", "32", "--batch-size", "4", "--num-workers", "0",

@@ -106,7 +106,7 @@ def test_consolidated_equals_the_full_format_and_loads_everywhere(tmp_path, monk
     model.load_state_dict(b["model"])
     assert load_mae_checkpoint(mae_vit_tiny_patch8(img_size=32), str(out)).loaded
     # the encoder as a timm VisionTransformer (mae-finetune's classifier): only the head is new
-    from mae_fast.train.finetune import create_classifier
+    from mae_fast.train.classify import create_classifier
 
     vit = create_classifier("vit_tiny_patch8", 10, 32, "token", 0.0)
     missing, unexpected = vit.load_state_dict(encoder_state_dict(b), strict=False)

@@ -47,6 +47,9 @@ def split_sources(data: str, eval_data: str = "") -> Tuple[str, str]:
     """(train, eval) sources: ``data``/train and ``data``/val when both exist (official layout),
     else ``data`` for training and ``eval_data`` (default: the training images, with a warning)."""
     root = Path(data).expanduser()
+    for source, flag in ((data, "--data"), (eval_data, "--eval-data")):
+        if source and not is_shard_source(source) and not Path(source).expanduser().exists():
+            raise FileNotFoundError(f"{flag} {source}: no such file or folder")
     if not eval_data and (root / "train").is_dir() and (root / "val").is_dir():
         return str(root / "train"), str(root / "val")
     if not eval_data:
@@ -97,6 +100,15 @@ def train_transform(img_size: int, auto_augment: Optional[str] = "rand-m9-mstd0.
                             mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
+def probe_transform(img_size: int, scale: Tuple[float, float] = (0.08, 1.0)) -> Transform:
+    """The linear probe's augmentation as a per-sample transform: RandomResizedCrop(``scale``, bicubic)
+    + horizontal flip + normalize (the feature probe's augmented views)."""
+    from torchvision import transforms as T
+
+    return T.Compose([T.RandomResizedCrop(img_size, scale=scale, interpolation=T.InterpolationMode.BICUBIC),
+                      T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
 def eval_transform(img_size: int, crop_pct: Optional[float] = None) -> Transform:
     """Resize the short side to img_size / crop_pct (bicubic), center crop img_size, normalize;
     crop_pct defaults to 224/256 up to 224 px (resize 256 -> crop 224) and 1.0 above."""
@@ -127,7 +139,7 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return ((seed * 1_000_003 + epoch) * 1_000_033 + index) % 2**63
 
 
-class _LabelledSamples(Dataset):
+class LabelledSamples(Dataset):
     """Decode + transform one (epoch, file index) key; unreadable files come back as errors."""
 
     def __init__(self, images: ImageList, transform: Transform, seed: int, strict: bool) -> None:
@@ -145,7 +157,8 @@ class _LabelledSamples(Dataset):
             return self.transform(img), idx, None
 
 
-def _collate(items: list) -> Tuple[Optional[torch.Tensor], torch.Tensor, list]:
+def collate_labelled(items: list) -> Tuple[Optional[torch.Tensor], torch.Tensor, list]:
+    """(stacked images or None, their file indices, "path: why" of the files that failed)."""
     good = [(t, i) for t, i, err in items if err is None]
     images = torch.stack([t for t, _ in good]) if good else None
     return images, torch.tensor([i for _, i in good], dtype=torch.long), [e for _, _, e in items if e]
@@ -169,8 +182,8 @@ class LabelledLoader(Loader):
         workers = max(0, int(num_workers))
         # own generator: creating the iterator must not draw from the global torch RNG (exact resume)
         self._dl = DataLoader(
-            _LabelledSamples(images, transform, seed, strict), batch_sampler=self._sampler,
-            num_workers=workers, collate_fn=_collate, pin_memory=self.device.type == "cuda",
+            LabelledSamples(images, transform, seed, strict), batch_sampler=self._sampler,
+            num_workers=workers, collate_fn=collate_labelled, pin_memory=self.device.type == "cuda",
             worker_init_fn=worker_init if workers else None, persistent_workers=workers > 0,
             generator=torch.Generator().manual_seed(seed), prefetch_factor=4 if workers else None)
 

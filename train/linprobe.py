@@ -1,26 +1,42 @@
-"""``mae-linprobe``: linear probing of a frozen MAE encoder (docs/semantics.md §8).
+"""``mae-linprobe``: linear probing of a frozen MAE encoder (docs/semantics.md §8), two ways.
 
     mae-linprobe --model vit_large_patch16 --finetune mae_pretrain_vit_large.pth --data /imagenet
     torchrun --nproc_per_node 8 -m mae_fast.train.linprobe --model vit_base_patch16 --batch-size 2048 ...
+    mae-linprobe --method logistic --model vit_base_patch16 --finetune mae.pth --data /small_dataset
 
-cls token after the encoder's final norm -> BatchNorm1d(affine=False, eps 1e-6) -> Linear (trunc-normal
+``--method lars`` (default, the paper's protocol): the cls token (``--pool avg``: the mean of the patch
+tokens) after the encoder's final norm -> BatchNorm1d(affine=False, eps 1e-6) -> Linear (trunc-normal
 std 0.01); only that head trains, with LARS (momentum 0.9, no weight decay), lr = blr x batch / 256,
-10 warmup epochs then cosine; RandomResizedCrop + flip. The loop is mae-finetune's ``fit``.
+10 warmup epochs then cosine; RandomResizedCrop(``--crop-scale``, 1) + flip (``--no-augment``: none).
+The loop is :func:`classify.fit`. Far below the recipe's batch (16384) the lr is tiny and the head barely
+moves: a one-line warning says so and how to reach the recipe.
+
+``--method logistic`` (the feature probe): embed the training and evaluation images once with the frozen
+encoder (clean views, or ``--views K`` augmented views of each training image), then fit a multinomial
+logistic regression to convergence (:mod:`mae_fast.train.logistic`) with its L2 penalty chosen on a
+held-out part of the training images (``--holdout``). Deterministic for a seed; it is the same head
+(BatchNorm + Linear) and is saved as such, so ``mae-linprobe --eval`` evaluates it too.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import sys
+import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from pathlib import Path
+from typing import Any, ClassVar, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-from .cli import add_config_flags, dataclass_parser, opt, parse_config as parse_dataclass_config
+from mae_fast.checkpoint import save_checkpoint
+
+from .classify import (ClassifierConfig, Task, create_classifier, eval_loader_for, labelled_images, load_encoder,
+                       parse_classifier_config, run_cli, seed_training)
+from .cli import ConfigError, opt
 from .distributed import DistInfo
-from .finetune import (ClassifierConfig, Task, apply_recipe, checkpoint_classes, create_classifier,
-                       load_pretrained, run_cli, seed_training)
 
 log = logging.getLogger("mae_fast.train")
 
@@ -31,19 +47,35 @@ RECIPE: Dict[str, Dict[str, float]] = {
     "vit_large_patch16": dict(blr=0.1, epochs=50),
     "vit_huge_patch14": dict(blr=0.1, epochs=50),
 }
+RECIPE_BATCH = 16384  # the paper's effective batch for linear probing
+PROBE_FILE = "probe.pth"  # the feature probe's head, in the run's checkpoints/ folder
 
 
 @dataclass
 class LinprobeConfig(ClassifierConfig):
     """mae-linprobe options: the official linear-probe recipe as defaults."""
 
-    batch_size: int = opt("images per process per micro-step (official: 16384 in all)", 512)
-    warmup_epochs: float = opt("linear lr warmup, in epochs (set per iteration)", 10.0)
-    min_lr: float = opt("lr at the end of the cosine", 0.0)
-    weight_decay: float = opt("LARS weight decay", 0.0)
-    output_dir: str = opt("checkpoints and logs go here", "runs/linprobe")
-    loader: str = opt("training loader: auto (DALI on GPU when installed, else nvjpeg on GPU) | dali | nvjpeg | pil",
-                      "auto", choices=["auto", "dali", "nvjpeg", "pil"])
+    method: str = opt("lars (the paper's SGD probe) | logistic (logistic regression on frozen features, fitted "
+                      "to convergence)", "lars", choices=["lars", "logistic"])
+    pool: str = opt("features: cls (cls token after the final norm, official) | avg (mean of the patch tokens "
+                    "after the final norm) (--eval: the checkpoint's)", "cls", choices=["cls", "avg"])
+    batch_size: int = opt("images per process per micro-step (official: 16384 in all)", 512, min=1)
+    warmup_epochs: float = opt("linear lr warmup, in epochs (set per iteration)", 10.0, min=0)
+    min_lr: float = opt("lr at the end of the cosine", 0.0, min=0)
+    weight_decay: float = opt("LARS weight decay", 0.0, min=0)
+    loader: str = opt("training loader: auto (GPU decoding when available) | dali | nvjpeg | pil", "auto",
+                      choices=["auto", "dali", "nvjpeg", "pil"])
+    augment: bool = opt("random resized crop + flip of the training images (--no-augment: the eval view)", True)
+    crop_scale: float = opt("smallest area fraction of the random resized crop", 0.08, above=0, max=1)
+    views: int = opt("logistic: augmented views embedded per training image (0: one clean view)", 0, min=0)
+    holdout: float = opt("logistic: fraction of the training images held out to choose the L2 penalty", 0.2,
+                         above=0, below=1)
+    l2: Optional[float] = opt("logistic: L2 penalty (default: chosen on the held-out images from 1 down to 1e-6)",
+                              min=0)
+    max_iter: int = opt("logistic: L-BFGS iterations per fit at most", 1000, min=1)
+
+    task: ClassVar[str] = "linprobe"
+    identity: ClassVar[Tuple[str, ...]] = ("model", "img_size", "nb_classes", "pool")
 
 
 def linear_head(in_features: int, num_classes: int) -> nn.Sequential:
@@ -66,54 +98,168 @@ def lars(head: nn.Module, lr: float, weight_decay: float = 0.0) -> torch.optim.O
     return Lars([g for g in groups if g["params"]], lr=lr, momentum=0.9, weight_decay=weight_decay)
 
 
-def build_task(cfg: LinprobeConfig, info: DistInfo, device: torch.device) -> Tuple[Task, int]:
-    """Frozen classifier with cls-token pooling and a BatchNorm + Linear head, LARS, light augmentation."""
-    from .data import build_loader
-    from .finetune_data import (build_labelled_loader, check_classes, eval_transform, num_classes_of,
-                                require_labelled, scan_labelled, split_sources)
-
-    train_src, eval_src = split_sources(cfg.data, cfg.eval_data)
-    eval_images = scan_labelled(eval_src, cfg.strict_data, info.rank, info.world_size)
-    train_loader: Any = None
-    if not cfg.eval:
-        require_labelled(train_src)
-        train_loader = build_loader(train_src, kind=cfg.loader, batch_size=cfg.batch_size, img_size=cfg.img_size,
-                                    seed=cfg.seed, rank=info.rank, world_size=info.world_size, device=device,
-                                    strict=cfg.strict_data, num_workers=cfg.num_workers, with_labels=True,
-                                    drop_last=True, scale=(0.08, 1.0))
-    train_images = train_loader.images if train_loader is not None else eval_images
-    if not cfg.nb_classes:
-        cfg.nb_classes = (checkpoint_classes(cfg) if cfg.eval else 0) or num_classes_of(train_images)
-    check_classes(train_images, eval_images, cfg.nb_classes)
-    eval_loader = build_labelled_loader(eval_images, eval_transform(cfg.img_size, cfg.crop_pct), cfg.batch_size,
-                                        seed=cfg.seed, rank=info.rank, world_size=info.world_size, device=device,
-                                        strict=cfg.strict_data, num_workers=cfg.num_workers, training=False)
-    model = create_classifier(cfg.model, cfg.nb_classes, cfg.img_size, global_pool="token")
-    if cfg.finetune and not cfg.eval:
-        missing = load_pretrained(model, cfg.finetune)
-        if info.is_main:
-            log.info("%s: loaded the encoder; new: %s", cfg.finetune, ", ".join(missing) or "nothing")
+def probe_model(cfg: LinprobeConfig, info: DistInfo, device: torch.device) -> nn.Module:
+    """The frozen encoder (MAE weights from --finetune) pooling as --pool, with a BatchNorm + Linear head."""
+    global_pool = "token" if cfg.pool == "cls" else "avg"
+    model = create_classifier(cfg.model, cfg.nb_classes, cfg.img_size, global_pool=global_pool, fc_norm=False)
+    load_encoder(model, cfg, info)
     model.head = linear_head(model.head.in_features, cfg.nb_classes)
     for name, p in model.named_parameters():
         p.requires_grad = name.startswith("head.")
-    model.to(device)
+    return model.to(device)
+
+
+def small_scale_warning(cfg: LinprobeConfig, eff_batch: int, steps_per_epoch: int, lr: float,
+                        num_images: int) -> Optional[str]:
+    """One line when the lr derived from --blr is far below the recipe's (effective batch far from 16384) and
+    the head will barely move, saying how to reach the recipe; None when at (or near) the recipe or --lr is set."""
+    recipe_lr = cfg.blr * RECIPE_BATCH / 256
+    if cfg.lr is not None or eff_batch * 4 > RECIPE_BATCH:
+        return None
+    world_size = eff_batch // cfg.effective_batch
+    accum = math.ceil(RECIPE_BATCH / (cfg.batch_size * world_size))
+    if num_images >= RECIPE_BATCH:
+        reach = f"reach batch {RECIPE_BATCH} with --accum-iter {accum} (or more processes / a larger --batch-size)"
+    else:
+        reach = f"the {num_images} training images are fewer than one recipe batch"
+    return (f"effective batch {eff_batch} and {cfg.epochs} epochs of {steps_per_epoch} steps are far from the "
+            f"recipe's {RECIPE_BATCH} and 90 epochs: lr = blr {cfg.blr:g} x {eff_batch} / 256 = {lr:.3g} "
+            f"(recipe: {recipe_lr:g}) is tiny and the LARS head will barely move; {reach}, set --lr, or fit the "
+            f"probe to convergence with --method logistic")
+
+
+def build_task(cfg: LinprobeConfig, info: DistInfo, device: torch.device) -> Task:
+    """The LARS probe: frozen classifier, BatchNorm + Linear head, LARS, the probe's augmentation."""
+    from .data import build_loader
+    from .finetune_data import build_labelled_loader, eval_transform, require_labelled
+
+    train_loader: Any = None
+
+    def scan_train(source: str) -> Any:
+        nonlocal train_loader
+        require_labelled(source)
+        train_loader = build_loader(source, kind=cfg.loader, batch_size=cfg.batch_size, img_size=cfg.img_size,
+                                    seed=cfg.seed, rank=info.rank, world_size=info.world_size, device=device,
+                                    strict=cfg.strict_data, num_workers=cfg.num_workers, with_labels=True,
+                                    drop_last=True, scale=(cfg.crop_scale, 1.0))
+        return train_loader.images
+
+    augmented = cfg.augment and not cfg.eval
+    train_images, eval_images = labelled_images(cfg, info, scan_train if augmented else None)
+    eval_loader = eval_loader_for(eval_images, cfg, info, device)
+    if not cfg.eval and not cfg.augment:
+        train_loader = build_labelled_loader(train_images, eval_transform(cfg.img_size, cfg.crop_pct),
+                                             cfg.batch_size, seed=cfg.seed, rank=info.rank,
+                                             world_size=info.world_size, device=device, strict=cfg.strict_data,
+                                             num_workers=cfg.num_workers, training=True)
+    model = probe_model(cfg, info, device)
     seed_training(cfg.seed, info)
-    base_lr = cfg.lr if cfg.lr is not None else cfg.blr * cfg.effective_batch * info.world_size / 256
-    optimizer = lars(model.head, base_lr, cfg.weight_decay)
-    task = Task("linprobe", model, optimizer, train_loader if train_loader is not None else eval_loader,
-                eval_loader, nn.CrossEntropyLoss(), base_lr)
-    return task, cfg.nb_classes
+    eff_batch = cfg.effective_batch * info.world_size
+    base_lr = cfg.lr if cfg.lr is not None else cfg.blr * eff_batch / 256
+    if train_loader is not None and info.is_main:
+        warning = small_scale_warning(cfg, eff_batch, len(train_loader) // cfg.accum_iter, base_lr,
+                                      len(train_images))
+        if warning:
+            log.warning("mae-linprobe: %s", warning)
+    task = Task("linprobe", model, lars(model.head, base_lr, cfg.weight_decay),
+                train_loader if train_loader is not None else eval_loader, eval_loader, nn.CrossEntropyLoss(),
+                base_lr, extra_summary={"method": "lars", "pool": cfg.pool})
+    return task
+
+
+# ---------------------------------------------------------------- --method logistic
+def train_logistic(cfg: LinprobeConfig, info: DistInfo, device: torch.device) -> Dict[str, Any]:
+    """The feature probe (see the module doc); writes config.json, eval.csv, summary.json and the head."""
+    from mae_fast.compile import apply_compile
+
+    from .features import FeatureExtractor, classifier_encoder
+    from .finetune_data import eval_transform, probe_transform
+    from .logistic import fit_probe, scores_of
+    from .run_folder import RunLog, clear_run, write_json
+
+    if cfg.resume:
+        raise ConfigError("--resume continues a --method lars run; the feature probe runs in one go (rerun it, "
+                          "with --overwrite to replace it)")
+    if cfg.views and not cfg.augment:
+        raise ConfigError(f"--views {cfg.views} asks for augmented views but --no-augment turns augmentation off")
+    out = Path(cfg.output_dir)
+    t0 = time.perf_counter()
+    train_images, eval_images = labelled_images(cfg, info)
+    model = probe_model(cfg, info, device).eval()
+    compiled = apply_compile(model, cfg.compile, device)
+    encode = classifier_encoder(model)
+    common = dict(batch_size=cfg.batch_size, info=info, device=device, num_workers=cfg.num_workers, seed=cfg.seed,
+                  strict=cfg.strict_data)
+    clean = eval_transform(cfg.img_size, cfg.crop_pct)
+    train_tf = probe_transform(cfg.img_size, (cfg.crop_scale, 1.0)) if cfg.views else clean
+    train_x, train_y, groups = [], [], []
+    extractor = FeatureExtractor(train_images, train_tf, **common)
+    for view in range(max(1, cfg.views)):
+        x, y, idx = extractor(model, encode, cfg.precision, view)
+        train_x.append(x)
+        train_y.append(y)
+        groups.append(idx)
+    extractor.close()
+    evaluator = FeatureExtractor(eval_images, clean, **common)
+    val_x, val_y, _ = evaluator(model, encode, cfg.precision)
+    evaluator.close()
+    t_features = time.perf_counter() - t0
+    if info.is_main:
+        log.info("feature probe in %s: %d training rows (%d images x %d view(s)), %d evaluation images, %d-d %s "
+                 "features in %.1f s", out, sum(len(x) for x in train_x), len(train_images), max(1, cfg.views),
+                 len(val_x), val_x.shape[1], cfg.pool, t_features)
+    probe = fit_probe(torch.cat(train_x), torch.cat(train_y), torch.cat(groups), cfg.nb_classes, device, l2=cfg.l2,
+                      holdout=cfg.holdout, seed=cfg.seed, max_iter=cfg.max_iter)
+    metrics = scores_of(probe.logits(val_x), val_y)
+
+    with torch.no_grad():  # the probe as the linear-probe head: BatchNorm (eval) statistics + Linear
+        bn, fc = model.head[0], model.head[1]
+        bn.running_mean.copy_(probe.standardizer.mean)
+        bn.running_var.copy_(probe.standardizer.var)
+        fc.weight.copy_(probe.weight)
+        fc.bias.copy_(probe.bias)
+    summary = {"task": "linprobe", "method": "logistic", "run_dir": str(out), "acc1": metrics["acc1"],
+               "acc5": metrics["acc5"], "loss": metrics["loss"], "best_acc1": metrics["acc1"], "l2": probe.l2,
+               "l2_search": probe.search, "iterations": probe.iterations, "converged": probe.converged,
+               "pool": cfg.pool, "views": cfg.views, "train_images": len(train_images),
+               "eval_images": int(val_x.shape[0]), "feature_dim": int(val_x.shape[1]), "world_size": info.world_size,
+               "seconds_features": t_features, "seconds_total": time.perf_counter() - t0, "compile": compiled}
+    if info.is_main:
+        if cfg.overwrite:
+            clear_run(out)
+        runlog = RunLog(out, True, cfg.tensorboard)
+        runlog.write_eval(0, 0.0, {"acc1": metrics["acc1"], "acc5": metrics["acc5"], "loss": metrics["loss"],
+                                   "l2": probe.l2})
+        runlog.close()
+        ckpt = out / "checkpoints" / PROBE_FILE
+        config = dataclasses.asdict(cfg)
+        state = {k.removeprefix("_orig_mod."): v for k, v in model.state_dict().items()}
+        save_checkpoint({"model": state, "config": config, "task": "linprobe", "method": "logistic",
+                         "l2": probe.l2, "step": 0}, ckpt)
+        summary["last_checkpoint"] = str(ckpt)
+        write_json(out / "config.json", config)
+        write_json(out / "summary.json", summary)
+        log.info("feature probe: top-1 %.2f%%, top-5 %.2f%% on %d images (l2 %.3g, %d L-BFGS iterations); head "
+                 "saved to %s", metrics["acc1"], metrics["acc5"], val_x.shape[0], probe.l2, probe.iterations, ckpt)
+    return summary
+
+
+def train(cfg: LinprobeConfig, info: DistInfo, device: torch.device) -> Dict[str, Any]:
+    """--method lars: :func:`classify.fit` of :func:`build_task`; --method logistic: :func:`train_logistic`."""
+    from .classify import fit
+
+    if cfg.method == "logistic":
+        return train_logistic(cfg, info, device)
+    return fit(cfg, build_task(cfg, info, device), info, device)
 
 
 def parse_config(argv: Optional[List[str]] = None) -> LinprobeConfig:
-    parser = dataclass_parser(LinprobeConfig, "mae-linprobe", "Linear probing of a frozen MAE encoder (official "
-                              "recipe as defaults; docs/semantics.md §8).")
-    add_config_flags(parser)
-    return apply_recipe(parse_dataclass_config(LinprobeConfig, parser, argv)[0], RECIPE)
+    return parse_classifier_config(LinprobeConfig, "mae-linprobe", "Linear probing of a frozen MAE encoder (official "
+                                   "recipe as defaults; docs/semantics.md §8).", argv, RECIPE)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    return run_cli("mae-linprobe", argv, parse_config, build_task)
+    return run_cli("mae-linprobe", argv, parse_config, build_task, train)
 
 
 if __name__ == "__main__":
