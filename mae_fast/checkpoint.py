@@ -7,12 +7,14 @@ the released ``mae_pretrain_vit_*.pth`` files hold the encoder only.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import TYPE_CHECKING, BinaryIO, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -49,7 +51,7 @@ def read_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cp
     """
     path = Path(path)
     if path.is_dir():
-        return _read_hf_checkpoint(path)
+        return read_sharded(path) if is_sharded_checkpoint(path) else _read_hf_checkpoint(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path}: no such file")
     if path.stat().st_size == 0:
@@ -252,3 +254,53 @@ def atomic_write(path: PathLike, write: Callable[[BinaryIO], object]) -> Path:
 def save_checkpoint(obj: dict, path: PathLike) -> Path:
     """Write ``obj`` with torch.save atomically (see ``atomic_write``)."""
     return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+# ------------------------------------------------------------------ sharded (torch.distributed.checkpoint)
+#: a sharded checkpoint is a folder of DCP files (``.metadata`` + one ``__<rank>_0.distcp`` per rank) and the
+#: run state (step, loader position, RNG states, config) in ``run_state.pt``
+SHARDED_METADATA = ".metadata"
+RUN_STATE = "run_state.pt"
+
+
+def is_sharded_checkpoint(path: PathLike) -> bool:
+    """Whether ``path`` is a sharded (DCP) checkpoint folder: it holds a ``.metadata`` file."""
+    return (Path(path) / SHARDED_METADATA).is_file()
+
+
+@contextlib.contextmanager
+def dcp_errors(path: PathLike) -> Iterator[None]:
+    """torch.distributed.checkpoint failures (raised on every rank) as one CheckpointError naming the folder."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        with warnings.catch_warnings():  # one process without a group is intended here
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            yield
+    except (CheckpointException, OSError, RuntimeError, ValueError, EOFError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"checkpoint {path}: cannot be read or written ({type(e).__name__}: "
+                              f"{first[:300]}); a shard file is truncated, corrupt or missing, or the disk "
+                              f"is full") from e
+
+
+def read_sharded(path: PathLike) -> dict:
+    """A sharded checkpoint as one in-memory dict, as a full checkpoint file holds it: ``model`` (official
+    keys, full tensors), ``optimizer`` and the run state; read in one process, without a process group."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict  # as dcp_to_torch_save
+
+    path = Path(path)
+    if not is_sharded_checkpoint(path):
+        raise CheckpointError(f"checkpoint {path}: not a sharded checkpoint folder (no {SHARDED_METADATA} file)")
+    state: dict = {}
+    with dcp_errors(path):
+        _load_state_dict(state, storage_reader=FileSystemReader(str(path)), planner=_EmptyStateDictLoadPlanner(),
+                         no_dist=True)
+    out = {"model": {k.removeprefix("module."): v for k, v in state["model"].items()},
+           "optimizer": state.get("optimizer", {})}
+    run_state = path / RUN_STATE
+    if run_state.is_file():
+        out.update(read_checkpoint(run_state))
+    return out

@@ -3,7 +3,8 @@
 The format of each side follows from its path: a folder (or a path without a suffix, or ending in
 ``/``) is a Hugging Face ``ViTMAEForPreTraining`` folder (``ViTMAEModel`` with ``--encoder-only``),
 ``.safetensors`` a timm ``VisionTransformer`` encoder, ``.pth`` / ``.pt`` an mae-fast or official
-checkpoint. Nothing is dropped or made up silently: the command lists what it did not carry over and
+checkpoint; a source folder holding a sharded (torch.distributed.checkpoint) training checkpoint is
+consolidated into one file with the official keys. Nothing is dropped or made up silently: the command lists what it did not carry over and
 why, and refuses to write a decoder it does not have.
 """
 from __future__ import annotations
@@ -18,13 +19,15 @@ from typing import List, Mapping, Optional, Sequence
 import torch
 
 from .checkpoint import (CheckpointError, PathLike, StateDict, _summarize_keys, check_state_dict,
-                         encoder_state_dict, extract_state_dict, is_decoder_key, read_checkpoint, save_checkpoint)
+                         encoder_state_dict, extract_state_dict, is_decoder_key, is_sharded_checkpoint, read_checkpoint,
+                         save_checkpoint)
 from .hf import (CONFIG_FILE, DEFAULT_MASK_RATIO, ENCODER, PRETRAINING, factory_name, read_hf_folder,
                  read_safetensors, safetensors_metadata, to_hf_state_dict, write_hf_folder, write_safetensors)
 from .models_mae import MODEL_CONFIGS, OFFICIAL_NAMES, MAEConfig
 
-PTH, HF, TIMM = "pth", "hf", "timm"
-KIND_NAMES = {PTH: "mae-fast/official .pth", HF: "Hugging Face folder", TIMM: "timm encoder .safetensors"}
+PTH, HF, TIMM, SHARDED = "pth", "hf", "timm", "sharded"
+KIND_NAMES = {PTH: "mae-fast/official .pth", HF: "Hugging Face folder", TIMM: "timm encoder .safetensors",
+              SHARDED: "sharded (torch.distributed.checkpoint) training checkpoint folder"}
 PTH_SUFFIXES = (".pth", ".pt")
 #: safetensors metadata keys under which a timm file written here keeps the MAE config
 META_CONFIG, META_MASK_RATIO = "mae_fast_config", "mask_ratio"
@@ -42,6 +45,8 @@ def path_kind(path: PathLike, role: str) -> str:
     p = Path(path)
     if role == "source" and not p.exists():
         raise ConvertError(f"{raw}: no such file or folder")
+    if role == "source" and is_sharded_checkpoint(p):
+        return SHARDED
     if p.is_dir() or raw.endswith(("/", "\\")) or (role != "source" and not p.exists() and p.suffix == ""):
         return HF
     if p.suffix == ".safetensors":
@@ -145,7 +150,7 @@ def read_source(src: PathLike, model: Optional[str] = None, norm_pix_loss: Optio
         sd, cfg, notes = hf.state_dict, hf.config, hf.notes
         meta = {"norm_pix_loss": cfg.norm_pix_loss, "mask_ratio": hf.mask_ratio}
     else:
-        if kind == PTH:
+        if kind in (PTH, SHARDED):  # a sharded checkpoint is consolidated: read whole in this process
             ckpt = read_checkpoint(src)
             sd = extract_state_dict(ckpt, source)
             meta = ckpt.get("config") if isinstance(ckpt.get("config"), Mapping) else (

@@ -23,12 +23,17 @@ from .errors import ConfigError, NonFiniteLossError
 log = logging.getLogger("mae_fast.train")
 
 
+AUTO = "auto"
+
+
 def opt(help_: str, default: Any = None, *, choices: Optional[Sequence[Any]] = None, min: Optional[float] = None,
-        max: Optional[float] = None, above: Optional[float] = None, below: Optional[float] = None) -> Any:
+        max: Optional[float] = None, above: Optional[float] = None, below: Optional[float] = None,
+        auto: bool = False) -> Any:
     """A config field with its help text, allowed choices and range (``min``/``max`` inclusive,
-    ``above``/``below`` exclusive); :func:`check_fields` enforces them."""
+    ``above``/``below`` exclusive); :func:`check_fields` enforces them. ``auto``: a number field that also
+    takes the word "auto" (the command resolves it, e.g. ``--batch-size auto``)."""
     meta = {"help": help_, "choices": list(choices) if choices else None, "min": min, "max": max,
-            "above": above, "below": below}
+            "above": above, "below": below, "auto": auto}
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -51,12 +56,14 @@ def _field_types(cls: type) -> Dict[str, tuple[type, bool]]:
     return {f.name: _base_type(hints.get(f.name, f.type)) for f in dataclasses.fields(cls)}
 
 
-def coerce(name: str, value: Any, kind: type, optional: bool, where: str) -> Any:
+def coerce(name: str, value: Any, kind: type, optional: bool, where: str, auto: bool = False) -> Any:
     """``value`` as the field's type; numbers in scientific notation written as strings ("1e-3", as PyYAML
     reads them) are accepted. ConfigError naming ``where``, the option and the value otherwise."""
     flag = "--" + name.replace("_", "-")
     if value is None and optional:
         return None
+    if auto and value == AUTO:
+        return AUTO
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -125,12 +132,13 @@ def load_yaml(path: str, cls: type) -> Dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a mapping of options, got {type(data).__name__}")
     types = _field_types(cls)
+    autos = {f.name for f in dataclasses.fields(cls) if f.metadata.get("auto")}
     out = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
         if name not in types:
             raise ConfigError(f"--config {path}: unknown option {key!r}")
-        out[name] = coerce(name, value, *types[name], where=f"--config {path}: ")
+        out[name] = coerce(name, value, *types[name], where=f"--config {path}: ", auto=name in autos)
     return out
 
 
@@ -149,13 +157,15 @@ class Parser(argparse.ArgumentParser):
         raise ConfigError(message)
 
 
-def _number(kind: type) -> Callable[[str], Any]:
+def _number(kind: type, auto: bool = False) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
+        if auto and text == AUTO:
+            return AUTO
         try:
             value = float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
-                                             f"got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}"
+                                             f"{' or auto' if auto else ''}, got {text!r}") from None
         if kind is int:
             if not value.is_integer():
                 raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
@@ -180,7 +190,7 @@ def dataclass_parser(cls: type, prog: str, description: str) -> Parser:
         if kind is bool:
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
         else:
-            p.add_argument(flag, dest=f.name, type=_number(kind) if kind in (int, float) else str, default=None,
+            p.add_argument(flag, dest=f.name, type=_number(kind, bool(f.metadata.get("auto"))) if kind in (int, float) else str, default=None,
                            choices=choices, metavar=None if choices else {int: "N", float: "X"}.get(kind, "TEXT"), help=help_)
     return p
 

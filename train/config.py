@@ -42,7 +42,8 @@ class PretrainConfig:
     strict_data: bool = opt("stop at the first unreadable image instead of skipping it", False)
     output_dir: str = opt("checkpoints, logs and figures go here (default: a new runs/<preset or mae>[-N])", "")
     overwrite: bool = opt("replace the run already in --output-dir (its checkpoints and logs are deleted)", False)
-    batch_size: int = opt("images per process per micro-step", 64, min=1)
+    batch_size: int = opt("images per process per micro-step; auto: the largest that fits the device's memory "
+                          "(or --memory-budget) with 10%% headroom, predicted by tracing the step", 64, min=1, auto=True)
     accum_iter: int = opt("micro-steps per optimizer step (gradient accumulation)", 1, min=1)
     epochs: int = opt("training epochs", 800, min=1)
     warmup_epochs: float = opt("linear lr warmup, in epochs (set per iteration)", 40.0, min=0)
@@ -61,10 +62,19 @@ class PretrainConfig:
                             choices=["auto", "xformers", "sdpa", "math"])
     kernel_backend: str = opt("auto (Triton on CUDA after a self-test) | triton | torch", "auto",
                               choices=["auto", "triton", "torch"])
-    grad_checkpointing: int = opt("recompute every k-th block in backward (0: off)", 0, min=0)
+    grad_checkpointing: int = opt("recompute every k-th block in backward (0: off); auto: the least that fits "
+                                  "(after --batch-size auto)", 0, min=0, auto=True)
+    memory_budget: Optional[float] = opt("GiB a step may use, for --batch-size / --grad-checkpointing auto "
+                                         "(default: the GPU's memory)", None, above=0)
     distributed: str = opt("ddp | fsdp (FSDP2 fully_shard), used under torchrun", "ddp", choices=["ddp", "fsdp"])
     device: str = opt("auto | cpu | cuda", "auto", choices=["auto", "cpu", "cuda"])
     seed: int = opt("seed of data order, crops and masks", 0, min=0)
+    checkpoint_format: str = opt("full (one file gathered on rank 0) | sharded (a torch.distributed.checkpoint "
+                                 "folder, each rank writes its shard: FSDP2 at scale)", "full",
+                                 choices=["full", "sharded"])
+    data_streams: int = opt("tar shards: data streams (0: one per process); a fixed N that every world size "
+                            "divides gives the same batches on any number of processes", 0, min=0)
+    shuffle_block: int = opt("tar shards: samples shuffled together within a shard", 1000, min=1)
     save_every: int = opt("checkpoint every N optimizer steps (and at the end)", 1000, min=1)
     keep_checkpoints: int = opt("keep the newest k checkpoints (0: keep all)", 3, min=0)
     resume: str = opt("'auto' (newest complete checkpoint in the output folder), a file, or '' (fresh)", "")

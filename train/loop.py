@@ -145,6 +145,18 @@ def find_resume_checkpoint(resume: str, folder: Path) -> Optional[Tuple[Path, Di
     return None
 
 
+def rng_of_rank(saved: Any, rank: int) -> Dict[str, Any]:
+    """This rank's saved RNG states; a rank the saving run did not have (resumed on more processes) takes
+    rank 0's. Pretraining's masks and crops come from (seed, step) generators and do not depend on it;
+    draws from the global generators (fine-tuning's drop path, mixup) are then not those of the saving run."""
+    if not isinstance(saved, list):
+        return saved
+    if rank >= len(saved):
+        log.info("rank %d: the checkpoint was saved by %d processes; restoring rank 0's RNG states", rank, len(saved))
+        return saved[0]
+    return saved[rank]
+
+
 class RunCheckpoints:
     """Save and resume of a training run: model (official keys) and optimizer gathered in full, step,
     loader position, every rank's RNG state, the step runner and the config; atomic, newest k kept."""
@@ -177,7 +189,7 @@ class RunCheckpoints:
             load_full_state(self.model, self.optimizer, state)
         self.runner.load_state_dict(state.get("step_runner"))
         self.loader.load_state_dict(state["loader"])
-        set_rng_state(state["rng"][self.info.rank] if isinstance(state["rng"], list) else state["rng"])
+        set_rng_state(rng_of_rank(state["rng"], self.info.rank))
         if self.info.is_main:
             log.info("resumed from %s at step %d (epoch %d, batch %d)", self.last, int(state["step"]),
                      state["loader"]["epoch"], state["loader"]["batch"])

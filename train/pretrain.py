@@ -28,7 +28,7 @@ from mae_fast.compile import apply_compile
 from mae_fast.device import autocast_dtype, autocast_for, requested_device_type, resolve_device
 from mae_fast.models_mae import MaskedAutoencoderViT, create_model
 
-from .cli import run_main
+from .cli import AUTO, run_main
 from .config import PretrainConfig, parse_config
 from .distributed import DistInfo, ddp_wrap, init_distributed, unwrap
 from .loop import RunCheckpoints, StepRunner, run_steps
@@ -70,6 +70,23 @@ def run_dir_for(cfg: PretrainConfig) -> Path:
     return choose_run_dir(cfg.output_dir, f"runs/{cfg.preset or 'mae'}", cfg.resume, cfg.overwrite)
 
 
+def plan_memory(cfg: PretrainConfig, device: torch.device) -> Optional[Any]:
+    """Resolve ``--batch-size auto`` / ``--grad-checkpointing auto`` in ``cfg`` from the predicted peak
+    memory of the real step (mae_fast.memory.plan_batch); returns the plan, or None when nothing was auto."""
+    if AUTO not in (cfg.batch_size, cfg.grad_checkpointing):
+        return None
+    from mae_fast.memory import plan_batch
+
+    budget = int(cfg.memory_budget * 2**30) if cfg.memory_budget else None
+    plan = plan_batch(cfg.model, cfg.img_size, cfg.precision, budget_bytes=budget,
+                      batch=None if cfg.batch_size == AUTO else cfg.batch_size,
+                      grad_checkpointing=None if cfg.grad_checkpointing == AUTO else cfg.grad_checkpointing,
+                      device_type=device.type, mask_ratio=cfg.mask_ratio, norm_pix_loss=cfg.norm_pix_loss)
+    cfg.batch_size, cfg.grad_checkpointing = plan.batch_size, plan.grad_checkpointing
+    log.info("memory %s", plan.describe())
+    return plan
+
+
 def build_model(cfg: PretrainConfig, device: torch.device) -> MaskedAutoencoderViT:
     """The model as configured, on ``device``: kernels self-tested, attention chosen, checkpointing set,
     initial weights loaded (``--init-from``)."""
@@ -98,13 +115,15 @@ def train(cfg: PretrainConfig) -> Dict[str, Any]:
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     np.random.seed(cfg.seed + info.rank)  # seeded (as the official code) so that checkpoints hold
     random.seed(cfg.seed + info.rank)  # the same RNG states in a resumed run as in an uninterrupted one
+    plan_memory(cfg, device)
 
     model = build_model(cfg, device)
     num_patches = model.config.num_patches
     loader = build_loader(cfg.data, kind=cfg.loader, batch_size=cfg.batch_size, img_size=cfg.img_size,
                           seed=cfg.seed, rank=info.rank, world_size=info.world_size, device=device,
                           strict=cfg.strict_data, num_workers=cfg.num_workers, drop_last=True,
-                          scale=(cfg.min_crop_scale, 1.0))
+                          scale=(cfg.min_crop_scale, 1.0), shard_streams=cfg.data_streams,
+                          shard_block=cfg.shuffle_block)
     if len(loader) < cfg.accum_iter:
         raise ValueError(f"{cfg.data}: {len(loader)} batches of {cfg.batch_size} per process per epoch, fewer "
                          f"than --accum-iter {cfg.accum_iter}: use more images or a smaller batch")

@@ -19,8 +19,8 @@ log = logging.getLogger("mae_fast.train")
 RUN_FILES = ("config.json", "summary.json", "log.csv", "eval.csv", "reconstruction.png", "loss.png",
              "accuracy.png")
 RUN_DIRS = ("checkpoints", "tensorboard")
-_CHECKPOINT = re.compile(r"^checkpoint-\d{8}\.pth$")
-_CHECKPOINT_TMP = re.compile(r"^\.checkpoint-\d{8}\.pth\..+\.tmp$")
+_CHECKPOINT = re.compile(r"^checkpoint-\d{8}(\.pth)?$")  # a file, or a sharded checkpoint's folder
+_CHECKPOINT_TMP = re.compile(r"^\.checkpoint-\d{8}(\.pth\..+\.tmp|\.sharded\.tmp)$")
 
 
 def holds_run(folder: Path) -> bool:
@@ -78,7 +78,7 @@ def remove_stale_temp(folder: Path) -> int:
         return 0
     stale = [p for p in ckpts.iterdir() if _CHECKPOINT_TMP.match(p.name)]
     for p in stale:
-        p.unlink(missing_ok=True)
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     if stale:
         log.info("removed %d unfinished checkpoint file(s) a killed save left in %s", len(stale), ckpts)
     return len(stale)

@@ -13,33 +13,25 @@ under ``"model"``): loadable by the official code, timm (encoder) and ``mae-fine
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
 import shutil
 import sys
-import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from mae_fast.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+from mae_fast.checkpoint import (RUN_STATE, CheckpointError, dcp_errors, is_sharded_checkpoint, read_checkpoint,
+                                 read_sharded, save_checkpoint)
 
 log = logging.getLogger("mae_fast.train")
 
-RUN_STATE = "run_state.pt"
-METADATA = ".metadata"
 _NAME = re.compile(r"^checkpoint-(\d{8})$")
 _TMP = re.compile(r"^\.checkpoint-\d{8}\.sharded\.tmp$")
-
-
-def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a DCP checkpoint folder (it holds a ``.metadata`` file)."""
-    return (Path(path) / METADATA).is_file()
 
 
 def _barrier() -> None:
@@ -57,22 +49,6 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-@contextlib.contextmanager
-def _as_checkpoint_error(path: Path) -> Iterator[None]:
-    """DCP failures (DCP raises them on every rank) as one CheckpointError naming the folder."""
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    try:
-        with warnings.catch_warnings():  # one process without a group is intended here
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            yield
-    except (CheckpointException, OSError, RuntimeError, ValueError, EOFError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise CheckpointError(f"checkpoint {path}: cannot be read or written ({type(e).__name__}: "
-                              f"{first[:300]}); a shard file is truncated, corrupt or missing, or the disk "
-                              f"is full") from e
 
 
 def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> Dict[str, Any]:
@@ -119,7 +95,7 @@ class ShardedCheckpoints:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         _barrier()
-        with _as_checkpoint_error(tmp):
+        with dcp_errors(tmp):
             dcp.save(sharded_state(model, optimizer), storage_writer=dcp.FileSystemWriter(tmp, sync_files=True))
         if _is_main():
             save_checkpoint(run_state, tmp / RUN_STATE)
@@ -143,12 +119,12 @@ class ShardedCheckpoints:
 
         path = Path(path)
         run_state = read_checkpoint(path / RUN_STATE)  # CheckpointError naming the file if damaged
-        with _as_checkpoint_error(path):
+        with dcp_errors(path):
             shapes = checkpoint_shapes(path)
         if check is not None:
             check({**run_state, "model": shapes}, str(path))
         state = sharded_state(model, optimizer)
-        with _as_checkpoint_error(path):
+        with dcp_errors(path):
             dcp.load(state, storage_reader=dcp.FileSystemReader(path))
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
         return run_state
@@ -174,28 +150,6 @@ def checkpoint_shapes(path: str | os.PathLike) -> Dict[str, torch.Tensor]:
     meta = FileSystemReader(str(path)).read_metadata().state_dict_metadata
     return {k[len("model."):]: torch.empty(v.size, dtype=v.properties.dtype, device="meta")
             for k, v in meta.items() if k.startswith("model.") and isinstance(v, TensorStorageMetadata)}
-
-
-def read_sharded(path: str | os.PathLike) -> Dict[str, Any]:
-    """A sharded checkpoint as one in-memory dict, as a ``--checkpoint-format full`` file holds it:
-    ``model`` (official keys, full tensors), ``optimizer`` and the run state (one process, no group)."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict  # as dcp_to_torch_save
-
-    path = Path(path)
-    if not is_sharded_checkpoint(path):
-        raise CheckpointError(f"checkpoint {path}: not a sharded checkpoint folder (no {METADATA} file)")
-    state: Dict[str, Any] = {}
-    with _as_checkpoint_error(path):
-        _load_state_dict(state, storage_reader=FileSystemReader(str(path)), planner=_EmptyStateDictLoadPlanner(),
-                         no_dist=True)
-    out = {"model": {k.removeprefix("module."): v for k, v in state["model"].items()},
-           "optimizer": state.get("optimizer", {})}
-    run_state = path / RUN_STATE
-    if run_state.is_file():
-        out.update(read_checkpoint(run_state))
-    return out
 
 
 def consolidate(sharded_dir: str | os.PathLike, out_file: str | os.PathLike, weights_only: bool = False) -> Path:

@@ -146,7 +146,6 @@ def index_shard(path: str, verify: str = "fast") -> dict[str, Any]:
     cols: dict[str, list[int]] = {c: [] for c in ("header", "offset", "size", "label", "width", "height")}
     exts: list[str] = []
     bad: list[tuple[str, str]] = []
-    members: list[tarfile.TarInfo | None] = []
     try:
         tar = tarfile.open(path, mode="r:")  # reads the headers, seeks over the data
     except (OSError, tarfile.TarError) as e:
