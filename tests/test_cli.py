@@ -82,3 +82,22 @@ def test_help_has_text_and_one_default_per_option():
 
 def test_strict_json_writes_null_for_nan():
     assert strict_json({"a": float("nan"), "b": [float("inf"), 1.0]}, indent=None) == '{"a": null, "b": [null, 1.0]}'
+
+
+def test_auto_batch_and_checkpointing_parse_and_plan(tmp_path):
+    import torch
+
+    from mae_fast.train.pretrain import plan_memory
+
+    cfg = parse_config(["--batch-size", "auto", "--grad-checkpointing", "auto", "--model", "mae_vit_tiny_patch8",
+                        "--img-size", "32", "--precision", "fp32", "--memory-budget", "0.02"])
+    assert (cfg.batch_size, cfg.grad_checkpointing) == ("auto", "auto")
+    y = tmp_path / "auto.yaml"
+    y.write_text("batch-size: auto\n")
+    assert parse_config(["--config", str(y)]).batch_size == "auto"
+    with pytest.raises(ConfigError, match="expected an integer, got 'auto'"):
+        parse_config(["--epochs", "auto"])
+    plan = plan_memory(cfg, torch.device("cpu"))
+    assert isinstance(cfg.batch_size, int) and cfg.batch_size >= 1 and cfg.grad_checkpointing in (0, 1, 2, 4)
+    assert (cfg.batch_size, cfg.grad_checkpointing) == (plan.batch_size, plan.grad_checkpointing)
+    assert plan.predicted_bytes <= 0.9 * 0.02 * 2**30
