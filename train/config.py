@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, ClassVar, Dict, List, Optional
 
+from mae_fast.attention import ATTENTION_BACKENDS, BACKEND_NAMES
 from mae_fast.models_mae import MODELS
 
 from .cli import ConfigError, add_config_flags, dataclass_parser, opt
@@ -58,8 +59,10 @@ class PretrainConfig:
                          "weights, for exactness checks on CPU)", "bf16", choices=["bf16", "fp16", "fp32", "fp64"])
     compile: str = opt("torch.compile: auto (per-block on CUDA, off on CPU) | off | blocks | model", "auto",
                        choices=COMPILE_MODES)
-    attn_backend: str = opt("auto (fastest that works here) | xformers | sdpa | math", "auto",
-                            choices=["auto", "xformers", "sdpa", "math"])
+    attn_backend: str = opt("auto (timed per site at the real shapes on CUDA) | " + " | ".join(ATTENTION_BACKENDS),
+                            "auto", choices=list(BACKEND_NAMES))
+    activation_dtype: str = opt("residual stream between blocks: fp32 (exact to the official code) | bf16 (less "
+                                "memory and traffic, under bf16 autocast)", "fp32", choices=["fp32", "bf16"])
     kernel_backend: str = opt("auto (Triton on CUDA after a self-test) | triton | torch", "auto",
                               choices=["auto", "triton", "torch"])
     grad_checkpointing: int = opt("recompute every k-th block in backward (0: off); auto: the least that fits "
@@ -131,5 +134,7 @@ def validate(cfg: PretrainConfig) -> None:
     """Checks across options (each field's own range is checked from its metadata)."""
     if cfg.min_lr and cfg.lr is not None and cfg.min_lr > cfg.lr:
         raise ConfigError(f"--min-lr {cfg.min_lr} is above --lr {cfg.lr}")
+    if cfg.activation_dtype == "bf16" and cfg.precision != "bf16":
+        raise ConfigError(f"--activation-dtype bf16 needs --precision bf16, got --precision {cfg.precision}")
     if cfg.resume and cfg.overwrite:
         raise ConfigError("--resume and --overwrite contradict each other: continue the run or replace it")

@@ -94,7 +94,9 @@ def build_model(cfg: PretrainConfig, device: torch.device) -> MaskedAutoencoderV
     model = model.to(device, torch.float64 if cfg.precision == "fp64" else None)
     model.set_kernel_backend(cfg.kernel_backend)
     model.check_kernels()
-    model.set_attn_backend(cfg.attn_backend, dtype=autocast_dtype(cfg.precision))
+    model.set_attn_backend(cfg.attn_backend, dtype=autocast_dtype(cfg.precision), batch=cfg.batch_size,
+                           mask_ratio=cfg.mask_ratio)
+    model.set_activation_dtype(cfg.activation_dtype)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(cfg.grad_checkpointing)
     if cfg.init_from:
