@@ -1,4 +1,4 @@
-"""Masked Autoencoder with a ViT backbone, exact to the official code (see REFERENCE.md).
+"""Masked Autoencoder with a ViT backbone, exact to the official code (see docs/semantics.md §3, §10).
 
 Names, public methods and ``state_dict`` keys follow facebookresearch/mae ``models_mae.py`` so that
 official checkpoints load unchanged and code calling ``forward_encoder`` / ``forward_decoder`` /
