@@ -11,6 +11,7 @@ import json
 import sys
 from typing import List, Optional
 
+from mae_fast.train.cli import DefaultsHelpFormatter
 from mae_fast.flops import FlopsReport, count_flops
 from mae_fast.models_mae import MODELS
 
@@ -57,7 +58,7 @@ def format_report(r: FlopsReport) -> str:
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="mae-flops", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("--model", action="append", choices=sorted(MODELS),
                    help="model factory name; repeat for several (default: ViT-B, ViT-L, ViT-H)")
     p.add_argument("--img-size", type=int, default=224, help="image side in pixels (a multiple of the patch)")

@@ -30,6 +30,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from mae_fast.train.cli import DefaultsHelpFormatter
 from mae_fast.bench.records import record_header, write_result
 from mae_fast.compile import COMPILE_MODES, apply_compile
 from mae_fast.device import DEVICE_CHOICES, PRECISION_DTYPES, DeviceError, autocast_dtype, autocast_for, resolve_device
@@ -491,7 +492,7 @@ def _auto_or_ints(text: str, flag: str) -> List[Optional[int]]:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("--model", default="mae_vit_large_patch16", choices=sorted(MODELS), help="model factory name")
     p.add_argument("--img-size", type=int, default=224, help="image side in pixels")
     p.add_argument("--batch-size", default="64",
@@ -504,7 +505,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="torch.compile per block (auto: blocks on CUDA, off on CPU); 'model' would hide the phases")
     p.add_argument("--attn-backend", default="auto", help="auto | sdpa | xformers | math")
     p.add_argument("--kernel-backend", default="auto", choices=["auto", "triton", "torch"], help="fused ops")
-    p.add_argument("--mask-ratio", type=float, default=0.75)
+    p.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of patches removed")
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES,
                    help="where to run (with --memory: the device predicted for; auto = cuda)")
     p.add_argument("--steps", type=int, default=10, help="timed steps")

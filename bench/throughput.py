@@ -35,6 +35,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from mae_fast.train.cli import DefaultsHelpFormatter
 from mae_fast.attention import BACKEND_NAMES
 from mae_fast.bench.records import nvidia_smi, record_header, utc_stamp, write_result
 from mae_fast.compile import COMPILE_BACKENDS, COMPILE_MODES, apply_compile, resolve_compile_mode
@@ -487,7 +488,7 @@ def plot(records: List[Dict[str, Any]], path: str) -> None:
 # ------------------------------------------------------------------------------------ command line
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="mae-bench", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), help="a headline configuration (model, size, batch, "
                    "checkpointing): " + "; ".join(f"{k}: {v['what']}" for k, v in PRESETS.items()))
     p.add_argument("--model", action="append", choices=sorted(MODELS), help="model; repeat to sweep models")
@@ -505,7 +506,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--activation-dtype", default="fp32", choices=sorted(ACTIVATION_DTYPES),
                    help="mae-fast variants' residual stream between blocks (bf16 needs --precision bf16)")
     p.add_argument("--grad-checkpointing", type=int, default=None, help="checkpoint every k-th block (0: off)")
-    p.add_argument("--mask-ratio", type=float, default=0.75)
+    p.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of patches removed")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: from a table)")
     p.add_argument("--data", default=None, help="also time the fused step fed by the real loader from this folder")
