@@ -35,7 +35,6 @@ from mae_fast.bench.records import record_header, write_result
 from mae_fast.compile import COMPILE_MODES, apply_compile
 from mae_fast.device import DEVICE_CHOICES, PRECISION_DTYPES, DeviceError, autocast_dtype, autocast_for, resolve_device
 from mae_fast.flops import FlopsReport, count_flops
-from mae_fast.kernels import patch_embed_gather, unshuffle_mask_tokens
 from mae_fast.memory import (GiB, MemoryPlanError, MemoryPrediction, Plan, StepTracer, fmt_bytes, oom_message,
                              plan_batch)
 from mae_fast.models_mae import MODELS, MaskedAutoencoderViT, create_model
@@ -81,17 +80,11 @@ def phased_forward(model: MaskedAutoencoderViT, imgs: torch.Tensor, mask_ratio: 
                    mark: Callable[[str], None], noise: Optional[torch.Tensor] = None):
     """``model(imgs, mask_ratio, noise)`` in the model's public pieces, in ``forward``'s order, calling
     ``mark(phase)`` as each forward phase ends. Returns (loss, pred, mask, latent)."""
-    model.check_images(imgs)
-    ids_keep, mask, ids_restore = model.masking_ids(imgs.shape[0], mask_ratio, noise, imgs.device)
-    x = patch_embed_gather(imgs, ids_keep, model.patch_embed.weight_in_patch_order(), model.patch_embed.proj.bias,
-                           model.pos_embed[0, 1:], model.patch_size, backend=model.kernel_backend)
-    cls_tokens = (model.cls_token + model.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-    x = torch.cat((cls_tokens, x), dim=1)
+    x, mask, ids_restore = model.embed_visible(imgs, mask_ratio, noise)
     mark("mask_embed")
     latent = model.norm(model._run_blocks(model.blocks, x))
     mark("encoder")
-    x = unshuffle_mask_tokens(model.decoder_embed(latent), model.mask_token, ids_restore, model.decoder_pos_embed,
-                              backend=model.kernel_backend)
+    x = model.embed_decoder(latent, ids_restore)
     mark("decoder_embed")
     x = model._run_blocks(model.decoder_blocks, x)
     pred = model.decoder_pred(model.decoder_norm(x))[:, 1:, :]

@@ -412,10 +412,10 @@ class MaskedAutoencoderViT(nn.Module):
         return x_masked, mask, ids_restore
 
     # ------------------------------------------------------------ encoder
-    def forward_encoder(
+    def embed_visible(
         self, imgs: torch.Tensor, mask_ratio: float, noise: Optional[torch.Tensor] = None
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Visible patches -> (latent (N, 1+len_keep, D), mask (N, L), ids_restore (N, L))."""
+        """Masking + embedding of the visible patches: (tokens (N, 1+len_keep, D), cls first; mask; ids_restore)."""
         self.check_images(imgs)
         ids_keep, mask, ids_restore = self.masking_ids(imgs.shape[0], mask_ratio, noise, imgs.device)
 
@@ -425,7 +425,13 @@ class MaskedAutoencoderViT(nn.Module):
                                self.pos_embed[0, 1:], self.patch_size, backend=self.kernel_backend)
 
         cls_tokens = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-        x = torch.cat((cls_tokens, x), dim=1)
+        return torch.cat((cls_tokens, x), dim=1), mask, ids_restore
+
+    def forward_encoder(
+        self, imgs: torch.Tensor, mask_ratio: float, noise: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Visible patches -> (latent (N, 1+len_keep, D), mask (N, L), ids_restore (N, L))."""
+        x, mask, ids_restore = self.embed_visible(imgs, mask_ratio, noise)
         x = self._run_blocks(self.blocks, x)
         return self.norm(x), mask, ids_restore
 
@@ -440,12 +446,16 @@ class MaskedAutoencoderViT(nn.Module):
         return self.norm(x)
 
     # ------------------------------------------------------------ decoder
+    def embed_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """Latent (N, 1+len_keep, D) -> decoder tokens (N, 1+L, Dd): every patch in patch order, cls first."""
+        x = self.decoder_embed(latent)
+        # append mask tokens, unshuffle to patch order with ids_restore, cls first, + decoder positions
+        return unshuffle_mask_tokens(x, self.mask_token, ids_restore, self.decoder_pos_embed,
+                                     backend=self.kernel_backend)
+
     def forward_decoder(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """Latent (N, 1+len_keep, D) -> predictions (N, L, p*p*3) for every patch."""
-        x = self.decoder_embed(x)
-        # append mask tokens, unshuffle to patch order with ids_restore, cls first, + decoder positions
-        x = unshuffle_mask_tokens(x, self.mask_token, ids_restore, self.decoder_pos_embed,
-                                  backend=self.kernel_backend)
+        x = self.embed_decoder(x, ids_restore)
 
         x = self._run_blocks(self.decoder_blocks, x)
         x = self.decoder_norm(x)
