@@ -9,37 +9,21 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 
+from .files import CheckpointError, PathLike, StateDict, atomic_write, is_decoder_key
 from .pos_embed import resize_pos_embed
 
 if TYPE_CHECKING:
     from .models_mae import MAEConfig
 
 log = logging.getLogger(__name__)
-
-PathLike = Union[str, os.PathLike]
-StateDict = Dict[str, torch.Tensor]
-
-#: state_dict prefixes that belong to the decoder (everything else is the encoder)
-DECODER_PREFIXES = ("mask_token", "decoder_")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded into the model; the message names file, key and shapes."""
-
-
-def is_decoder_key(key: str) -> bool:
-    return key.startswith(DECODER_PREFIXES)
-
 
 def read_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> dict:
     """Read a checkpoint as a dict holding ``"model"`` (mae-fast keys): a ``.pth`` file (``torch.load``
@@ -81,7 +65,7 @@ def _read_hf_checkpoint(folder: Path) -> dict:
     for note in hf.notes:
         log.warning("%s: %s", folder, note)
     config = {"model": factory_name(hf.config), **hf.config.to_dict(), "mask_ratio": hf.mask_ratio}
-    return {"model": hf.state_dict, "config": config}
+    return {"model": check_state_dict(hf.state_dict, hf.config, str(folder))[0], "config": config}
 
 
 def extract_state_dict(ckpt: Mapping, source: str = "checkpoint") -> StateDict:
@@ -223,32 +207,6 @@ def encoder_state_dict(model_or_sd: Union[nn.Module, Mapping], img_size: Optiona
             raise ValueError(f"img_size {img_size} is not a multiple of the patch size {patch}")
         enc["pos_embed"] = resize_pos_embed(enc["pos_embed"], img_size // patch)
     return enc
-
-
-def atomic_write(path: PathLike, write: Callable[[BinaryIO], object]) -> Path:
-    """Create ``path`` by calling ``write`` on a temp file in the same folder, fsync, rename.
-
-    A crash mid-write leaves the previous file untouched, never a truncated one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return path
 
 
 def save_checkpoint(obj: dict, path: PathLike) -> Path:

@@ -172,8 +172,7 @@ def read_source(src: PathLike, model: Optional[str] = None, norm_pix_loss: Optio
     if not 0.0 < ratio < 1.0:
         raise ConvertError(f"{source}: mask_ratio must be in (0, 1), got {ratio}")
     cfg = MAEConfig(**{**cfg.to_dict(), "norm_pix_loss": npl})
-    if kind != HF:  # read_hf_folder has checked its tensors against config.json
-        sd = check_state_dict(sd, cfg, source)[0]
+    sd = check_state_dict(sd, cfg, source)[0]
     return Portable(sd, cfg, ratio, kind, dropped, notes)
 
 

@@ -17,7 +17,7 @@ from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 
-from .checkpoint import CheckpointError, PathLike, StateDict, atomic_write, is_decoder_key
+from .files import CheckpointError, PathLike, StateDict, atomic_write, is_decoder_key
 from .models_mae import LN_EPS, MODEL_CONFIGS, MAEConfig
 
 CONFIG_FILE = "config.json"
@@ -294,8 +294,11 @@ def _read_weights(folder: Path) -> StateDict:
             sd.update(read_safetensors(folder / shard))
         return sd
     if (folder / BIN_FILE).is_file():
-        from .checkpoint import read_checkpoint
-        return read_checkpoint(folder / BIN_FILE)
+        try:
+            return torch.load(folder / BIN_FILE, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises several types for corrupt / truncated files
+            raise CheckpointError(f"{folder / BIN_FILE}: cannot be read ({type(e).__name__}); the file is "
+                                  f"truncated or corrupt") from e
     raise CheckpointError(f"{folder}: no {WEIGHTS_FILE} (nor {WEIGHTS_INDEX} or {BIN_FILE}) in the folder")
 
 
@@ -312,9 +315,7 @@ class HFCheckpoint:
 
 def read_hf_folder(folder: PathLike) -> HFCheckpoint:
     """Read config.json + weights of a ViTMAEForPreTraining (or encoder-only ViTMAEModel) folder and
-    check every tensor against the config; CheckpointError names the folder, key and shapes."""
-    from .checkpoint import check_state_dict
-
+    (the caller checks the tensors against the config: mae_fast.checkpoint.check_state_dict)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a folder (a Hugging Face model is a folder with {CONFIG_FILE} "
@@ -324,8 +325,7 @@ def read_hf_folder(folder: PathLike) -> HFCheckpoint:
                               f"{CONFIG_FILE} and {WEIGHTS_FILE})")
     cfg, mask_ratio, notes = mae_config(_read_json(folder / CONFIG_FILE), str(folder / CONFIG_FILE))
     sd = from_hf_state_dict(_read_weights(folder), str(folder))
-    sd, missing_decoder = check_state_dict(sd, cfg, str(folder))
-    return HFCheckpoint(sd, cfg, mask_ratio, notes, encoder_only=bool(missing_decoder))
+    return HFCheckpoint(sd, cfg, mask_ratio, notes, encoder_only=not any(is_decoder_key(k) for k in sd))
 
 
 def write_hf_folder(folder: PathLike, sd: Mapping[str, torch.Tensor], cfg: MAEConfig,

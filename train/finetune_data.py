@@ -8,19 +8,16 @@ states are left untouched, so a batch is the same whatever the workers, sharding
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import random
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Tuple
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .augment import IMAGENET_MEAN, IMAGENET_STD, load_rgb_or_reason
-from .loader_base import EpochBatches, Loader, epoch_order, worker_init
+from .loader_base import EpochBatches, Loader, epoch_order, sample_seed, seeded_rngs, worker_init
 from .shards import ShardSet, is_shard_source
 from .sources import ImageList, scan_source
 
@@ -118,25 +115,6 @@ def eval_transform(img_size: int, crop_pct: Optional[float] = None) -> Transform
         crop_pct = 224 / 256 if img_size <= 224 else 1.0
     return create_transform(img_size, is_training=False, interpolation="bicubic", crop_pct=crop_pct,
                             mean=IMAGENET_MEAN, std=IMAGENET_STD)
-
-
-@contextlib.contextmanager
-def seeded_rngs(seed: int) -> Iterator[None]:
-    """Seed torch (CPU), numpy and python RNGs for the block, then put their states back."""
-    py_state, np_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        try:
-            yield
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    return ((seed * 1_000_003 + epoch) * 1_000_033 + index) % 2**63
 
 
 class LabelledSamples(Dataset):

@@ -14,13 +14,16 @@ RNG states.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import queue
+import random
 import threading
 from abc import ABC, abstractmethod
 from typing import Any, Callable, Iterator, TypeVar
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -254,3 +257,23 @@ def prefetched(produce: Callable[[int], T], n: int, device: torch.device, depth:
         stop.set()
         slots.release()
         thread.join()
+
+
+@contextlib.contextmanager
+def seeded_rngs(seed: int) -> Iterator[None]:
+    """Seed torch (CPU), numpy and python RNGs for the block, then put their states back."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one sample's augmentation: a function of (run seed, epoch, sample index) only."""
+    return ((seed * 1_000_003 + epoch) * 1_000_033 + index) % 2**63

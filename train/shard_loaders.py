@@ -26,7 +26,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .augment import SCALE, augment_pil, normalize, sample_params
-from .loader_base import EpochDataLoader, Loader
+from .loader_base import EpochDataLoader, Loader, sample_seed, seeded_rngs
 from .shards import (DEFAULT_BLOCK, Block, ShardError, ShardSet, block_gids, decode_bytes, rank_streams,
                      read_blocks, resolve_streams, scan_shards, skip_items, stream_blocks)
 from .sources import UnreadableImageError
@@ -54,8 +54,6 @@ class SeededTransform:
         self.transform, self.seed = transform, seed
 
     def __call__(self, img: Image.Image, epoch: int, gid: int) -> torch.Tensor:
-        from .finetune_data import sample_seed, seeded_rngs
-
         with seeded_rngs(sample_seed(self.seed, epoch, gid)):
             return self.transform(img)
 

@@ -1,0 +1,51 @@
+"""What every checkpoint format shares (mae-fast / official ``.pth``, Hugging Face folders, timm
+``.safetensors``, sharded folders): the state-dict types, the one error they raise, which keys are the
+decoder's, and atomic file writes."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Callable, Dict, Union
+
+import torch
+
+PathLike = Union[str, os.PathLike]
+StateDict = Dict[str, torch.Tensor]
+
+#: state_dict prefixes that belong to the decoder (everything else is the encoder)
+DECODER_PREFIXES = ("mask_token", "decoder_")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded into the model; the message names file, key and shapes."""
+
+
+def is_decoder_key(key: str) -> bool:
+    return key.startswith(DECODER_PREFIXES)
+
+
+def atomic_write(path: PathLike, write: Callable[[BinaryIO], object]) -> Path:
+    """Create ``path`` by calling ``write`` on a temp file in the same folder, fsync, rename.
+
+    A crash mid-write leaves the previous file untouched, never a truncated one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return path
