@@ -209,3 +209,43 @@ def test_augmentation_does_not_depend_on_workers(tree):
     batches = [[x for x, _ in build_labelled_loader(images, train_transform(32), 4, num_workers=w)] for w in (0, 2)]
     assert torch.equal(torch.get_rng_state(), state)  # the global RNG is left as it was
     assert len(batches[0]) == 4 and all(torch.equal(a, b) for a, b in zip(*batches))
+
+
+def test_eval_takes_the_model_from_the_checkpoint(tree, mae_ckpt, tmp_path, capsys):
+    out = tmp_path / "ft"
+    assert finetune.main(COMMON + ["--data", str(tree), "--finetune", str(mae_ckpt), "--epochs", "1",
+                                   "--global-pool", "token", "--output-dir", str(out)]) == 0
+    trained = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (out / "loss.png").is_file() and (out / "accuracy.png").is_file()
+    ckpt = trained["last_checkpoint"]
+    plain = ["--data", str(tree), "--eval", "--resume", ckpt, "--device", "cpu", "--num-workers", "0",
+             "--batch-size", "4", "--precision", "fp32"]  # no --model, --img-size, --global-pool, --nb-classes
+    assert finetune.main(plain) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["acc1"] == pytest.approx(trained["acc1"])
+    assert finetune.main(plain + ["--model", "vit_base_patch16"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"mae-finetune: error: --model vit_base_patch16 contradicts the checkpoint's vit_tiny_patch8 ({ckpt})"
+    assert finetune.main(plain + ["--img-size", "64"]) == 2
+    assert "--img-size 64 contradicts the checkpoint's 32" in capsys.readouterr().err
+    assert linprobe.main(plain) == 2
+    assert "is a finetune checkpoint: evaluate it with mae-finetune --eval" in capsys.readouterr().err
+
+
+def test_run_folders(tree, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = COMMON + ["--data", str(tree), "--max-steps", "1", "--epochs", "1"]
+    for expected in ("runs/finetune", "runs/finetune-2"):  # a fresh run never writes into an earlier one
+        assert finetune.main(args) == 0
+        assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["run_dir"] == expected
+    assert finetune.main(args + ["--output-dir", "runs/finetune"]) == 2
+    assert "--output-dir runs/finetune already holds a run" in capsys.readouterr().err
+    assert finetune.main(args + ["--output-dir", "runs/finetune", "--overwrite"]) == 0
+    assert len(rows(tmp_path / "runs/finetune" / "log.csv")) == 1  # replaced, not appended
+
+
+def test_missing_data_is_one_line(tmp_path, capsys, caplog):
+    for cli, prog in ((finetune, "mae-finetune"), (linprobe, "mae-linprobe")):
+        missing = tmp_path / "nowhere"
+        assert cli.main(COMMON + ["--data", str(missing)]) == 1
+        assert capsys.readouterr().err.strip() == f"{prog}: error: --data {missing}: no such file or folder"
+    assert not [r for r in caplog.records if "train/ and val/" in r.getMessage()]

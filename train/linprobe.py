@@ -70,7 +70,7 @@ class LinprobeConfig(ClassifierConfig):
     views: int = opt("logistic: augmented views embedded per training image (0: one clean view)", 0, min=0)
     holdout: float = opt("logistic: fraction of the training images held out to choose the L2 penalty", 0.2,
                          above=0, below=1)
-    l2: Optional[float] = opt("logistic: L2 penalty (default: chosen on the held-out images from 1 down to 1e-6)",
+    l2: Optional[float] = opt("logistic: L2 penalty (default: chosen on the held-out images from 1 down to 1e-5)",
                               min=0)
     max_iter: int = opt("logistic: L-BFGS iterations per fit at most", 1000, min=1)
 

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 log = logging.getLogger("mae_fast.train")
 
 BN_EPS = 1e-6  # the linear probe's BatchNorm1d eps
-#: the L2 penalties tried (half-decades from 1 down to 1e-6), strongest first
-L2_GRID: Tuple[float, ...] = tuple(10.0 ** (-k / 2) for k in range(13))
+#: the L2 penalties tried (half-decades from 1 down to 1e-5), strongest first
+L2_GRID: Tuple[float, ...] = tuple(10.0 ** (-k / 2) for k in range(11))
 
 
 @dataclass
@@ -56,33 +56,41 @@ class LogisticModel:
     search: List[Dict[str, float]] = field(default_factory=list)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.standardizer(x) @ self.weight.T.to(x.device) + self.bias.to(x.device)
+        return linear_logits(self.standardizer(x), self.weight, self.bias)
 
 
-def _chunks(x: torch.Tensor, y: torch.Tensor, device: torch.device, rows: int):
+def linear_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T + bias in the weights' dtype (float64), returned as float32."""
+    return (x.to(weight.device, weight.dtype) @ weight.T + bias).float()
+
+
+def _chunks(x: torch.Tensor, y: torch.Tensor, device: torch.device, dtype: torch.dtype, rows: int):
     for start in range(0, x.shape[0], rows):
-        yield (x[start:start + rows].to(device, non_blocking=True), y[start:start + rows].to(device))
+        yield (x[start:start + rows].to(device, dtype, non_blocking=True), y[start:start + rows].to(device))
 
 
 def fit_multinomial(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, device: torch.device,
                     init: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, max_iter: int = 1000,
-                    chunk_rows: int = 65536) -> Tuple[torch.Tensor, torch.Tensor, int, bool]:
+                    chunk_rows: int = 65536, dtype: torch.dtype = torch.float64
+                    ) -> Tuple[torch.Tensor, torch.Tensor, int, bool]:
     """Minimize mean CE(x @ W.T + b, y) + l2 / 2 * |W|^2 with full-batch L-BFGS (``x`` standardized, on the
     device or streamed to it in ``chunk_rows`` rows). Returns (W, b, iterations, converged)."""
     n, dim = x.shape
-    weight = torch.zeros(num_classes, dim, device=device) if init is None else init[0].clone().to(device)
-    bias = torch.zeros(num_classes, device=device) if init is None else init[1].clone().to(device)
+    weight = torch.zeros(num_classes, dim, device=device, dtype=dtype) if init is None else init[0].to(device, dtype)
+    bias = torch.zeros(num_classes, device=device, dtype=dtype) if init is None else init[1].to(device, dtype)
+    weight, bias = weight.clone(), bias.clone()
     weight.requires_grad_(True)
     bias.requires_grad_(True)
-    tol_grad = 1e-5
+    # |w - w*| <= |grad| / l2 (the objective is l2-strongly convex): the gradient tolerance scales with l2
+    tol_grad = min(1e-5, 1e-3 * l2) if l2 > 0 else 1e-5
     opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, max_eval=max_iter * 5 // 4,
-                            history_size=20, tolerance_grad=tol_grad, tolerance_change=1e-12,
+                            history_size=20, tolerance_grad=tol_grad, tolerance_change=1e-15,
                             line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         opt.zero_grad(set_to_none=False)
-        total = torch.zeros((), device=device)
-        for xc, yc in _chunks(x, y, device, chunk_rows):
+        total = torch.zeros((), device=device, dtype=dtype)
+        for xc, yc in _chunks(x, y, device, dtype, chunk_rows):
             loss = F.cross_entropy(xc @ weight.T + bias, yc, reduction="sum") / n
             loss.backward()
             total += loss.detach()
@@ -148,7 +156,7 @@ def fit_probe(x: torch.Tensor, y: torch.Tensor, groups: torch.Tensor, num_classe
         for value in sorted(grid, reverse=True):
             w, b, its, ok = fit_multinomial(xf, yf, num_classes, value, device, init, max_iter)
             init = (w, b)
-            held = scores_of(xh.to(device) @ w.T + b, yh.to(device))
+            held = scores_of(linear_logits(xh, w, b), yh.to(device))
             search.append({"l2": value, "holdout_acc1": held["acc1"], "holdout_loss": held["loss"],
                            "iterations": its})
             log.info("feature probe: l2 %.3g: held-out top-1 %.2f%%, loss %.4f (%d L-BFGS iterations%s)", value,

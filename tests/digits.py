@@ -1,0 +1,95 @@
+"""Real labelled test data: scikit-learn's bundled 8x8 digits (1797 images, 10 classes, no download)
+written as 64 px PNGs (one 8 px patch per digit pixel) in an ImageFolder tree with train/ and val/, and a tiny MAE briefly pretrained
+on train/ with the library (``parse_config`` + ``pretrain.train``), cached per seed for the session."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMG_SIZE = 64
+VAL_PER_CLASS = 36  # 360 validation images, 1437 training images
+
+
+def write_digits(root: Path, size: int = IMG_SIZE) -> Path:
+    """root/train/<digit>/*.png and root/val/<digit>/*.png (a fixed stratified split); returns root.
+    Each 8x8 image (values 0-16) is scaled to 0-255 and upscaled bicubically to ``size`` px, RGB."""
+    from sklearn.datasets import load_digits
+
+    root = Path(root)
+    if (root / "val").is_dir():
+        return root
+    digits = load_digits()
+    order = np.random.default_rng(0).permutation(len(digits.target))
+    seen: Dict[int, int] = {}
+    for i in order:
+        label = int(digits.target[i])
+        seen[label] = seen.get(label, 0) + 1
+        split = "val" if seen[label] <= VAL_PER_CLASS else "train"
+        folder = root / split / str(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = (digits.images[i] * (255.0 / 16.0)).round().astype(np.uint8)
+        Image.fromarray(pixels, mode="L").resize((size, size), Image.BICUBIC).convert("RGB").save(
+            folder / f"{i:04d}.png")
+    return root
+
+
+#: the pretraining of the tests: tiny MAE (patch 8), 64 px, batch 16 (89 steps per epoch of 1437 images)
+PRETRAIN_ARGS = ["--model", "mae_vit_tiny_patch8", "--img-size", str(IMG_SIZE), "--loader", "pil",
+                 "--num-workers", "0", "--batch-size", "16", "--lr", "5e-4", "--warmup-epochs", "2",
+                 "--precision", "fp32", "--device", "cpu", "--no-progress", "--no-tensorboard",
+                 "--log-every", "100", "--save-every", "100000", "--compile", "off"]
+PRETRAIN_EPOCHS = 5  # 445 steps: about 20 s of one CPU core per seed
+SEEDS = (0, 1, 2)
+
+
+def initial_weights(folder: Path, seed: int) -> Path:
+    """A freshly initialized tiny MAE (64 px) saved as an mae-fast checkpoint: the random arm, and
+    what the pretraining starts from (``--init-from``)."""
+    from mae_fast.models_mae import create_model
+
+    path = Path(folder) / f"init-seed{seed}.pth"
+    if not path.exists():
+        torch.manual_seed(seed)
+        model = create_model("mae_vit_tiny_patch8", img_size=IMG_SIZE, norm_pix_loss=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": model.state_dict()}, path)
+    return path
+
+
+def pretrained(folder: Path, data: Path, seed: int, epochs: int, extra: Tuple[str, ...] = ()
+               ) -> Tuple[Path, Path]:
+    """(initial weights, final checkpoint) of a brief pretraining on ``data``/train from those weights;
+    reused when ``folder`` already holds it (one pretraining per seed per session)."""
+    from mae_fast.train.config import parse_config
+    from mae_fast.train.pretrain import train
+
+    init = initial_weights(folder, seed)
+    out = Path(folder) / f"mae-seed{seed}-ep{epochs}"
+    ckpts = sorted((out / "checkpoints").glob("checkpoint-*.pth"))
+    if not ckpts:
+        cfg = parse_config(PRETRAIN_ARGS + ["--data", str(Path(data) / "train"), "--epochs", str(epochs),
+                                            "--seed", str(seed), "--init-from", str(init),
+                                            "--output-dir", str(out), *extra])
+        train(cfg)
+        ckpts = sorted((out / "checkpoints").glob("checkpoint-*.pth"))
+    return init, ckpts[-1]
+
+
+def labelled_subset(root: Path, per_class: int) -> Path:
+    """A copy of the tree with only the first ``per_class`` training images of each class (val/ whole):
+    the few-label setting where a representation matters (pretraining still sees all of train/)."""
+    import shutil
+
+    root = Path(root)
+    out = root.parent / f"{root.name}-{per_class}-per-class"
+    if not (out / "val").is_dir():
+        for folder in sorted((root / "train").iterdir()):
+            (out / "train" / folder.name).mkdir(parents=True, exist_ok=True)
+            for f in sorted(folder.iterdir())[:per_class]:
+                shutil.copy(f, out / "train" / folder.name / f.name)
+        shutil.copytree(root / "val", out / "val")
+    return out

@@ -1,0 +1,166 @@
+"""k-NN evaluation: the weighted vote against a plain reference, feature extraction in file order (one
+process = two), the monitor on real classes (scikit-learn's digits: a briefly pretrained tiny MAE beats
+its own starting weights), and a pretraining run with ``--knn-data`` training exactly as one without."""
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from digits import IMG_SIZE, PRETRAIN_EPOCHS, SEEDS, labelled_subset, pretrained, write_digits
+from mae_fast.checkpoint import load_mae_checkpoint
+from mae_fast.models_mae import create_model
+from mae_fast.train.checkpoints import rng_state
+from mae_fast.train.distributed import DistInfo
+from mae_fast.train.knn import KnnMonitor, knn_accuracy, knn_scores
+
+CPU = torch.device("cpu")
+
+
+def reference_scores(train, labels, query, num_classes, k, t):
+    """DINO's weighted k-NN written out: per query, sort all similarities, sum exp(s / t) per class."""
+    train, query = F.normalize(train.double(), dim=1), F.normalize(query.double(), dim=1)
+    out = torch.zeros(query.shape[0], num_classes, dtype=torch.float64)
+    for q in range(query.shape[0]):
+        sims = train @ query[q]
+        for j in torch.argsort(sims, descending=True)[:k].tolist():
+            out[q, labels[j]] += torch.exp(sims[j] / t)
+    return out
+
+
+@pytest.mark.parametrize("n_train,n_query,dim,classes,k", [(37, 11, 5, 3, 20), (7, 1, 3, 4, 20), (50, 9, 17, 10, 1)])
+def test_knn_scores_match_reference(n_train, n_query, dim, classes, k):
+    g = torch.Generator().manual_seed(n_train * 100 + k)
+    train = torch.randn(n_train, dim, generator=g)
+    labels = torch.randint(0, classes, (n_train,), generator=g)
+    query = torch.randn(n_query, dim, generator=g)
+    got = knn_scores(train, labels, query, classes, k=k, temperature=0.07)
+    ref = reference_scores(train, labels, query, classes, min(k, n_train), 0.07)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-6)
+    acc = knn_accuracy(train, labels, query, ref.argmax(1), classes, k=k)
+    assert acc["knn_acc1"] == 100.0 and acc["knn_acc5"] == 100.0  # its own predictions as labels
+
+
+@pytest.fixture(scope="module")
+def digits_data(tmp_path_factory) -> Path:
+    return write_digits(tmp_path_factory.getbasetemp() / "digits" / "data")
+
+
+@pytest.fixture(scope="module")
+def digits_runs(tmp_path_factory, digits_data):
+    """{seed: (initial weights, pretrained checkpoint)}: shared with test_linprobe.py in one session."""
+    runs = tmp_path_factory.getbasetemp() / "digits" / "runs"
+    return {seed: pretrained(runs, digits_data, seed, PRETRAIN_EPOCHS) for seed in SEEDS}
+
+
+def mae_from(path) -> torch.nn.Module:
+    model = create_model("mae_vit_tiny_patch8", img_size=IMG_SIZE)
+    load_mae_checkpoint(model, str(path))
+    return model
+
+
+#: k-NN top-1 of the pretrained encoder minus that of its starting weights, in points, on every seed
+KNN_MARGIN = 3.0
+
+
+def test_knn_of_pretrained_encoder_beats_its_initialization(digits_data, digits_runs):
+    few = labelled_subset(digits_data, 20)  # 200 labelled neighbours to vote, 360 validation images
+    monitor = KnnMonitor(str(few), IMG_SIZE, DistInfo(), CPU, batch_size=256)
+    gaps = []
+    for seed, (init, ckpt) in digits_runs.items():
+        model = mae_from(ckpt)
+        before_rng, before = rng_state(), {k: v.clone() for k, v in model.state_dict().items()}
+        pre = monitor.run(model)["knn_acc1"]
+        assert torch.equal(rng_state()["torch"], before_rng["torch"])  # no RNG drawn
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # weights untouched
+        rand = monitor.run(mae_from(init))["knn_acc1"]
+        gaps.append((seed, pre, rand))
+    assert all(pre - rand >= KNN_MARGIN for _, pre, rand in gaps), gaps
+
+
+# ------------------------------------------------------------------ one process = two
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _embed_worker(rank: int, world: int, port: int, data: str, ckpt: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from mae_fast.train.features import FeatureExtractor, mae_encoder
+    from mae_fast.train.finetune_data import eval_transform, scan_labelled
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        images = scan_labelled(data)
+        model = mae_from(ckpt)
+        feats, labels, index = FeatureExtractor(images, eval_transform(IMG_SIZE), 7, DistInfo(rank, world), CPU)(
+            model, mae_encoder(model, "avg"))
+        if rank == 0:
+            torch.save({"feats": feats, "labels": labels, "index": index}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_embed_the_same_features_as_one(digits_data, digits_runs, tmp_path):
+    from mae_fast.train.features import FeatureExtractor, mae_encoder
+    from mae_fast.train.finetune_data import eval_transform, scan_labelled
+
+    ckpt = str(digits_runs[SEEDS[0]][1])
+    images = scan_labelled(str(digits_data / "val"))
+    model = mae_from(ckpt)
+    one = FeatureExtractor(images, eval_transform(IMG_SIZE), 7, DistInfo(), CPU)(model, mae_encoder(model, "avg"))
+    out = tmp_path / "two.pt"
+    mp.spawn(_embed_worker, args=(2, _free_port(), str(digits_data / "val"), ckpt, str(out)), nprocs=2)
+    two = torch.load(out)
+    assert torch.equal(two["index"], one[2]) and torch.equal(two["index"], torch.arange(len(images)))
+    assert torch.equal(two["labels"], one[1])
+    torch.testing.assert_close(two["feats"], one[0], rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ the monitor inside mae-pretrain
+def _pretrain(tmp_path: Path, name: str, data: Path, *extra: str) -> dict:
+    from mae_fast.train.config import parse_config
+    from mae_fast.train.pretrain import train
+
+    args = ["--model", "mae_vit_tiny_patch8", "--img-size", str(IMG_SIZE), "--data", str(data / "val"),
+            "--loader", "pil", "--num-workers", "0", "--batch-size", "32", "--epochs", "2", "--lr", "1e-3",
+            "--warmup-epochs", "1", "--precision", "fp32", "--device", "cpu", "--no-progress", "--no-tensorboard",
+            "--log-every", "5", "--save-every", "1000", "--compile", "off", "--output-dir", str(tmp_path / name)]
+    return train(parse_config(args + list(extra)))
+
+
+def _final(out: Path) -> dict:
+    return torch.load(sorted((out / "checkpoints").glob("checkpoint-*.pth"))[-1], weights_only=False)
+
+
+def test_pretraining_with_the_monitor_trains_exactly_as_without(digits_data, tmp_path):
+    plain = _pretrain(tmp_path, "plain", digits_data)
+    watched = _pretrain(tmp_path, "knn", digits_data, "--knn-data", str(digits_data), "--knn-every", "1")
+    assert plain["knn"] is None and watched["knn"]["step"] == watched["steps"] == plain["steps"] == 22
+    a, b = _final(tmp_path / "plain"), _final(tmp_path / "knn")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+    rows = (tmp_path / "knn" / "eval.csv").read_text().splitlines()
+    assert rows[0] == "step,epoch,knn_acc1,knn_acc5" and [r.split(",")[0] for r in rows[1:]] == ["11", "22"]
+    assert 0 <= watched["knn"]["knn_acc1"] <= 100
+
+
+def test_pretraining_with_the_monitor_resumes_exactly(digits_data, tmp_path):
+    knn = ["--knn-data", str(digits_data), "--knn-every", "2"]
+    _pretrain(tmp_path, "ref", digits_data, *knn)
+    _pretrain(tmp_path, "cut", digits_data, *knn, "--max-steps", "7")
+    resumed = _pretrain(tmp_path, "cut", digits_data, *knn, "--resume", "auto")
+    assert resumed["steps_this_run"] == 15
+    a, b = _final(tmp_path / "ref"), _final(tmp_path / "cut")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert resumed["knn"]["knn_acc1"] == pytest.approx(
+        float((tmp_path / "ref" / "eval.csv").read_text().splitlines()[-1].split(",")[2]), abs=1e-4)
