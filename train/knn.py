@@ -143,9 +143,9 @@ class KnnMonitor:
         if runlog is not None:
             runlog.write_eval(step, epoch, metrics)
         if self.info.is_main:
-            log.info("k-NN (k=%d, T=%g, %s token%s) at step %d (epoch %.2f): top-1 %.2f%%, top-5 %.2f%% "
+            log.info("k-NN (k=%d, T=%g, %s pooling) at step %d (epoch %.2f): top-1 %.2f%%, top-5 %.2f%% "
                      "(%d train / %d val images, %.1f s)", self.k, self.temperature, self.pool,
-                     "" if self.pool == "cls" else "s", step, epoch, metrics["knn_acc1"], metrics["knn_acc5"],
+                     step, epoch, metrics["knn_acc1"], metrics["knn_acc5"],
                      len(self.splits["train"]), len(self.splits["val"]), time.perf_counter() - t0)
         self.last = {**metrics, "step": step, "epoch": epoch}
         return self.last
