@@ -4,7 +4,6 @@ with the same global batch and the same data streams (fp64, gloo on CPU). The no
 examples/multinode_torchrun.sh, the script the README gives for clusters."""
 from __future__ import annotations
 
-import functools
 import json
 import os
 import socket
@@ -49,12 +48,11 @@ def test_two_torchrun_nodes_equal_one_process(tmp_path, monkeypatch):
              for _ in range(2)]
 
     # the reference, meanwhile: one process, global batch 8, the two data streams the nodes read
-    from mae_fast.train import data
     from mae_fast.train.config import parse_config
     from mae_fast.train.pretrain import train
 
-    monkeypatch.setattr(data, "build_loader", functools.partial(data.build_loader, shard_streams=2))
-    train(parse_config(ARGS + ["--data", str(shards), "--batch-size", "8", "--output-dir", str(tmp_path / "one")]))
+    train(parse_config(ARGS + ["--data", str(shards), "--batch-size", "8", "--data-streams", "2",
+                               "--output-dir", str(tmp_path / "one")]))
 
     logs = [n.communicate(timeout=300)[0] for n in nodes]
     for n, text in zip(nodes, logs):

@@ -7,7 +7,6 @@ Run as a script under torchrun, this file is mae-pretrain writing sharded checkp
 the FSDP2 test)."""
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import subprocess
@@ -25,17 +24,10 @@ ARGS = ["--model", "mae_vit_tiny_patch8", "--img-size", "32", "--loader", "pil",
         "--precision", "fp32", "--batch-size", "4", "--save-every", "1", "--keep-checkpoints", "2"]
 
 
-def sharded_pretrain(monkeypatch):
-    """mae-pretrain's train() with RunCheckpoints writing the sharded format."""
-    from mae_fast.train import loop, pretrain
-
-    monkeypatch.setattr(pretrain, "RunCheckpoints", functools.partial(loop.RunCheckpoints, checkpoint_format="sharded"))
-    return pretrain.train
-
-
 def run_fsdp(args, out: Path, env=None):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-           str(29000 + os.getpid() % 1000), __file__, *ARGS, "--distributed", "fsdp", *args, "--output-dir", str(out)]
+           str(29000 + os.getpid() % 1000), "-m", "mae_fast.train.pretrain", *ARGS, "--distributed", "fsdp",
+           "--checkpoint-format", "sharded", *args, "--output-dir", str(out)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=400,
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
@@ -83,15 +75,16 @@ def test_fsdp2_sharded_kill_and_resume_is_bit_exact(tmp_path):
     assert len(a["rng"]) == 2  # every rank's RNG states
 
 
-def test_consolidated_equals_the_full_format_and_loads_everywhere(tmp_path, monkeypatch):
+def test_consolidated_equals_the_full_format_and_loads_everywhere(tmp_path):
     from mae_fast import mae_vit_tiny_patch8
     from mae_fast.checkpoint import encoder_state_dict, load_mae_checkpoint
     from mae_fast.train.config import parse_config
     from mae_fast.train.pretrain import train
 
-    cfg = lambda name: parse_config(ARGS + ["--data", "demo", "--epochs", "1", "--output-dir", str(tmp_path / name)])  # noqa: E731
+    cfg = lambda name: parse_config(ARGS + ["--data", "demo", "--epochs", "1", "--checkpoint-format", name,  # noqa: E731
+                                            "--output-dir", str(tmp_path / name)])
     full = train(cfg("full"))
-    sharded = sharded_pretrain(monkeypatch)(cfg("sharded"))
+    sharded = train(cfg("sharded"))
     folder = Path(sharded["last_checkpoint"])
     assert is_sharded_checkpoint(folder) and folder.name == Path(full["last_checkpoint"]).stem
     out = consolidate(folder, tmp_path / "consolidated.pth")
@@ -151,10 +144,3 @@ def test_damaged_newest_falls_back_and_interrupted_save_is_unseen(tmp_path, monk
         other = mae_vit_tiny_patch8(img_size=64)
         store.load(tmp_path / "checkpoint-00000001", other, build_adamw(other, 1e-3, 0.05),
                    check=lambda st, src: check_resumable(other, st, src))
-
-
-if __name__ == "__main__":  # torchrun worker: mae-pretrain writing sharded checkpoints
-    from mae_fast.train import loop, pretrain
-
-    pretrain.RunCheckpoints = functools.partial(loop.RunCheckpoints, checkpoint_format="sharded")
-    sys.exit(pretrain.main(sys.argv[1:]))

@@ -88,6 +88,13 @@ class PretrainConfig:
     tensorboard: bool = opt("write TensorBoard logs when tensorboard is installed", True)
     progress: bool = opt("show a tqdm progress bar on a terminal (else one line per --log-every steps)", True)
     visualize: bool = opt("write a reconstruction figure at the end", False)
+    knn_data: str = opt("ImageFolder tree with train/ and val/: log the encoder's weighted k-NN top-1/top-5 on it "
+                        "every --knn-every epochs and at the end ('': off)", "")
+    knn_every: int = opt("k-NN monitor: every N epochs", 1, min=1)
+    knn_k: int = opt("k-NN monitor: neighbours that vote", 20, min=1)
+    knn_temperature: float = opt("k-NN monitor: vote weight exp(cosine / T)", 0.07, above=0)
+    knn_pool: str = opt("k-NN monitor features after the final norm: cls (cls token) | avg (mean of the patch tokens)",
+                        "cls", choices=["cls", "avg"])
 
     preset: ClassVar[Optional[str]] = None  # the --preset / --demo used (names the default run folder)
 

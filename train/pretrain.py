@@ -31,6 +31,7 @@ from mae_fast.models_mae import MaskedAutoencoderViT, create_model
 from .cli import AUTO, run_main
 from .config import PretrainConfig, parse_config
 from .distributed import DistInfo, ddp_wrap, init_distributed, unwrap
+from .knn import KnnMonitor
 from .loop import RunCheckpoints, StepRunner, run_steps
 from .optim import build_adamw, lr_at, set_lr
 from .run_folder import RunLog, choose_run_dir, clear_run, remove_stale_temp, use_progress_bar, write_json
@@ -129,6 +130,7 @@ def train(cfg: PretrainConfig) -> Dict[str, Any]:
     if len(loader) < cfg.accum_iter:
         raise ValueError(f"{cfg.data}: {len(loader)} batches of {cfg.batch_size} per process per epoch, fewer "
                          f"than --accum-iter {cfg.accum_iter}: use more images or a smaller batch")
+    knn = KnnMonitor.from_config(cfg, info, device)  # --knn-data: checked and scanned before training
     compiled = apply_compile(model, cfg.compile, device)
     wrapped = wrap_model(model, cfg, info, device)
     eff_batch = cfg.effective_batch * info.world_size
@@ -184,6 +186,8 @@ def train(cfg: PretrainConfig) -> Dict[str, Any]:
     def after_step(step: int) -> None:
         if step == start_step + 1 and info.is_main and compiled != "off":
             log.info("first step took %.1f s (includes torch.compile %s)", time.perf_counter() - t_start, compiled)
+        if knn is not None:
+            knn.maybe_run(unwrap(wrapped), step, steps_per_epoch, runlog, final=step == total_steps)
         if step % cfg.save_every == 0 or step == total_steps:
             ckpts.save(step)
 
@@ -193,10 +197,12 @@ def train(cfg: PretrainConfig) -> Dict[str, Any]:
                                 set_lr_for=set_lr_for, compute_loss=compute_loss, after_step=after_step,
                                 runlog=runlog, progress="pretrain" if use_progress_bar(cfg.progress) else None)
     runlog.close()
+    if knn is not None:
+        knn.close()
     summary = {"run_dir": str(out), "steps": step, "steps_this_run": step - start_step, "final_loss": last_loss,
                "skipped_nonfinite": runner.check(ckpts.last), "last_checkpoint": str(ckpts.last) if ckpts.last else None,
                "world_size": info.world_size, "effective_batch": eff_batch, "lr": base_lr, "compile": compiled,
-               "skipped_images": [p for p, _ in loader.skipped]}
+               "skipped_images": [p for p, _ in loader.skipped], "knn": knn.last if knn is not None else None}
     if info.is_main:
         summary.update(write_figures(cfg, unwrap(wrapped), out))
         write_json(out / "summary.json", summary)
