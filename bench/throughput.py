@@ -22,6 +22,7 @@ ratio. Records are written after every row, to bench/results/ on a GPU and to $M
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import math
@@ -321,6 +322,21 @@ def time_steps(step: StepFn, imgs: torch.Tensor, steps: int, warmup: int,
     return {"first_step_s": first, "times": times, "wall_s": wall, "last_loss": last}
 
 
+@functools.lru_cache(maxsize=16)
+def predicted_peak_gb(model: str, img_size: int, batch: int, precision: str, grad_checkpointing: int,
+                      mask_ratio: float) -> Optional[float]:
+    """Peak memory (GiB) that ``mae_fast.memory`` predicts for this step on CUDA, or None if it cannot."""
+    from mae_fast.memory import predict_memory
+
+    try:
+        pred = predict_memory(model, img_size, batch, precision, int(grad_checkpointing or 0), device_type="cuda",
+                              mask_ratio=mask_ratio)
+    except Exception as e:  # a prediction must never cost the measurement
+        print(f"  memory prediction unavailable: {type(e).__name__}: {e}", flush=True)
+        return None
+    return pred.peak_bytes / 2**30
+
+
 def run_variant(name: str, args: argparse.Namespace, device: torch.device, flops_per_image: float,
                 peak: Optional[float], data_loader=None) -> Dict[str, Any]:
     """Benchmark one variant; a variant that cannot run reports why instead of numbers."""
@@ -374,6 +390,9 @@ def run_variant(name: str, args: argparse.Namespace, device: torch.device, flops
                peak_mem_gb=(torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else None)
     if device.type == "cuda":
         row["clocks_after"] = {k: v for k, v in nvidia_smi(device.index or 0).items() if k != "driver"}
+        if variant.kind not in ("hf", "official"):  # the measured peak beside mae_fast.memory's prediction
+            row["predicted_peak_gb"] = predicted_peak_gb(args.model, args.img_size, args.batch_size, row["precision"],
+                                                         row.get("grad_checkpointing", 0), args.mask_ratio)
     if row.get("compile", "off") != "off" and first is not None:
         print(f"  {row['variant']}: first step {first:.1f} s (includes torch.compile {row['compile']})", flush=True)
     del model
@@ -443,7 +462,8 @@ def benchmark(args: argparse.Namespace, device: torch.device,
 def format_table(rec: Dict[str, Any]) -> str:
     lines = [f"{rec['model']} @ {rec['img_size']}px, batch {rec['batch_size']}, {rec['device']}, "
              f"{rec['train_gflops_per_image']:.1f} GFLOPs/img (train), peak {rec['peak_tflops'] or 'n/a'} TFLOP/s",
-             f"{'variant':<16}{'img/s':>10}{'step ms (min-max)':>24}{'MFU':>7}{'mem GB':>8}{'vs off.':>9}"
+             f"{'variant':<16}{'img/s':>10}{'step ms (min-max)':>24}{'MFU':>7}{'mem GB':>12}{'vs off.':>9}"
+             "   (mem: measured peak / predicted by mae_fast.memory, GiB)"
              f"  kernels  compile  attention enc/dec"]
     for r in rec["results"]:
         label = r.get("label", r["variant"])
@@ -453,10 +473,12 @@ def format_table(rec: Dict[str, Any]) -> str:
             continue
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
         mem = f"{r['peak_mem_gb']:.1f}" if r["peak_mem_gb"] is not None else "n/a"
+        if r.get("predicted_peak_gb") is not None:
+            mem += f"/{r['predicted_peak_gb']:.1f}"  # measured / predicted
         vs = f"{r['vs_official']:.2f}x" if "vs_official" in r else "-"
         span = f"{r['step_ms_median']:.1f} ({r['step_ms_min']:.1f}-{r['step_ms_max']:.1f})"
         attn = "/".join(str(s.get("backend")) for s in r.get("attention", {}).values())
-        lines.append(f"{label:<16}{r['images_per_s']:>10.1f}{span:>24}{mfu:>7}{mem:>8}{vs:>9}"
+        lines.append(f"{label:<16}{r['images_per_s']:>10.1f}{span:>24}{mfu:>7}{mem:>12}{vs:>9}"
                      f"  {r['kernels']:<7}  {r['compile']:<7}  {attn}")
     return "\n".join(lines)
 

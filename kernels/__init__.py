@@ -14,10 +14,20 @@ The ops are registered with ``torch.library.custom_op`` + ``register_fake`` + ``
 fake-tensor / functionalization tracing launches the kernel on fake tensors and fails; custom_op keeps
 one registration that is tested on CPU and used unchanged on the GPU (Inductor calls it as an opaque op).
 """
-from ._utils import backend_choices
-from .masked_loss import masked_loss, masked_loss_reference
-from .patch_embed_gather import patch_embed_gather, patch_embed_gather_reference
-from .unshuffle import unshuffle_mask_tokens, unshuffle_mask_tokens_reference
+import sys
+
+if __name__ != "mae_fast.kernels":
+    # This folder found as a top-level ``kernels`` (the repository root on sys.path, e.g. when transformers
+    # probes for Hugging Face's ``kernels`` package): be mae_fast.kernels itself, never a second copy whose
+    # import would register the ``mae_fast::`` custom ops again and take their dispatch away from it.
+    import importlib
+
+    sys.modules[__name__] = importlib.import_module("mae_fast.kernels")
+else:
+    from ._utils import backend_choices
+    from .masked_loss import masked_loss, masked_loss_reference
+    from .patch_embed_gather import patch_embed_gather, patch_embed_gather_reference
+    from .unshuffle import unshuffle_mask_tokens, unshuffle_mask_tokens_reference
 
 __all__ = [
     "backend_choices",

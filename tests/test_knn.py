@@ -10,7 +10,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from digits import IMG_SIZE, PRETRAIN_EPOCHS, SEEDS, labelled_subset, pretrained, write_digits
+from digits import IMG_SIZE, SEEDS, labelled_subset
 from mae_fast.checkpoint import load_mae_checkpoint
 from mae_fast.models_mae import create_model
 from mae_fast.train.checkpoints import rng_state
@@ -42,18 +42,6 @@ def test_knn_scores_match_reference(n_train, n_query, dim, classes, k):
     torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-6)
     acc = knn_accuracy(train, labels, query, ref.argmax(1), classes, k=k)
     assert acc["knn_acc1"] == 100.0 and acc["knn_acc5"] == 100.0  # its own predictions as labels
-
-
-@pytest.fixture(scope="module")
-def digits_data(tmp_path_factory) -> Path:
-    return write_digits(tmp_path_factory.getbasetemp() / "digits" / "data")
-
-
-@pytest.fixture(scope="module")
-def digits_runs(tmp_path_factory, digits_data):
-    """{seed: (initial weights, pretrained checkpoint)}: shared with test_linprobe.py in one session."""
-    runs = tmp_path_factory.getbasetemp() / "digits" / "runs"
-    return {seed: pretrained(runs, digits_data, seed, PRETRAIN_EPOCHS) for seed in SEEDS}
 
 
 def mae_from(path) -> torch.nn.Module:

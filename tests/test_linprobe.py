@@ -4,11 +4,10 @@ same numbers twice; its saved head evaluates to the same accuracy; the LARS prob
 pools as asked and its checkpoint carries the pooling; every numeric option is range-checked."""
 import json
 import logging
-from pathlib import Path
 
 import pytest
 
-from digits import IMG_SIZE, PRETRAIN_EPOCHS, SEEDS, labelled_subset, pretrained, write_digits
+from digits import IMG_SIZE, SEEDS, labelled_subset
 from mae_fast.train import finetune, linprobe
 
 BASE = ["--model", "vit_tiny_patch8", "--img-size", str(IMG_SIZE), "--device", "cpu", "--precision", "fp32",
@@ -17,18 +16,6 @@ LABELS_PER_CLASS = 20  # the probe sees 200 labelled images; the pretraining saw
 #: pretrained-minus-initial top-1 of the feature probe (points on 360 validation images): above 0 on every
 #: seed, and at least this on average over the seeds
 MEAN_MARGIN = 2.0
-
-
-@pytest.fixture(scope="module")
-def digits_data(tmp_path_factory) -> Path:
-    return write_digits(tmp_path_factory.getbasetemp() / "digits" / "data")
-
-
-@pytest.fixture(scope="module")
-def digits_runs(tmp_path_factory, digits_data):
-    """{seed: (initial weights, pretrained checkpoint)}: shared with test_knn.py in one session."""
-    runs = tmp_path_factory.getbasetemp() / "digits" / "runs"
-    return {seed: pretrained(runs, digits_data, seed, PRETRAIN_EPOCHS) for seed in SEEDS}
 
 
 def last_json(capsys) -> dict:

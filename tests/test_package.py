@@ -31,3 +31,21 @@ def test_console_commands_declared():
     eps = {e.name: e.value for e in md.distribution("mae-fast").entry_points if e.group == "console_scripts"}
     assert eps["mae-flops"] == "mae_fast.bench.flops:main"
     assert mae_fast.__version__ == md.version("mae-fast")
+
+
+def test_top_level_kernels_name_is_mae_fast_kernels_not_a_second_copy():
+    """From the repository root (on sys.path under pytest), importing ``kernels`` (as transformers does
+    when it probes for Hugging Face's ``kernels`` package) must not load the ops a second time."""
+    import importlib
+    import sys
+
+    import mae_fast.kernels
+
+    root = str(pathlib.Path(mae_fast.kernels.__file__).resolve().parents[1])
+    sys.path.insert(0, root)
+    try:
+        assert importlib.import_module("kernels") is mae_fast.kernels
+        assert not [name for name in sys.modules if name.startswith("kernels.")]
+    finally:
+        sys.path.remove(root)
+        sys.modules.pop("kernels", None)

@@ -101,3 +101,18 @@ def test_mae_plot_redraws_curves(tmp_path, capsys):
     assert plot_main([str(out)]) == 0
     assert (out / "loss.png").stat().st_size > 0
     assert plot_main([str(tmp_path / "nothing")]) == 2
+
+
+def test_out_of_memory_is_one_line_with_the_prediction(tmp_path, monkeypatch, capsys):
+    import torch
+
+    from mae_fast.train import pretrain
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(pretrain, "run_steps", oom)
+    assert pretrain.main(SMALL + ["--epochs", "1", "--output-dir", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mae-pretrain: error: out of memory"), err
+    assert "predicted peak" in err[0] and "--batch-size auto" in err[0]

@@ -27,9 +27,9 @@ from .cli import ConfigError, dataclass_parser, add_config_flags, load_yaml, opt
 from .cli import run_main
 from .config import default_workers
 from .distributed import DistInfo, ddp_wrap, init_distributed, unwrap
-from .loop import RunCheckpoints, StepRunner, find_resume_checkpoint, run_steps
+from .loop import StepRunner, find_resume_checkpoint, open_run_checkpoints, plan_steps, run_steps
 from .optim import lr_at, set_lr
-from .run_folder import RunLog, choose_run_dir, clear_run, remove_stale_temp, use_progress_bar, write_json
+from .run_folder import RunLog, choose_run_dir, use_progress_bar, write_json
 
 log = logging.getLogger("mae_fast.train")
 
@@ -342,23 +342,12 @@ def fit(cfg: ClassifierConfig, task: Task, info: DistInfo, device: torch.device)
 
     out = Path(cfg.output_dir)
     model, optimizer, loader = task.model, task.optimizer, task.train_loader
-    if len(loader) < cfg.accum_iter:
-        raise ValueError(f"{cfg.data}: {len(loader)} batches of {cfg.batch_size} per process per epoch, fewer "
-                         f"than --accum-iter {cfg.accum_iter}: use more images or a smaller batch")
+    steps_per_epoch, total_steps = plan_steps(cfg, len(loader))
     compiled = apply_compile(model, cfg.compile, device)
     wrapped = ddp_wrap(model, device) if info.enabled else model
     runner = StepRunner(wrapped, optimizer, cfg.precision, device, info, cfg.accum_iter, max_skips=0,
                         clip_grad=task.clip_grad)
-    steps_per_epoch = len(loader) // cfg.accum_iter
-    total_steps = cfg.epochs * steps_per_epoch
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
-    if cfg.overwrite and info.is_main:
-        clear_run(out)
-    if cfg.resume and info.is_main:
-        remove_stale_temp(out)
-    ckpts = RunCheckpoints(out / "checkpoints", cfg.keep_checkpoints, wrapped, optimizer, runner, loader, info,
-                           dataclasses.asdict(cfg))
+    ckpts = open_run_checkpoints(cfg, out, wrapped, optimizer, runner, loader, info)
     state = ckpts.resume(cfg.resume, check=lambda st, source: load_trained(model, st["model"], source))
     step, best, metrics = (int(state["step"]), dict(state.get("best") or {}), {}) if state else (0, {}, {})
 

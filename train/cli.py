@@ -250,7 +250,8 @@ def user_errors() -> tuple:
 
     from .sources import UnreadableImageError
 
-    errors = [ValueError, FileNotFoundError, NotADirectoryError, PermissionError, ImportError, NonFiniteLossError,
+    errors = [ValueError, FileNotFoundError, NotADirectoryError, PermissionError, ImportError, MemoryError,
+              NonFiniteLossError,
               CheckpointError, UnreadableImageError]
     try:
         import torch

@@ -3,6 +3,7 @@ loss scaling, non-finite handling and loss logging, with no host synchronization
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ from mae_fast.checkpoint import read_checkpoint
 from .checkpoints import CheckpointManager, set_rng_state
 from .errors import NonFiniteLossError
 from .distributed import DistInfo, all_finite, full_state, gather_rng_states, load_full_state
-from .run_folder import RunLog
+from .run_folder import RunLog, clear_run, remove_stale_temp
 
 log = logging.getLogger("mae_fast.train")
 
@@ -155,6 +156,29 @@ def rng_of_rank(saved: Any, rank: int) -> Dict[str, Any]:
         log.info("rank %d: the checkpoint was saved by %d processes; restoring rank 0's RNG states", rank, len(saved))
         return saved[0]
     return saved[rank]
+
+
+def plan_steps(cfg: Any, batches_per_epoch: int) -> Tuple[int, int]:
+    """(optimizer steps per epoch, total steps) of a run from ``cfg`` (accum_iter, epochs, max_steps: 0 = all
+    epochs); ValueError naming the data when an epoch holds fewer batches than one accumulation."""
+    if batches_per_epoch < cfg.accum_iter:
+        raise ValueError(f"{cfg.data}: {batches_per_epoch} batches of {cfg.batch_size} per process per epoch, "
+                         f"fewer than --accum-iter {cfg.accum_iter}: use more images or a smaller batch")
+    steps_per_epoch = batches_per_epoch // cfg.accum_iter
+    total_steps = cfg.epochs * steps_per_epoch
+    return steps_per_epoch, min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+
+
+def open_run_checkpoints(cfg: Any, out: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                         runner: "StepRunner", loader: Any, info: DistInfo) -> "RunCheckpoints":
+    """The run's checkpoints in ``out/checkpoints``, after the main process removed the old run's files
+    (``--overwrite``) or the temp files a killed save left (``--resume``)."""
+    if info.is_main and cfg.overwrite:
+        clear_run(out)
+    if info.is_main and cfg.resume:
+        remove_stale_temp(out)
+    return RunCheckpoints(out / "checkpoints", cfg.keep_checkpoints, model, optimizer, runner, loader, info,
+                          dataclasses.asdict(cfg))
 
 
 class RunCheckpoints:

@@ -32,9 +32,9 @@ from .cli import AUTO, run_main
 from .config import PretrainConfig, parse_config
 from .distributed import DistInfo, ddp_wrap, init_distributed, unwrap
 from .knn import KnnMonitor
-from .loop import RunCheckpoints, StepRunner, run_steps
+from .loop import StepRunner, open_run_checkpoints, plan_steps, run_steps
 from .optim import build_adamw, lr_at, set_lr
-from .run_folder import RunLog, choose_run_dir, clear_run, remove_stale_temp, use_progress_bar, write_json
+from .run_folder import RunLog, choose_run_dir, use_progress_bar, write_json
 
 log = logging.getLogger("mae_fast.train")
 
@@ -88,6 +88,19 @@ def plan_memory(cfg: PretrainConfig, device: torch.device) -> Optional[Any]:
     return plan
 
 
+def out_of_memory_message(cfg: PretrainConfig, device: torch.device) -> str:
+    """One line for a device out-of-memory: the predicted peak of this step, against what, and what to try."""
+    from mae_fast.memory import oom_message, predict_memory
+
+    try:
+        pred = predict_memory(cfg.model, cfg.img_size, cfg.batch_size, cfg.precision, cfg.grad_checkpointing,
+                              device_type=device.type, mask_ratio=cfg.mask_ratio, norm_pix_loss=cfg.norm_pix_loss)
+    except Exception as e:  # the prediction is a help, never a second failure
+        return (f"out of memory on {device} at batch {cfg.batch_size} (no prediction: {type(e).__name__}); try "
+                f"--batch-size auto, --grad-checkpointing 1 or --accum-iter")
+    return oom_message(pred)
+
+
 def build_model(cfg: PretrainConfig, device: torch.device) -> MaskedAutoencoderViT:
     """The model as configured, on ``device``: kernels self-tested, attention chosen, checkpointing set,
     initial weights loaded (``--init-from``)."""
@@ -127,9 +140,7 @@ def train(cfg: PretrainConfig) -> Dict[str, Any]:
                           strict=cfg.strict_data, num_workers=cfg.num_workers, drop_last=True,
                           scale=(cfg.min_crop_scale, 1.0), shard_streams=cfg.data_streams,
                           shard_block=cfg.shuffle_block)
-    if len(loader) < cfg.accum_iter:
-        raise ValueError(f"{cfg.data}: {len(loader)} batches of {cfg.batch_size} per process per epoch, fewer "
-                         f"than --accum-iter {cfg.accum_iter}: use more images or a smaller batch")
+    steps_per_epoch, total_steps = plan_steps(cfg, len(loader))
     knn = KnnMonitor.from_config(cfg, info, device)  # --knn-data: checked and scanned before training
     compiled = apply_compile(model, cfg.compile, device)
     wrapped = wrap_model(model, cfg, info, device)
@@ -137,17 +148,7 @@ def train(cfg: PretrainConfig) -> Dict[str, Any]:
     base_lr = cfg.lr if cfg.lr is not None else cfg.blr * eff_batch / 256
     optimizer = build_adamw(wrapped, base_lr, cfg.weight_decay)
     runner = StepRunner(wrapped, optimizer, cfg.precision, device, info, cfg.accum_iter, cfg.skip_nonfinite)
-    steps_per_epoch = len(loader) // cfg.accum_iter
-    total_steps = cfg.epochs * steps_per_epoch
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
-
-    if cfg.overwrite and info.is_main:
-        clear_run(out)
-    if info.is_main and cfg.resume:
-        remove_stale_temp(out)
-    ckpts = RunCheckpoints(out / "checkpoints", cfg.keep_checkpoints, wrapped, optimizer, runner, loader, info,
-                           dataclasses.asdict(cfg))
+    ckpts = open_run_checkpoints(cfg, out, wrapped, optimizer, runner, loader, info)
     state = ckpts.resume(cfg.resume, check=lambda st, source: check_resumable(model, st, source))
     step = int(state["step"]) if state else 0
     if step >= total_steps:
@@ -192,10 +193,13 @@ def train(cfg: PretrainConfig) -> Dict[str, Any]:
             ckpts.save(step)
 
     wrapped.train()
-    step, last_loss = run_steps(loader, runner, ckpts, step=step, total_steps=total_steps,
-                                steps_per_epoch=steps_per_epoch, accum_iter=cfg.accum_iter, log_every=cfg.log_every,
-                                set_lr_for=set_lr_for, compute_loss=compute_loss, after_step=after_step,
-                                runlog=runlog, progress="pretrain" if use_progress_bar(cfg.progress) else None)
+    try:
+        step, last_loss = run_steps(loader, runner, ckpts, step=step, total_steps=total_steps,
+                                    steps_per_epoch=steps_per_epoch, accum_iter=cfg.accum_iter, log_every=cfg.log_every,
+                                    set_lr_for=set_lr_for, compute_loss=compute_loss, after_step=after_step,
+                                    runlog=runlog, progress="pretrain" if use_progress_bar(cfg.progress) else None)
+    except torch.OutOfMemoryError as e:
+        raise MemoryError(out_of_memory_message(cfg, device)) from e
     runlog.close()
     if knn is not None:
         knn.close()
