@@ -253,11 +253,10 @@ def user_errors() -> tuple:
     errors = [ValueError, FileNotFoundError, NotADirectoryError, PermissionError, ImportError, MemoryError,
               NonFiniteLossError,
               CheckpointError, UnreadableImageError]
-    try:
-        import torch
+    import torch
+
+    if hasattr(torch, "OutOfMemoryError"):  # torch >= 2.5; older releases raise a RuntimeError
         errors.append(torch.OutOfMemoryError)
-    except AttributeError:
-        pass
     return tuple(errors)
 
 

@@ -208,8 +208,8 @@ def cached_index(path: str, verify: str = "fast", cache: bool = True) -> dict[st
     if cpath is not None and cpath.is_file():
         try:
             return json.loads(cpath.read_text())
-        except (OSError, ValueError):
-            pass
+        except (OSError, ValueError) as e:  # a damaged cache entry: index the shard again and rewrite it
+            log.info("shard index cache %s unreadable (%s): indexing %s again", cpath, type(e).__name__, path)
     index = index_shard(path, verify)
     if cpath is not None:
         try:
