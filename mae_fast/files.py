@@ -43,9 +43,14 @@ def atomic_write(path: PathLike, write: Callable[[BinaryIO], object]) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_dir(path.parent)
     return path
+
+
+def fsync_dir(folder: PathLike) -> None:
+    """Make a rename or a new entry in ``folder`` durable (fsync of the directory itself)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -25,7 +25,7 @@ from mae_fast.pos_embed import resize_pos_embed
 
 from .cli import ConfigError, dataclass_parser, add_config_flags, load_yaml, opt, parse_config as parse_dataclass_config
 from .cli import run_main
-from .config import default_workers
+from .loader_base import default_workers
 from .distributed import DistInfo, ddp_wrap, init_distributed, unwrap
 from .loop import StepRunner, find_resume_checkpoint, open_run_checkpoints, plan_steps, run_steps
 from .optim import lr_at, set_lr

@@ -5,7 +5,6 @@ Precedence: defaults < ``--preset`` < ``--config`` YAML < flags given on the com
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import dataclass
 from typing import Any, ClassVar, Dict, List, Optional
 
@@ -13,19 +12,11 @@ from mae_fast.attention import ATTENTION_BACKENDS, BACKEND_NAMES
 from mae_fast.models_mae import MODELS
 
 from .cli import ConfigError, add_config_flags, dataclass_parser, opt
+from .loader_base import default_workers
 from .cli import parse_config as parse_dataclass_config
 
 COMPILE_MODES = ("auto", "off", "blocks", "model")
 LOADERS = ("auto", "dali", "nvjpeg", "pil", "synthetic")
-
-
-def default_workers() -> int:
-    """Loader workers: the cores this process may use (at most 8)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    return max(1, min(8, cores))
 
 
 @dataclass

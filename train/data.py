@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 
 from . import dali_loader, nvjpeg_loader
 from .augment import SCALE, augment_pil, load_rgb_or_reason, normalize, sample_params
-from .loader_base import EpochDataLoader, Loader
+from .loader_base import EpochDataLoader, Loader, default_workers
 from .shards import is_shard_source
 from .sources import ImageList, scan_source
 
@@ -181,7 +181,7 @@ def build_loader(source: str | os.PathLike | None = "demo", kind: str = "auto",
     if source is None:
         raise ValueError(f"source is required for the {kind} loader (a folder, a list file or "
                          f"'demo')")
-    workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
+    workers = default_workers() if num_workers is None else num_workers
     if is_shard_source(source):
         from .shard_loaders import build_shard_loader
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import queue
 import random
 import threading
@@ -277,3 +278,12 @@ def seeded_rngs(seed: int) -> Iterator[None]:
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """The seed of one sample's augmentation: a function of (run seed, epoch, sample index) only."""
     return ((seed * 1_000_003 + epoch) * 1_000_033 + index) % 2**63
+
+
+def default_workers() -> int:
+    """Loader workers: the cores this process may use (at most 8)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores))

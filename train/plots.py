@@ -63,15 +63,18 @@ def plot_run(run_dir: str | Path) -> List[Path]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="mae-plot", description=__doc__.split("\n")[0])
+    from .cli import ConfigError, Parser, run_main
+
+    p = Parser(prog="mae-plot", description=__doc__.split("\n")[0])
     p.add_argument("run_dir", help="a run folder (holds log.csv; eval.csv for fine-tuning / linear probing)")
-    args = p.parse_args(argv)
-    if not (Path(args.run_dir) / "log.csv").is_file():
-        print(f"mae-plot: error: {args.run_dir}: no log.csv (not a run folder)", file=sys.stderr)
-        return 2
-    for path in plot_run(args.run_dir):
-        print(f"wrote {path}")
-    return 0
+
+    def run(args: argparse.Namespace) -> None:
+        if not (Path(args.run_dir) / "log.csv").is_file():
+            raise ConfigError(f"{args.run_dir}: no log.csv (not a run folder)")
+        for path in plot_run(args.run_dir):
+            print(f"wrote {path}")
+
+    return run_main("mae-plot", lambda: p.parse_args(argv), run)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ the folder, so a checkpoint is complete or not there. Loading reshards to any wo
 :func:`consolidate` turns one into the single file ``--checkpoint-format full`` writes (official keys
 under ``"model"``): loadable by the official code, timm (encoder) and ``mae-finetune``.
 
-    python -m mae_fast.train.sharded_checkpoint runs/x/checkpoints/checkpoint-00010000 out.pth
+    mae-convert runs/x/checkpoints/checkpoint-00010000 out.pth      # consolidate (mae_fast.convert)
 """
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ import logging
 import os
 import re
 import shutil
-import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -25,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from mae_fast.files import fsync_dir
 from mae_fast.checkpoint import (RUN_STATE, CheckpointError, dcp_errors, is_sharded_checkpoint, read_checkpoint,
                                  read_sharded, save_checkpoint)
 
@@ -41,14 +41,6 @@ def _barrier() -> None:
 
 def _is_main() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> Dict[str, Any]:
@@ -104,7 +96,7 @@ class ShardedCheckpoints:
             if final.exists():  # the same step saved again (e.g. a rerun of the last step)
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _fsync_dir(self.folder)
+            fsync_dir(self.folder)
             for _, old in self.list()[: -self.keep] if self.keep > 0 else []:
                 shutil.rmtree(old, ignore_errors=True)
         _barrier()
@@ -159,26 +151,3 @@ def consolidate(sharded_dir: str | os.PathLike, out_file: str | os.PathLike, wei
     if weights_only:
         state = {"model": state["model"]}
     return save_checkpoint(state, out_file)
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    """``python -m mae_fast.train.sharded_checkpoint SHARDED_DIR OUT.pth [--weights-only]``."""
-    import argparse
-
-    p = argparse.ArgumentParser(prog="mae-consolidate", description="Consolidate a sharded (DCP) checkpoint "
-                                "folder into one .pth file with the official keys.")
-    p.add_argument("sharded_dir")
-    p.add_argument("out_file")
-    p.add_argument("--weights-only", action="store_true", help="write only {'model': state_dict}")
-    args = p.parse_args(argv)
-    try:
-        out = consolidate(args.sharded_dir, args.out_file, args.weights_only)
-    except CheckpointError as e:
-        print(f"mae-consolidate: error: {e}", file=sys.stderr)
-        return 1
-    print(out)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
