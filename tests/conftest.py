@@ -30,8 +30,8 @@ def random_noise(n: int, length: int, seed: int = 2) -> torch.Tensor:
 
 @pytest.fixture(scope="session")
 def digits_data(tmp_path_factory):
-    """scikit-learn's digits as an ImageFolder tree with train/ and val/ (see tests/digits.py)."""
-    from digits import write_digits
+    """scikit-learn's digits as an ImageFolder tree with train/ and val/ (see mae_fast.bench.digits)."""
+    from mae_fast.bench.digits import write_digits
 
     return write_digits(tmp_path_factory.getbasetemp() / "digits" / "data")
 
@@ -40,7 +40,7 @@ def digits_data(tmp_path_factory):
 def digits_runs(tmp_path_factory, digits_data):
     """{seed: (initial weights, pretrained checkpoint)} of the tiny MAE briefly pretrained on the digits,
     made once per session for the probe and k-NN tests."""
-    from digits import PRETRAIN_EPOCHS, SEEDS, pretrained
+    from mae_fast.bench.digits import PRETRAIN_EPOCHS, SEEDS, pretrained
 
     runs = tmp_path_factory.getbasetemp() / "digits" / "runs"
     return {seed: pretrained(runs, digits_data, seed, PRETRAIN_EPOCHS) for seed in SEEDS}

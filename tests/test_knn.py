@@ -10,7 +10,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from digits import IMG_SIZE, SEEDS, labelled_subset
+from mae_fast.bench.digits import IMG_SIZE, SEEDS, labelled_subset
 from mae_fast.checkpoint import load_mae_checkpoint
 from mae_fast.models_mae import create_model
 from mae_fast.train.checkpoints import rng_state

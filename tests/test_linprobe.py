@@ -1,21 +1,22 @@
-"""mae-linprobe on real classes (scikit-learn's digits, tests/digits.py): the feature probe (--method
-logistic) tells a briefly pretrained tiny MAE from its own starting weights on every seed and gives the
-same numbers twice; its saved head evaluates to the same accuracy; the LARS probe warns at small scale,
-pools as asked and its checkpoint carries the pooling; every numeric option is range-checked."""
+"""mae-linprobe on real classes (scikit-learn's digits, mae_fast.bench.digits): the feature probe (--method
+logistic) tells a briefly pretrained tiny MAE from its own starting weights on every seed, with all labels and
+with few, and gives the same numbers twice; its saved head evaluates to the same accuracy; the LARS probe warns
+at small scale, pools as asked and its checkpoint carries the pooling; every numeric option is range-checked."""
 import json
 import logging
 
 import pytest
 
-from digits import IMG_SIZE, SEEDS, labelled_subset
+from mae_fast.bench.digits import IMG_SIZE, SEEDS, labelled_subset
 from mae_fast.train import finetune, linprobe
 
 BASE = ["--model", "vit_tiny_patch8", "--img-size", str(IMG_SIZE), "--device", "cpu", "--precision", "fp32",
         "--num-workers", "0", "--no-progress", "--no-tensorboard"]
-LABELS_PER_CLASS = 20  # the probe sees 200 labelled images; the pretraining saw all 1437 training images
-#: pretrained-minus-initial top-1 of the feature probe (points on 360 validation images): above 0 on every
-#: seed, and at least this on average over the seeds
-MEAN_MARGIN = 2.0
+LABELS_PER_CLASS = 20  # the few-label probe sees 200 labelled images; the pretraining saw all 1437 training images
+#: pretrained-minus-initial top-1 of the feature probe in points on the 360 validation images, by labels per class
+#: (0: all 1437): (at least this on every seed, at least this on average over the seeds). Measured at 890
+#: pretraining steps: all labels +3.3 / +2.2 / +1.7 (97-98% against 95-96%), 20 per class +12.2 / +8.1 / +10.8.
+MARGINS = {0: (0.5, 1.5), LABELS_PER_CLASS: (5.0, 8.0)}
 
 
 def last_json(capsys) -> dict:
@@ -28,23 +29,32 @@ def feature_probe(capsys, ckpt, data, out, *extra) -> dict:
     return last_json(capsys)
 
 
-def test_feature_probe_tells_pretrained_from_initial_weights(digits_data, digits_runs, tmp_path, capsys):
-    few = labelled_subset(digits_data, LABELS_PER_CLASS)
+@pytest.mark.parametrize("per_class", sorted(MARGINS))
+def test_feature_probe_tells_pretrained_from_initial_weights(per_class, digits_data, digits_runs, tmp_path, capsys):
+    data = labelled_subset(digits_data, per_class) if per_class else digits_data
     results = []
     for seed, (init, ckpt) in digits_runs.items():
-        pre = feature_probe(capsys, ckpt, few, tmp_path / f"pre{seed}")
-        rand = feature_probe(capsys, init, few, tmp_path / f"rand{seed}")
-        assert pre["converged"] and rand["converged"] and pre["train_images"] == 10 * LABELS_PER_CLASS
+        pre = feature_probe(capsys, ckpt, data, tmp_path / f"pre{seed}")
+        rand = feature_probe(capsys, init, data, tmp_path / f"rand{seed}")
+        assert pre["converged"] and rand["converged"] and pre["pool"] == "avg"  # the feature probe's default
+        assert pre["train_images"] == (10 * per_class if per_class else 1437)
         results.append((seed, pre["acc1"], rand["acc1"], pre["l2"], rand["l2"]))
     gaps = [p - r for _, p, r, _, _ in results]
-    assert min(gaps) > 0 and sum(gaps) / len(gaps) >= MEAN_MARGIN, results
+    every, mean = MARGINS[per_class]
+    assert min(gaps) >= every and sum(gaps) / len(gaps) >= mean, results
+
+
+def test_pooling_defaults_by_method(tmp_path):
+    assert linprobe.parse_config(["--data", str(tmp_path)]).pool == "cls"  # the paper's LARS probe
+    assert linprobe.parse_config(["--data", str(tmp_path), "--method", "logistic"]).pool == "avg"
+    assert linprobe.parse_config(["--data", str(tmp_path), "--method", "logistic", "--pool", "cls"]).pool == "cls"
 
 
 def test_feature_probe_is_deterministic_and_its_head_evaluates_the_same(digits_data, digits_runs, tmp_path,
                                                                          capsys):
     ckpt, few = digits_runs[SEEDS[0]][1], labelled_subset(digits_data, LABELS_PER_CLASS)
-    first = feature_probe(capsys, ckpt, few, tmp_path / "a", "--pool", "avg")
-    second = feature_probe(capsys, ckpt, few, tmp_path / "b", "--pool", "avg")
+    first = feature_probe(capsys, ckpt, few, tmp_path / "a")
+    second = feature_probe(capsys, ckpt, few, tmp_path / "b")
     for key in ("acc1", "acc5", "loss", "l2", "l2_search", "iterations"):
         assert first[key] == second[key], key
     assert [r["l2"] for r in first["l2_search"]] == sorted({r["l2"] for r in first["l2_search"]}, reverse=True)

@@ -7,8 +7,10 @@ objective ``mean cross-entropy + l2 / 2 * |W|^2`` is convex and minimized full-b
 ``torch.optim.LBFGS`` (strong-Wolfe line search) from zero weights, on the device; features that do
 not fit there are streamed in chunks (the gradient is still the exact full-batch one). The L2 penalty
 is chosen on a held-out part of the training images (stratified by class, seeded), never on the
-evaluation set, along a path from strong to weak penalties (each fit warm-started from the previous),
-then the probe is refitted on all training images. Everything is deterministic for a seed.
+evaluation set, along a path from strong to weak penalties (each fit warm-started from the previous;
+the path stops once three penalties in a row score no better), then the probe is refitted on all training
+images. A fit counts as converged only when its largest gradient entry is within the tolerance.
+Everything is deterministic for a seed.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ log = logging.getLogger("mae_fast.train")
 BN_EPS = 1e-6  # the linear probe's BatchNorm1d eps
 #: the L2 penalties tried (half-decades from 1 down to 1e-5), strongest first
 L2_GRID: Tuple[float, ...] = tuple(10.0 ** (-k / 2) for k in range(11))
+PATIENCE = 3  # the search stops after this many penalties in a row without a better held-out score
 
 
 @dataclass
@@ -70,7 +73,7 @@ def _chunks(x: torch.Tensor, y: torch.Tensor, device: torch.device, dtype: torch
 
 
 def fit_multinomial(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, device: torch.device,
-                    init: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, max_iter: int = 1000,
+                    init: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, max_iter: int = 5000,
                     chunk_rows: int = 65536, dtype: torch.dtype = torch.float64
                     ) -> Tuple[torch.Tensor, torch.Tensor, int, bool]:
     """Minimize mean CE(x @ W.T + b, y) + l2 / 2 * |W|^2 with full-batch L-BFGS (``x`` standardized, on the
@@ -83,7 +86,7 @@ def fit_multinomial(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: floa
     bias.requires_grad_(True)
     # |w - w*| <= |grad| / l2 (the objective is l2-strongly convex): the gradient tolerance scales with l2
     tol_grad = min(1e-5, 1e-3 * l2) if l2 > 0 else 1e-5
-    opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, max_eval=max_iter * 5 // 4,
+    opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, max_eval=max_iter * 2,
                             history_size=20, tolerance_grad=tol_grad, tolerance_change=1e-15,
                             line_search_fn="strong_wolfe")
 
@@ -104,7 +107,7 @@ def fit_multinomial(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: floa
     with torch.enable_grad():
         closure()
     grad_max = max(weight.grad.abs().max().item(), bias.grad.abs().max().item())
-    converged = iterations < max_iter or grad_max <= tol_grad
+    converged = grad_max <= tol_grad  # L-BFGS also stops at max_eval or on a stalled step: not convergence
     return weight.detach(), bias.detach(), iterations, converged
 
 
@@ -143,9 +146,10 @@ def holdout_split(labels: torch.Tensor, groups: torch.Tensor, fraction: float, s
 
 def fit_probe(x: torch.Tensor, y: torch.Tensor, groups: torch.Tensor, num_classes: int, device: torch.device, *,
               l2: Optional[float] = None, grid: Sequence[float] = L2_GRID, holdout: float = 0.2, seed: int = 0,
-              max_iter: int = 1000) -> LogisticModel:
+              max_iter: int = 5000, patience: int = PATIENCE) -> LogisticModel:
     """The probe on training features ``x`` (labels ``y``, image of each row ``groups``): L2 penalty ``l2``,
-    or the one of ``grid`` with the best held-out top-1 (ties: lower held-out loss); then refit on all rows."""
+    or the one of ``grid`` with the best held-out top-1 (ties: lower held-out loss), the path from strong to weak
+    stopped once ``patience`` penalties in a row have not beaten the best; then refit on all rows."""
     search: List[Dict[str, float]] = []
     if l2 is None:
         fit_rows, held_rows = holdout_split(y, groups, holdout, seed)
@@ -153,6 +157,7 @@ def fit_probe(x: torch.Tensor, y: torch.Tensor, groups: torch.Tensor, num_classe
         xf, yf, xh, yh = std(x[fit_rows]), y[fit_rows], std(x[held_rows]), y[held_rows]
         init = None
         best: Optional[Tuple[float, float, float]] = None
+        worse = 0
         for value in sorted(grid, reverse=True):
             w, b, its, ok = fit_multinomial(xf, yf, num_classes, value, device, init, max_iter)
             init = (w, b)
@@ -163,9 +168,16 @@ def fit_probe(x: torch.Tensor, y: torch.Tensor, groups: torch.Tensor, num_classe
                      held["acc1"], held["loss"], its, "" if ok else ", NOT converged")
             key = (held["acc1"], -held["loss"], value)
             if best is None or key > best:
-                best = key
+                best, worse = key, 0
+            else:
+                worse += 1
+                if worse >= patience:  # held-out scores only fall past here; weaker penalties fit slowest
+                    break
         assert best is not None
         l2 = best[2]
+        if len(grid) > 1 and (l2 == max(grid) or (l2 == min(grid) and len(search) == len(grid))):
+            log.info("feature probe: l2 %.3g is at the end of the grid searched (%.3g .. %.3g); pass --l2 to try "
+                     "beyond it", l2, min(grid), max(grid))
     std = Standardizer.fit(x)
     w, b, its, ok = fit_multinomial(std(x), y, num_classes, l2, device, None, max_iter)
     if not ok:

@@ -1,24 +1,33 @@
-"""Real labelled test data: scikit-learn's bundled 8x8 digits (1797 images, 10 classes, no download)
-written as 64 px PNGs (one 8 px patch per digit pixel) in an ImageFolder tree with train/ and val/, and a tiny MAE briefly pretrained
-on train/ with the library (``parse_config`` + ``pretrain.train``), cached per seed for the session."""
+"""Real labelled data small enough for a CPU: scikit-learn's bundled 8x8 digits (1797 images, 10 classes, no
+download) as an ImageFolder tree with train/ and val/, and a tiny MAE briefly pretrained on train/ with the
+library (``parse_config`` + ``pretrain.train``). Used by the probe tests and by :mod:`probe_study`.
+Needs scikit-learn (in the ``test`` extra)."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
-from PIL import Image
 
-IMG_SIZE = 64
+IMG_SIZE = 64  # one 8 px patch of mae_vit_tiny_patch8 per digit pixel
 VAL_PER_CLASS = 36  # 360 validation images, 1437 training images
+MODEL = "mae_vit_tiny_patch8"
+#: 10 epochs of 89 steps (batch 16): 890 steps, about 25 s of a 2-core CPU per seed
+PRETRAIN_EPOCHS = 10
+SEEDS = (0, 1, 2)  # the seeds the tests try
 
 
 def write_digits(root: Path, size: int = IMG_SIZE) -> Path:
     """root/train/<digit>/*.png and root/val/<digit>/*.png (a fixed stratified split); returns root.
     Each 8x8 image (values 0-16) is scaled to 0-255 and upscaled bicubically to ``size`` px, RGB."""
-    from sklearn.datasets import load_digits
+    from PIL import Image
 
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise ImportError("the digits data needs scikit-learn: pip install scikit-learn") from None
     root = Path(root)
     if (root / "val").is_dir():
         return root
@@ -37,43 +46,41 @@ def write_digits(root: Path, size: int = IMG_SIZE) -> Path:
     return root
 
 
-#: the pretraining of the tests: tiny MAE (patch 8), 64 px, batch 16 (89 steps per epoch of 1437 images)
-PRETRAIN_ARGS = ["--model", "mae_vit_tiny_patch8", "--img-size", str(IMG_SIZE), "--loader", "pil",
-                 "--num-workers", "0", "--batch-size", "16", "--lr", "5e-4", "--warmup-epochs", "2",
-                 "--precision", "fp32", "--device", "cpu", "--no-progress", "--no-tensorboard",
-                 "--log-every", "100", "--save-every", "100000", "--compile", "off"]
-PRETRAIN_EPOCHS = 5  # 445 steps: about 20 s of one CPU core per seed
-SEEDS = (0, 1, 2)
+def pretrain_args(size: int = IMG_SIZE) -> List[str]:
+    """mae-pretrain options of the brief pretraining: tiny MAE (patch 8), batch 16, lr 5e-4, fp32 on the CPU."""
+    return ["--model", MODEL, "--img-size", str(size), "--loader", "pil", "--num-workers", "0", "--batch-size",
+            "16", "--lr", "5e-4", "--warmup-epochs", "2", "--precision", "fp32", "--device", "cpu",
+            "--no-progress", "--no-tensorboard", "--log-every", "100", "--save-every", "100000", "--compile", "off"]
 
 
-def initial_weights(folder: Path, seed: int) -> Path:
-    """A freshly initialized tiny MAE (64 px) saved as an mae-fast checkpoint: the random arm, and
-    what the pretraining starts from (``--init-from``)."""
+def initial_weights(folder: Path, seed: int, size: int = IMG_SIZE) -> Path:
+    """A freshly initialized tiny MAE saved as an mae-fast checkpoint: the random arm, and what the
+    pretraining starts from (``--init-from``)."""
     from mae_fast.models_mae import create_model
 
     path = Path(folder) / f"init-seed{seed}.pth"
     if not path.exists():
         torch.manual_seed(seed)
-        model = create_model("mae_vit_tiny_patch8", img_size=IMG_SIZE, norm_pix_loss=True)
+        model = create_model(MODEL, img_size=size, norm_pix_loss=True)
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"model": model.state_dict()}, path)
     return path
 
 
-def pretrained(folder: Path, data: Path, seed: int, epochs: int, extra: Tuple[str, ...] = ()
+def pretrained(folder: Path, data: Path, seed: int, epochs: int = PRETRAIN_EPOCHS, size: int = IMG_SIZE
                ) -> Tuple[Path, Path]:
     """(initial weights, final checkpoint) of a brief pretraining on ``data``/train from those weights;
-    reused when ``folder`` already holds it (one pretraining per seed per session)."""
+    reused when ``folder`` already holds it (one pretraining per seed)."""
     from mae_fast.train.config import parse_config
     from mae_fast.train.pretrain import train
 
-    init = initial_weights(folder, seed)
+    init = initial_weights(folder, seed, size)
     out = Path(folder) / f"mae-seed{seed}-ep{epochs}"
     ckpts = sorted((out / "checkpoints").glob("checkpoint-*.pth"))
     if not ckpts:
-        cfg = parse_config(PRETRAIN_ARGS + ["--data", str(Path(data) / "train"), "--epochs", str(epochs),
-                                            "--seed", str(seed), "--init-from", str(init),
-                                            "--output-dir", str(out), *extra])
+        cfg = parse_config(pretrain_args(size) + ["--data", str(Path(data) / "train"), "--epochs", str(epochs),
+                                                  "--seed", str(seed), "--init-from", str(init),
+                                                  "--output-dir", str(out), "--overwrite"])
         train(cfg)
         ckpts = sorted((out / "checkpoints").glob("checkpoint-*.pth"))
     return init, ckpts[-1]
@@ -82,8 +89,6 @@ def pretrained(folder: Path, data: Path, seed: int, epochs: int, extra: Tuple[st
 def labelled_subset(root: Path, per_class: int) -> Path:
     """A copy of the tree with only the first ``per_class`` training images of each class (val/ whole):
     the few-label setting where a representation matters (pretraining still sees all of train/)."""
-    import shutil
-
     root = Path(root)
     out = root.parent / f"{root.name}-{per_class}-per-class"
     if not (out / "val").is_dir():
