@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from mae_fast.train.logistic import L2_GRID, Standardizer, fit_multinomial, fit_probe, holdout_split
+from mae_fast.train.logistic import L2_GRID, Standardizer, features_home, fit_multinomial, fit_probe, holdout_split
 
 CPU = torch.device("cpu")
 
@@ -65,3 +65,22 @@ def test_search_picks_on_held_out_rows_and_stops_early():
     assert again.l2 == probe.l2 and torch.equal(again.weight, probe.weight)
     fixed = fit_probe(x, y, torch.arange(600), 4, CPU, l2=0.1)
     assert fixed.l2 == 0.1 and fixed.search == []
+
+
+def test_streamed_fit_is_the_full_batch_fit():
+    x, y = blobs(257, 9, 4, seed=11)
+    xs = Standardizer.fit(x)(x)
+    whole = fit_multinomial(xs, y, 4, 1e-2, CPU)
+    streamed = fit_multinomial(xs, y, 4, 1e-2, CPU, chunk_rows=50)  # 6 chunks, the last one of 7 rows
+    torch.testing.assert_close(streamed[0], whole[0], atol=1e-9, rtol=0)
+    torch.testing.assert_close(streamed[1], whole[1], atol=1e-9, rtol=0)
+    chunked = Standardizer.fit(x, chunk_rows=50)
+    torch.testing.assert_close(chunked.mean, x.double().mean(0).float())
+    torch.testing.assert_close(chunked.var, x.double().var(0, unbiased=False).float())
+
+
+def test_features_stay_on_the_gpu_only_while_they_fit():
+    gpu = torch.device("cuda", 0)
+    assert features_home(10**9, CPU) == CPU
+    assert features_home(10**9, gpu, free_bytes=6 * 10**9) == gpu
+    assert features_home(10**9 + 1, gpu, free_bytes=6 * 10**9) == CPU

@@ -12,7 +12,8 @@ The loop is :func:`classify.fit`. Far below the recipe's batch (16384) the lr is
 moves: a one-line warning says so and how to reach the recipe.
 
 ``--method logistic`` (the feature probe): embed the training and evaluation images once with the frozen
-encoder (clean views, or ``--views K`` augmented views of each training image), then fit a multinomial
+encoder (the mean of the patch tokens unless ``--pool cls``; clean views, or ``--views K`` augmented views of
+each training image; kept on the GPU while they fit there, else streamed from host memory), then fit a multinomial
 logistic regression to convergence (:mod:`mae_fast.train.logistic`) with its L2 penalty chosen on a
 held-out part of the training images (``--holdout``). Deterministic for a seed; it is the same head
 (BatchNorm + Linear) and is saved as such, so ``mae-linprobe --eval`` evaluates it too.
@@ -179,7 +180,7 @@ def train_logistic(cfg: LinprobeConfig, info: DistInfo, device: torch.device) ->
 
     from .features import FeatureExtractor, classifier_encoder
     from .finetune_data import eval_transform, probe_transform
-    from .logistic import fit_probe, scores_of
+    from .logistic import features_home, fit_probe, scores_of
     from .run_folder import RunLog, clear_run, write_json
 
     if cfg.resume:
@@ -199,8 +200,15 @@ def train_logistic(cfg: LinprobeConfig, info: DistInfo, device: torch.device) ->
     train_tf = probe_transform(cfg.img_size, (cfg.crop_scale, 1.0)) if cfg.views else clean
     train_x, train_y, groups = [], [], []
     extractor = FeatureExtractor(train_images, train_tf, **common)
+    home = device
     for view in range(max(1, cfg.views)):
         x, y, idx = extractor(model, encode, cfg.precision, view)
+        if view == 0:
+            home = features_home(x.numel() * x.element_size() * max(1, cfg.views), device)
+            if home != device and info.is_main:
+                log.info("feature probe: the training features (%.1f GB) stay in host memory and are streamed to "
+                         "%s in chunks", x.numel() * x.element_size() * max(1, cfg.views) / 1e9, device)
+        x, y, idx = x.to(home), y.to(home), idx.to(home)
         train_x.append(x)
         train_y.append(y)
         groups.append(idx)

@@ -26,6 +26,7 @@ log = logging.getLogger("mae_fast.train")
 BN_EPS = 1e-6  # the linear probe's BatchNorm1d eps
 #: the L2 penalties tried (half-decades from 1 down to 1e-5), strongest first
 L2_GRID: Tuple[float, ...] = tuple(10.0 ** (-k / 2) for k in range(11))
+CHUNK_ROWS = 65536  # rows moved to the device (and cast to float64) at a time
 PATIENCE = 3  # the search stops after this many penalties in a row without a better held-out score
 
 
@@ -37,10 +38,13 @@ class Standardizer:
     var: torch.Tensor
 
     @classmethod
-    def fit(cls, x: torch.Tensor) -> "Standardizer":
-        mean = x.double().mean(dim=0)
-        var = ((x.double() - mean) ** 2).mean(dim=0)
-        return cls(mean.float(), var.float())
+    def fit(cls, x: torch.Tensor, chunk_rows: int = CHUNK_ROWS) -> "Standardizer":
+        """Mean and variance in float64, two passes over ``chunk_rows`` rows at a time (no float64 copy of x)."""
+        n = x.shape[0]
+        total = sum(x[i:i + chunk_rows].double().sum(dim=0) for i in range(0, n, chunk_rows))
+        mean = total / n
+        squares = sum(((x[i:i + chunk_rows].double() - mean) ** 2).sum(dim=0) for i in range(0, n, chunk_rows))
+        return cls(mean.float(), (squares / n).float())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean.to(x.device)) / torch.sqrt(self.var.to(x.device) + BN_EPS)
@@ -63,8 +67,10 @@ class LogisticModel:
 
 
 def linear_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T + bias in the weights' dtype (float64), returned as float32."""
-    return (x.to(weight.device, weight.dtype) @ weight.T + bias).float()
+    """x @ weight.T + bias in the weights' dtype (float64) on their device, ``CHUNK_ROWS`` rows of x at a time;
+    returned as float32."""
+    return torch.cat([(x[i:i + CHUNK_ROWS].to(weight.device, weight.dtype) @ weight.T + bias).float()
+                      for i in range(0, max(1, x.shape[0]), CHUNK_ROWS)])
 
 
 def _chunks(x: torch.Tensor, y: torch.Tensor, device: torch.device, dtype: torch.dtype, rows: int):
@@ -74,7 +80,7 @@ def _chunks(x: torch.Tensor, y: torch.Tensor, device: torch.device, dtype: torch
 
 def fit_multinomial(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, device: torch.device,
                     init: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, max_iter: int = 5000,
-                    chunk_rows: int = 65536, dtype: torch.dtype = torch.float64
+                    chunk_rows: int = CHUNK_ROWS, dtype: torch.dtype = torch.float64
                     ) -> Tuple[torch.Tensor, torch.Tensor, int, bool]:
     """Minimize mean CE(x @ W.T + b, y) + l2 / 2 * |W|^2 with full-batch L-BFGS (``x`` standardized, on the
     device or streamed to it in ``chunk_rows`` rows). Returns (W, b, iterations, converged)."""
@@ -109,6 +115,17 @@ def fit_multinomial(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: floa
     grad_max = max(weight.grad.abs().max().item(), bias.grad.abs().max().item())
     converged = grad_max <= tol_grad  # L-BFGS also stops at max_eval or on a stalled step: not convergence
     return weight.detach(), bias.detach(), iterations, converged
+
+
+def features_home(nbytes: int, device: torch.device, free_bytes: Optional[int] = None) -> torch.device:
+    """Where training features of ``nbytes`` stay during the fit: on the GPU while they and their standardized
+    and held-out copies (about 3x) take at most half its free memory, else in host memory, streamed to the GPU
+    in chunks by :func:`fit_multinomial` (the same full-batch gradient)."""
+    if device.type != "cuda":
+        return device
+    if free_bytes is None:
+        free_bytes = torch.cuda.mem_get_info(device)[0]
+    return device if 3 * nbytes <= free_bytes // 2 else torch.device("cpu")
 
 
 @torch.no_grad()
