@@ -102,9 +102,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.img_size < 8 or args.img_size % 8:
         p.error(f"--img-size {args.img_size}: must be a positive multiple of 8 (the tiny model's patch)")
-    for flag in ("epochs", "per_class", "lars_epochs"):
-        if getattr(args, flag) < (1 if flag == "epochs" else 0):
-            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= {1 if flag == 'epochs' else 0}")
+    for flag, least in (("epochs", 1), ("per_class", 0), ("lars_epochs", 0)):
+        if getattr(args, flag) < least:
+            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= {least}")
     return args
 
 

@@ -204,10 +204,11 @@ def train_logistic(cfg: LinprobeConfig, info: DistInfo, device: torch.device) ->
     for view in range(max(1, cfg.views)):
         x, y, idx = extractor(model, encode, cfg.precision, view)
         if view == 0:
-            home = features_home(x.numel() * x.element_size() * max(1, cfg.views), device)
+            nbytes = x.numel() * x.element_size() * max(1, cfg.views)
+            home = features_home(nbytes, device)
             if home != device and info.is_main:
                 log.info("feature probe: the training features (%.1f GB) stay in host memory and are streamed to "
-                         "%s in chunks", x.numel() * x.element_size() * max(1, cfg.views) / 1e9, device)
+                         "%s in chunks", nbytes / 1e9, device)
         x, y, idx = x.to(home), y.to(home), idx.to(home)
         train_x.append(x)
         train_y.append(y)

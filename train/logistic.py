@@ -30,6 +30,11 @@ CHUNK_ROWS = 65536  # rows moved to the device (and cast to float64) at a time
 PATIENCE = 3  # the search stops after this many penalties in a row without a better held-out score
 
 
+def row_chunks(x: torch.Tensor, rows: int = CHUNK_ROWS) -> List[torch.Tensor]:
+    """``x`` in views of ``rows`` rows (one empty view for an empty ``x``)."""
+    return list(x.split(rows))
+
+
 @dataclass
 class Standardizer:
     """x -> (x - mean) / sqrt(var + 1e-6), with the (biased) variance of the training features."""
@@ -41,9 +46,8 @@ class Standardizer:
     def fit(cls, x: torch.Tensor, chunk_rows: int = CHUNK_ROWS) -> "Standardizer":
         """Mean and variance in float64, two passes over ``chunk_rows`` rows at a time (no float64 copy of x)."""
         n = x.shape[0]
-        total = sum(x[i:i + chunk_rows].double().sum(dim=0) for i in range(0, n, chunk_rows))
-        mean = total / n
-        squares = sum(((x[i:i + chunk_rows].double() - mean) ** 2).sum(dim=0) for i in range(0, n, chunk_rows))
+        mean = sum(c.double().sum(dim=0) for c in row_chunks(x, chunk_rows)) / n
+        squares = sum(((c.double() - mean) ** 2).sum(dim=0) for c in row_chunks(x, chunk_rows))
         return cls(mean.float(), (squares / n).float())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -69,13 +73,12 @@ class LogisticModel:
 def linear_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """x @ weight.T + bias in the weights' dtype (float64) on their device, ``CHUNK_ROWS`` rows of x at a time;
     returned as float32."""
-    return torch.cat([(x[i:i + CHUNK_ROWS].to(weight.device, weight.dtype) @ weight.T + bias).float()
-                      for i in range(0, max(1, x.shape[0]), CHUNK_ROWS)])
+    return torch.cat([(c.to(weight.device, weight.dtype) @ weight.T + bias).float() for c in row_chunks(x)])
 
 
 def _chunks(x: torch.Tensor, y: torch.Tensor, device: torch.device, dtype: torch.dtype, rows: int):
-    for start in range(0, x.shape[0], rows):
-        yield (x[start:start + rows].to(device, dtype, non_blocking=True), y[start:start + rows].to(device))
+    for xc, yc in zip(row_chunks(x, rows), row_chunks(y, rows)):
+        yield xc.to(device, dtype, non_blocking=True), yc.to(device)
 
 
 def fit_multinomial(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, device: torch.device,
