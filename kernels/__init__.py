@@ -17,12 +17,24 @@ one registration that is tested on CPU and used unchanged on the GPU (Inductor c
 import sys
 
 if __name__ != "mae_fast.kernels":
-    # This folder found as a top-level ``kernels`` (the repository root on sys.path, e.g. when transformers
-    # probes for Hugging Face's ``kernels`` package): be mae_fast.kernels itself, never a second copy whose
-    # import would register the ``mae_fast::`` custom ops again and take their dispatch away from it.
+    # Found as a top-level ``kernels`` because the repository root is on sys.path (a script or pip's setup.py
+    # run from here). The name belongs to another distribution (Hugging Face's ``kernels``, which transformers
+    # imports and whose egg_info entry point pip loads): load that one in our place when it is installed, else
+    # be mae_fast.kernels itself, never a second copy that would register the ``mae_fast::`` ops again.
     import importlib
+    import importlib.machinery
+    import importlib.util
+    import os
 
-    sys.modules[__name__] = importlib.import_module("mae_fast.kernels")
+    _root = os.path.realpath(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    _elsewhere = [p for p in sys.path if os.path.realpath(p or os.getcwd()) != _root]
+    _spec = importlib.machinery.PathFinder.find_spec(__name__, _elsewhere)
+    if _spec is not None and _spec.loader is not None:
+        _module = importlib.util.module_from_spec(_spec)
+        sys.modules[__name__] = _module
+        _spec.loader.exec_module(_module)
+    else:
+        sys.modules[__name__] = importlib.import_module("mae_fast.kernels")
 else:
     from ._utils import backend_choices
     from .masked_loss import masked_loss, masked_loss_reference

@@ -4,9 +4,14 @@ import json
 import subprocess
 import sys
 import importlib.util
+import os
 import pathlib
 
+import pytest
+
 import mae_fast
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_subpackages_live_under_mae_fast():
@@ -17,11 +22,14 @@ def test_subpackages_live_under_mae_fast():
 
 
 def test_no_generic_top_level_modules_installed(tmp_path):
-    """Outside the source tree, `kernels`, `train` and `bench` must not import: we installed none."""
+    """Outside the source tree, `kernels`, `train` and `bench` are none of ours: we installed none (another
+    distribution, e.g. Hugging Face's `kernels`, may own such a name)."""
     code = ("import importlib.util, json; "
-            "print(json.dumps([n for n in ('kernels', 'train', 'bench') if importlib.util.find_spec(n)]))")
+            "print(json.dumps({n: getattr(importlib.util.find_spec(n), 'origin', None) "
+            "for n in ('kernels', 'train', 'bench')}))")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
-    assert json.loads(out.stdout) == []
+    found = {name: origin for name, origin in json.loads(out.stdout).items() if origin}
+    assert not [origin for origin in found.values() if pathlib.Path(origin).resolve().is_relative_to(ROOT)], found
     out = subprocess.run([sys.executable, "-c", "import mae_fast.kernels, mae_fast.train, mae_fast.bench"],
                          cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
@@ -33,19 +41,70 @@ def test_console_commands_declared():
     assert mae_fast.__version__ == md.version("mae-fast")
 
 
-def test_top_level_kernels_name_is_mae_fast_kernels_not_a_second_copy():
-    """From the repository root (on sys.path under pytest), importing ``kernels`` (as transformers does
-    when it probes for Hugging Face's ``kernels`` package) must not load the ops a second time."""
-    import importlib
-    import sys
+def run_in_root(code: str, extra_path: str = "") -> subprocess.CompletedProcess:
+    """``python -c code`` started in the repository root (so the root is on sys.path, as for any script run
+    there), with ``extra_path`` appended to PYTHONPATH."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH", ""), extra_path) if p)
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
 
-    import mae_fast.kernels
 
-    root = str(pathlib.Path(mae_fast.kernels.__file__).resolve().parents[1])
-    sys.path.insert(0, root)
-    try:
-        assert importlib.import_module("kernels") is mae_fast.kernels
-        assert not [name for name in sys.modules if name.startswith("kernels.")]
-    finally:
-        sys.path.remove(root)
-        sys.modules.pop("kernels", None)
+#: in a child process: importing ``kernels`` loaded no second module object from our folder (whose import
+#: would register the ``mae_fast::`` ops again and take their dispatch away from mae_fast.kernels)
+NO_SECOND_COPY = """
+import pathlib, sys
+ours = pathlib.Path(mae_fast.kernels.__file__).parent
+twice = [n for n, m in list(sys.modules.items()) if not n.startswith('mae_fast.') and m is not mae_fast.kernels
+         and getattr(m, '__file__', None) and pathlib.Path(m.__file__).resolve().parent == ours]
+assert not twice, twice
+"""
+
+
+def test_top_level_kernels_defers_to_another_distribution(tmp_path):
+    """From the repository root, ``import kernels`` gives another installed ``kernels`` distribution (here a
+    stand-in on PYTHONPATH, after the root), never our folder; mae_fast.kernels stays the only copy of ours."""
+    other = tmp_path / "kernels"
+    other.mkdir()
+    (other / "__init__.py").write_text("CUDAProperties = 'hub kernels'\n")
+    (other / "layer.py").write_text("X = 1\n")
+    out = run_in_root("import mae_fast.kernels, kernels, kernels.layer\n"
+                      "assert kernels.CUDAProperties == 'hub kernels' and kernels.layer.X == 1, kernels.__file__\n"
+                      + NO_SECOND_COPY, extra_path=str(tmp_path))
+    assert out.returncode == 0, out.stderr
+
+
+def test_top_level_kernels_is_mae_fast_kernels_when_no_other_is_installed():
+    """With no other ``kernels`` on sys.path (any installed one is taken off the path in the child),
+    ``import kernels`` from the root is mae_fast.kernels itself, not a second copy of the ops."""
+    code = ("import importlib.machinery, os, sys, mae_fast.kernels\n"
+            "root = os.path.realpath(os.getcwd())\n"
+            "while True:\n"
+            "    rest = [p for p in sys.path if os.path.realpath(p or os.getcwd()) != root]\n"
+            "    spec = importlib.machinery.PathFinder.find_spec('kernels', rest)\n"
+            "    if spec is None: break\n"
+            "    home = os.path.dirname(os.path.dirname(spec.origin))\n"
+            "    sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.getcwd()) != os.path.realpath(home)]\n"
+            "import kernels\n"
+            "assert kernels is mae_fast.kernels, kernels\n" + NO_SECOND_COPY)
+    out = run_in_root(code)
+    assert out.returncode == 0, out.stderr
+
+
+def test_transformers_imports_beside_mae_fast_kernels_from_the_repository_root():
+    """transformers probes for Hugging Face's ``kernels`` (and imports it where installed): from the root it
+    must get that package, not ours, and import together with mae_fast.kernels."""
+    pytest.importorskip("transformers")
+    out = run_in_root("from transformers import ViTMAEForPreTraining\nimport mae_fast.kernels\n" + NO_SECOND_COPY)
+    assert out.returncode == 0, out.stderr
+
+
+def test_second_editable_install_succeeds():
+    """``pip install --no-deps --no-build-isolation -e .`` into this (already installed) environment, from the
+    root: setup.py runs with the root on sys.path while pip loads other distributions' entry points
+    (Hugging Face's ``kernels`` registers one), so our ``kernels/`` folder must not shadow them."""
+    pytest.importorskip("setuptools", reason="--no-build-isolation builds with this environment's setuptools")
+    out = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation",
+                          "--no-input", "-q", "-e", "."], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    assert md.version("mae-fast") == mae_fast.__version__
