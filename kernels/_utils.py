@@ -36,6 +36,30 @@ except ImportError:  # pragma: no cover - exercised only without triton
 
     triton = tl = _TritonStub()  # type: ignore[assignment]
 
+
+
+def _mend_interpreter_index() -> None:
+    """Triton < 3.7's interpreter turns a scalar (a 1-element array) into an int with ``int(array)``, which
+    NumPy >= 2.5 refuses ("only 0-dimensional arrays can be converted"): a ``range`` over a program id
+    then fails. Take the scalar out first, as Triton 3.7+ does. Interpreter only; compiled kernels never
+    reach this code."""
+    from triton.runtime import interpreter
+
+    patch_tensor = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch_tensor is None or getattr(patch_tensor, "_mae_mended", False):
+        return
+
+    def patched(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    patched._mae_mended = True
+    interpreter._patch_lang_tensor = patched
+
+
+if HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1":
+    _mend_interpreter_index()
+
 BACKENDS = ("auto", "triton", "torch")
 POISON_ENV = "MAE_FAST_KERNELS_POISON"
 
