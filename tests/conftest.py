@@ -1,4 +1,5 @@
 """Shared test helpers: small models and fresh random inputs (never zeros)."""
+import importlib.util
 import os
 
 # Kernel tests (tests/test_kernel_*.py) run the Triton kernels in the CPU interpreter on machines
@@ -9,6 +10,10 @@ import pytest
 import torch
 
 from mae_fast import mae_vit_tiny_patch8
+
+#: tar shards need webdataset, which the lent GPU image lacks (everything else runs without it)
+needs_webdataset = pytest.mark.skipif(importlib.util.find_spec("webdataset") is None,
+                                      reason="tar shards need webdataset (not installed)")
 
 
 @pytest.fixture

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from conftest import needs_webdataset
+
 from mae_fast.train.make_shards import MakeShardsConfig, make_shards
 from mae_fast.train.sources import demo_dir
 
@@ -33,6 +35,7 @@ def final_weights(out: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)["model"]
 
 
+@needs_webdataset
 def test_two_torchrun_nodes_equal_one_process(tmp_path, monkeypatch):
     shards = tmp_path / "shards"
     make_shards(MakeShardsConfig(src=str(demo_dir()), dst=str(shards), max_count=5, progress=False))

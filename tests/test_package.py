@@ -108,3 +108,14 @@ def test_second_editable_install_succeeds():
                           "--no-input", "-q", "-e", "."], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     assert md.version("mae-fast") == mae_fast.__version__
+
+
+def test_tar_shards_without_webdataset_fail_in_one_line(monkeypatch):
+    """An image without webdataset (the lent GPU's) runs everything but shards; a shard source then names
+    what is missing instead of a traceback from deep inside the loader."""
+    from mae_fast.train.shards import ShardError, list_shards
+
+    monkeypatch.setitem(sys.modules, "braceexpand", None)  # import braceexpand -> ImportError
+    with pytest.raises(ShardError, match=r"^tar shards need the webdataset package \(braceexpand is not "
+                                         r"installed\): pip install webdataset$"):
+        list_shards("train-{000000..000003}.tar")

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import needs_webdataset
+
 from mae_fast.train.sharded_checkpoint import (RUN_STATE, ShardedCheckpoints, consolidate, is_sharded_checkpoint,
                                                read_sharded)
 
@@ -47,6 +49,7 @@ def assert_same_state(a: dict, b: dict) -> None:
             assert torch.equal(torch.as_tensor(sa[k][name]), torch.as_tensor(sb[k][name])), (k, name)
 
 
+@needs_webdataset
 def test_fsdp2_sharded_kill_and_resume_is_bit_exact(tmp_path):
     from mae_fast.train.make_shards import MakeShardsConfig, make_shards
     from mae_fast.train.sources import demo_dir

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import webdataset as wds
+
+wds = pytest.importorskip("webdataset", reason="tar shards need webdataset (not installed)")
 
 from mae_fast.train.augment import augment_pil, load_rgb, normalize, sample_params
 from mae_fast.train.dali_loader import dali_available

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from .cli import ConfigError, dataclass_parser, opt, parse_config, run_main
-from .shards import CLASSES_FILE, IMAGE_EXTS
+from .shards import CLASSES_FILE, IMAGE_EXTS, webdataset_module
 from .sources import ImageList, scan_images
 
 log = logging.getLogger("mae_fast.train")
@@ -98,8 +98,7 @@ def encoded(path: str) -> tuple[str, bytes]:
 
 def make_shards(cfg: MakeShardsConfig) -> Dict[str, Any]:
     """Write the shards; returns counts (images, shards, skipped, bytes) and the shard paths."""
-    import webdataset as wds
-
+    wds = webdataset_module("webdataset")
     if not cfg.src or not cfg.dst:
         raise ConfigError("usage: mae-make-shards SRC DST [--shard-size 1GB]")
     max_size = parse_size(cfg.shard_size)

@@ -46,11 +46,21 @@ class ShardError(ValueError):
     """A shard source that cannot be used (the message names the pattern, file or shard)."""
 
 
+def webdataset_module(name: str) -> Any:
+    """``import name`` (webdataset or its braceexpand), or a ShardError saying tar shards need it: an image
+    without webdataset still runs everything but shards."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        raise ShardError(f"tar shards need the webdataset package ({e.name or name} is not installed): "
+                         f"pip install webdataset") from None
+
+
 # ---------------------------------------------------------------- sources
 def _brace_expand(pattern: str) -> list[str]:
-    import braceexpand  # a webdataset dependency
-
-    return list(braceexpand.braceexpand(pattern))
+    return list(webdataset_module("braceexpand").braceexpand(pattern))
 
 
 def _is_shard_name(name: str) -> bool:
@@ -140,7 +150,7 @@ def index_shard(path: str, verify: str = "fast") -> dict[str, Any]:
     """One shard's samples in file order: key, header offset of its first member, image member
     (extension, data offset, size), ``.cls`` label (-1 if none), image width and height (0 with
     ``verify='none'``), plus ``bad``: (key, reason) of the samples left out."""
-    from webdataset.tariterators import base_plus_ext
+    base_plus_ext = webdataset_module("webdataset.tariterators").base_plus_ext
 
     keys: list[str] = []
     cols: dict[str, list[int]] = {c: [] for c in ("header", "offset", "size", "label", "width", "height")}
@@ -423,7 +433,8 @@ def read_blocks(ss: ShardSet, blocks: Iterator[Block] | Sequence[Block]
                 ) -> Iterator[tuple[int, bytes]]:
     """(gid, image bytes) of ``blocks`` in order: each block is streamed with webdataset's tar
     iterator from its first sample's header (a seek, no read before it) and yielded permuted."""
-    from webdataset.tariterators import group_by_keys, tar_file_expander
+    tariterators = webdataset_module("webdataset.tariterators")
+    group_by_keys, tar_file_expander = tariterators.group_by_keys, tariterators.tar_file_expander
 
     for b in blocks:
         path, lo = ss.shards[b.shard], int(ss.starts[b.shard]) + b.first
