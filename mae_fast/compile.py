@@ -8,6 +8,10 @@ stays that of a block or two while the memory-bound glue inside them (LayerNorm,
 adds, casts) is fused. Module hooks (FSDP2's all-gather / reshard, DDP's) run outside the compiled
 region, and activation checkpointing, done inside ``Block.forward``, is traced as part of it.
 ``model`` compiles the whole forward. ``auto`` is ``blocks`` on CUDA and ``off`` on CPU.
+
+Compiled training equals eager training (docs/semantics.md §10.13): Inductor is asked for ``fallback_random``,
+so random ops inside a compiled region (fine-tuning's drop path; masking noise drawn in the model) draw
+from torch's generator exactly as eager does, not from Inductor's own generator, whose masks differ.
 """
 from __future__ import annotations
 
@@ -56,11 +60,23 @@ def _raise_recompile_limit() -> None:
             return
 
 
+def _no_autograd_cache_reuse() -> None:
+    """Turn off AOTAutograd's cache: on torch 2.14 a warm hit (a second run) loses fallback_random and drop
+    path draws other masks than eager (measured on CPU; a cold compile and torch 2.11 match). Inductor's own
+    FX graph cache stays on, so a warm start still skips code generation."""
+    torch._functorch.config.enable_autograd_cache = False
+
+
+def compile_options(backend: str) -> dict:
+    """torch.compile keyword arguments for ``backend``: Inductor keeps eager's random numbers."""
+    return {"backend": backend, "options": {"fallback_random": True}} if backend == "inductor" else {"backend": backend}
+
+
 def compile_block(block: nn.Module, backend: str = "inductor") -> None:
     """Compile ``block.forward`` in place (hooks stay outside; keys unchanged); idempotent."""
     if getattr(block, "_mae_compiled", None) == backend:
         return
-    block.forward = torch.compile(type(block).forward.__get__(block), backend=backend)
+    block.forward = torch.compile(type(block).forward.__get__(block), **compile_options(backend))
     block._mae_compiled = backend
 
 
@@ -72,6 +88,7 @@ def apply_compile(model: nn.Module, mode: str, device: torch.device, backend: st
     if concrete == "off":
         return concrete
     _raise_recompile_limit()
+    _no_autograd_cache_reuse()
     if concrete == "blocks":
         blocks = transformer_blocks(model)
         if not blocks:
@@ -80,7 +97,7 @@ def apply_compile(model: nn.Module, mode: str, device: torch.device, backend: st
             compile_block(blk, backend)
         what = f"{len(blocks)} blocks, one graph per distinct block shape"
     else:
-        model.compile(backend=backend)
+        model.compile(**compile_options(backend))
         what = "the whole model"
     log.info("torch.compile %s (%s, backend %s): compiled on the first step, whose time is logged",
              concrete, what, backend)
