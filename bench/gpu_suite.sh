@@ -9,6 +9,7 @@
 # On a lent device machine (only $OUT comes back, at most 8 files), keep every record in one archive:
 #   MAE_RESULTS_DIR=/tmp/r bash bench/gpu_suite.sh; rc=$?; tar czf "$OUT/results.tgz" -C /tmp r; exit $rc
 # then unpack it into bench/results/ here. MAE_SUITE_LIMITS="25 25 190 ..." retunes the 9 step limits.
+# The GPU image rehearsed on the CPU (bench/rehearse_gpu_image.sh) and its result: bench/README.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
