@@ -23,7 +23,7 @@ class Difference(NamedTuple):
 
 
 def key_bias(name: str) -> bool:
-    """Whether ``name`` is the key part of an attention's qkv bias (its gradient is zero in exact arithmetic)."""
+    """Whether ``name`` (a weight or its moment) is the key part of an attention's qkv bias (zero gradient in exact arithmetic)."""
     return name.endswith("qkv.bias[k]")
 
 
@@ -75,7 +75,7 @@ def format_table(rows: List[Difference], top: Optional[int] = None) -> str:
     """A plain table of ``rows`` (the first ``top``), key-bias rows marked."""
     lines = [f"{'relative':>10}  {'max |a|':>10}  tensor"]
     for d in rows[:top]:
-        mark = "  (key bias: gradient zero in exact arithmetic)" if key_bias(d.name.split(" ")[-1]) else ""
+        mark = "  (key bias: gradient zero in exact arithmetic)" if key_bias(d.name) else ""
         lines.append(f"{d.relative:10.3e}  {d.largest:10.3e}  {d.name}{mark}")
     return "\n".join(lines)
 
