@@ -32,8 +32,10 @@ import torch
 
 from mae_fast.train.cli import DefaultsHelpFormatter
 from mae_fast.bench.records import record_header, write_result
+from mae_fast.attention import BACKEND_NAMES
 from mae_fast.compile import COMPILE_MODES, apply_compile
-from mae_fast.device import DEVICE_CHOICES, PRECISION_DTYPES, DeviceError, autocast_dtype, autocast_for, resolve_device
+from mae_fast.device import (DEVICE_CHOICES, PRECISION_DTYPES, DeviceError, autocast_for, compute_dtype,
+                             resolve_device)
 from mae_fast.flops import FlopsReport, count_flops
 from mae_fast.memory import (GiB, MemoryPlanError, MemoryPrediction, Plan, StepTracer, fmt_bytes, oom_message,
                              plan_batch)
@@ -221,7 +223,8 @@ def build_training(args: argparse.Namespace, device: torch.device):
     model = create_model(args.model, img_size=args.img_size, norm_pix_loss=True, kernel_backend=args.kernel_backend)
     model = model.to(device, torch.float64 if args.precision == "fp64" else None)
     model.check_kernels()
-    model.set_attn_backend(args.attn_backend, dtype=autocast_dtype(args.precision))
+    model.set_attn_backend(args.attn_backend, dtype=compute_dtype(args.precision), batch=args.batch_size,
+                           mask_ratio=args.mask_ratio)
     model.set_grad_checkpointing(args.grad_checkpointing)
     compiled = apply_compile(model, args.compile, device)
     optimizer = build_adamw(model, lr=1.5e-4, weight_decay=0.05)
@@ -496,7 +499,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--precision", choices=sorted(PRECISION_DTYPES), default="bf16", help="autocast policy")
     p.add_argument("--compile", choices=[m for m in COMPILE_MODES if m != "model"], default="auto",
                    help="torch.compile per block (auto: blocks on CUDA, off on CPU); 'model' would hide the phases")
-    p.add_argument("--attn-backend", default="auto", help="auto | sdpa | xformers | math")
+    p.add_argument("--attn-backend", default="auto", choices=BACKEND_NAMES, help="attention (auto: timed per site)")
     p.add_argument("--kernel-backend", default="auto", choices=["auto", "triton", "torch"], help="fused ops")
     p.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of patches removed")
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES,

@@ -40,7 +40,7 @@ from mae_fast.train.cli import DefaultsHelpFormatter
 from mae_fast.attention import BACKEND_NAMES
 from mae_fast.bench.records import nvidia_smi, record_header, utc_stamp, write_result
 from mae_fast.compile import COMPILE_BACKENDS, COMPILE_MODES, apply_compile, resolve_compile_mode
-from mae_fast.device import DeviceError, autocast_dtype, autocast_for, resolve_device, synchronize
+from mae_fast.device import DeviceError, autocast_dtype, autocast_for, compute_dtype, resolve_device, synchronize
 from mae_fast.flops import build_on_meta, count_flops
 from mae_fast.models_mae import ACTIVATION_DTYPES, MODELS, create_model
 from mae_fast.train.distributed import DistInfo
@@ -143,7 +143,7 @@ def build_mae(variant: Variant, args: argparse.Namespace, device: torch.device) 
     model.set_kernel_backend(variant.kernels)
     info = kernel_status(model, device)
     attn = "math" if variant.kind == "official" else args.attn_backend
-    model.set_attn_backend(attn, dtype=autocast_dtype(precision), batch=args.batch_size, mask_ratio=args.mask_ratio)
+    model.set_attn_backend(attn, dtype=compute_dtype(precision), batch=args.batch_size, mask_ratio=args.mask_ratio)
     model.set_grad_checkpointing(ckpt)
     model.set_activation_dtype(act)
     mode = variant.compile or args.compile

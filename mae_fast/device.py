@@ -38,6 +38,15 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
+def compute_dtype(precision: str) -> torch.dtype:
+    """The dtype attention and the GEMMs run in under ``precision``: autocast's (bf16 / fp16), else the
+    parameters' own (fp32 / fp64). What ``--attn-backend auto`` must time its candidates in: flash
+    attention, say, runs in bf16 but not in fp32."""
+    if precision not in PRECISION_DTYPES:
+        raise ValueError(f"precision must be one of {list(PRECISION_DTYPES)}, got {precision!r}")
+    return PRECISION_DTYPES[precision]
+
+
 def autocast_for(precision: str, device: torch.device) -> ContextManager:
     """bf16/fp16 autocast per ``precision``; a null context for fp32/fp64."""
     dtype = autocast_dtype(precision)

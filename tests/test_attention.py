@@ -1,6 +1,8 @@
 """Attention backends agree with the plain reference, forward and backward, at MAE's head sizes
 (64: ViT-B/L encoder, 80: ViT-H/14 encoder, 32: the 512-wide 16-head decoder); a forced SDPA kernel
 is that kernel or an error; ``auto`` on CUDA times the candidates at a site's real shape."""
+import argparse
+
 import pytest
 import torch
 import torch._dynamo
@@ -88,6 +90,16 @@ def test_forced_sdpa_traces_without_graph_break():
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
+@pytest.mark.parametrize("name", ["sdpa_efficient", "sdpa_cudnn"])
+def test_forced_sdpa_stays_forced_when_compiled(name):
+    """Compiled, a forced kernel is still the only one allowed: one without a CPU kernel fails as in eager, so a
+    compiled benchmark row never silently measures another kernel than its record names."""
+    torch._dynamo.reset()
+    fn = torch.compile(ATTENTION_BACKENDS[name], backend="aot_eager")
+    with pytest.raises(RuntimeError, match="No viable backend|No available kernel"):
+        fn(torch.randn(1, 9, 3, 2, 16))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="auto times backends on a CUDA device only")
 def test_auto_times_candidates_at_the_site_shape_and_rejects_a_wrong_kernel(monkeypatch):
     attention._AUTO_CHOICE.clear()
@@ -111,3 +123,32 @@ def test_auto_picks_per_site_on_cuda():
     for site, blocks in (("encoder", m.blocks), ("decoder", m.decoder_blocks)):
         assert {blk.attn.attn_backend for blk in blocks} == {picked[site]}
         assert m.attn_choices[site]["timings_ms"], m.attn_choices[site]
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_commands_time_auto_attention_as_they_run(monkeypatch, precision, dtype):
+    """mae-pretrain, mae-bench and mae-profile ask ``auto`` for the dtype attention really runs in (fp32 without
+    autocast: flash attention, the usual bf16 winner, cannot run there), at their batch and mask ratio."""
+    from mae_fast.bench import profile, throughput
+    from mae_fast.models_mae import MaskedAutoencoderViT
+    from mae_fast.train.config import parse_config
+    from mae_fast.train.pretrain import build_model
+
+    asked = []
+    real = MaskedAutoencoderViT.set_attn_backend
+
+    def recording(self, attn_backend, dtype=None, batch=64, mask_ratio=0.75):
+        asked.append((attn_backend, dtype, batch, mask_ratio))
+        return real(self, attn_backend, dtype=dtype, batch=batch, mask_ratio=mask_ratio)
+
+    monkeypatch.setattr(MaskedAutoencoderViT, "set_attn_backend", recording)
+    common = ["--model", "mae_vit_tiny_patch8", "--img-size", "32", "--batch-size", "6", "--precision", precision,
+              "--mask-ratio", "0.5"]
+    cpu = torch.device("cpu")
+    build_model(parse_config(["--demo", *common, "--attn-backend", "auto"]), cpu)
+    args = throughput.parse_args([*common, "--device", "cpu", "--compile", "off", "--variants", "fused"])
+    throughput.build_mae(throughput.VARIANTS["fused"], argparse.Namespace(**{**vars(args), "model": args.models[0]}),
+                         cpu)
+    profile.build_training(profile.parse_args([*common, "--device", "cpu", "--compile", "off"]), cpu)
+    explicit = [a for a in asked if a[0] == "auto" and (a[2], a[3]) != (64, 0.75)]  # not the constructor's call
+    assert explicit == [("auto", dtype, 6, 0.5)] * 3, asked

@@ -25,7 +25,7 @@ import torch
 
 from mae_fast.checkpoint import load_mae_checkpoint
 from mae_fast.compile import apply_compile
-from mae_fast.device import autocast_dtype, autocast_for, requested_device_type, resolve_device
+from mae_fast.device import autocast_for, compute_dtype, requested_device_type, resolve_device
 from mae_fast.models_mae import MaskedAutoencoderViT, create_model
 
 from .cli import AUTO, run_main
@@ -108,7 +108,7 @@ def build_model(cfg: PretrainConfig, device: torch.device) -> MaskedAutoencoderV
     model = model.to(device, torch.float64 if cfg.precision == "fp64" else None)
     model.set_kernel_backend(cfg.kernel_backend)
     model.check_kernels()
-    model.set_attn_backend(cfg.attn_backend, dtype=autocast_dtype(cfg.precision), batch=cfg.batch_size,
+    model.set_attn_backend(cfg.attn_backend, dtype=compute_dtype(cfg.precision), batch=cfg.batch_size,
                            mask_ratio=cfg.mask_ratio)
     model.set_activation_dtype(cfg.activation_dtype)
     if cfg.grad_checkpointing:
