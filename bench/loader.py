@@ -6,13 +6,15 @@ the timed part, divided by the wall time).
     python -m mae_fast.bench.loader --data demo --repeat 300 --write-list /tmp/demo-list.txt  # for mae-bench --data
 
 ``--loader all`` times synthetic, pil, nvjpeg (decoding on the GPU on a CUDA machine, with
-torchvision on the CPU otherwise) and, when installed, dali. On a GPU it also writes a JSON record
+torchvision on the CPU otherwise) and, when installed, dali. A loader that cannot run here gets a row with
+its one-line error (the others are still timed and recorded) and the exit status is 1. On a GPU it also writes a JSON record
 to bench/results/ (device, date, commit, command, numbers).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -144,8 +146,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         if args.repeat > 1:
             data = write_repeated_list(args.data, args.repeat, Path(tmp) / "images.txt")
         for kind in kinds_for(args.loader):
-            r = bench_one(kind, data, args.batch_size, args.img_size, args.steps, args.warmup,
-                          args.workers, dtype, device)
+            try:
+                r = bench_one(kind, data, args.batch_size, args.img_size, args.steps, args.warmup,
+                              args.workers, dtype, device)
+            except Exception as e:  # one loader that cannot run here must not cost the others' rows
+                first = (str(e).strip().splitlines() or [""])[0]
+                results.append({"loader": kind, "error": f"{type(e).__name__}: {first}"[:300]})
+                print(f"{kind:10s} FAILED: {results[-1]['error']}", flush=True)
+                continue
             results.append(r)
             per_core = r["images_per_s_per_core"]
             print(f"{r['loader']:10s} {r['images_per_s']:10.1f} images/s  "
@@ -166,4 +174,4 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if any("error" in r for r in main()) else 0)

@@ -213,6 +213,29 @@ def test_loader_benchmark_reports_images_per_core(tmp_path):
     assert len(listing.read_text().split()) == 3 * 19
 
 
+def test_loader_benchmark_keeps_the_other_rows_when_one_loader_cannot_run(monkeypatch):
+    """The GPU suite's loader step on a torchvision without nvJPEG: that row names why, pil is still timed, and
+    ``python -m mae_fast.bench.loader`` exits 1."""
+    import subprocess
+    import sys
+
+    from mae_fast.bench.loader import main
+
+    monkeypatch.setattr(nvj, "_PROBLEMS", {"cpu": "torchvision 0.0 cannot decode JPEG on cpu: no nvJPEG"})
+    rows = main(["--loader", "all", "--data", "demo", "--batch-size", "4", "--img-size", "32", "--steps", "1",
+                 "--warmup", "1", "--workers", "1", "--device", "cpu", "--no-save"])
+    by = {r["loader"]: r for r in rows}
+    assert by["pil"]["images"] == 4 and "error" not in by["pil"]
+    assert by["nvjpeg"] == {"loader": "nvjpeg", "error": "ValueError: the nvjpeg loader cannot run here: torchvision "
+                            "0.0 cannot decode JPEG on cpu: no nvJPEG (use --loader pil)"}
+    code = ("import sys, mae_fast.train.nvjpeg_loader as n; n._PROBLEMS['cpu'] = 'no nvJPEG'; "
+            "sys.argv = ['loader', '--loader', 'nvjpeg', '--device', 'cpu', '--steps', '1', '--warmup', '1', "
+            "'--img-size', '32', '--batch-size', '4']; import runpy; runpy.run_module('mae_fast.bench.loader', "
+            "run_name='__main__')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1 and "nvjpeg     FAILED: ValueError: the nvjpeg loader cannot run here" in out.stdout, out
+
+
 # ------------------------------------------------------------------ GPU (skipped without CUDA)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
