@@ -222,7 +222,7 @@ def build_training(args: argparse.Namespace, device: torch.device):
     torch.manual_seed(0)
     model = create_model(args.model, img_size=args.img_size, norm_pix_loss=True, kernel_backend=args.kernel_backend)
     model = model.to(device, torch.float64 if args.precision == "fp64" else None)
-    model.check_kernels()
+    model.check_kernels(dtype=compute_dtype(args.precision))
     model.set_attn_backend(args.attn_backend, dtype=compute_dtype(args.precision), batch=args.batch_size,
                            mask_ratio=args.mask_ratio)
     model.set_grad_checkpointing(args.grad_checkpointing)

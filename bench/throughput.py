@@ -108,20 +108,16 @@ def peak_tflops(device: torch.device) -> Optional[float]:
 
 
 # ------------------------------------------------------------------------------------ building
-def kernel_status(model: nn.Module, device: torch.device) -> Dict[str, Any]:
-    """Run the kernel self-test (``check_kernels``) and say which ops really run: "triton" or "torch",
-    and whether the Triton kernels fell back (with the failing ops)."""
+def kernel_status(model: nn.Module, device: torch.device, precision: str) -> Dict[str, Any]:
+    """Run the kernel self-test (``check_kernels``, in the dtype ``precision`` computes in) and say which ops
+    really run: "triton" or "torch", and whether the Triton kernels fell back (with the failing ops)."""
     requested = model.kernel_backend
-    after = model.check_kernels()
+    after = model.check_kernels(dtype=compute_dtype(precision))
     uses_triton = after == "triton" or (after == "auto" and device.type == "cuda")
     status: Dict[str, Any] = {"kernel_backend": requested, "kernels": "triton" if uses_triton else "torch",
                               "kernels_fell_back": requested == "auto" and after == "torch"}
     if status["kernels_fell_back"]:
-        from mae_fast.kernels.selftest import selftest
-
-        c = model.config
-        status["kernel_failures"] = {op: why for op, why in
-                                     selftest(device, c.patch_size, c.embed_dim, c.decoder_embed_dim).items() if why}
+        status["kernel_failures"] = dict(model.kernel_failures)
     return status
 
 
@@ -141,7 +137,7 @@ def build_mae(variant: Variant, args: argparse.Namespace, device: torch.device) 
         ckpt = args.grad_checkpointing if variant.checkpointing else 0
         act = variant.activation_dtype or args.activation_dtype
     model.set_kernel_backend(variant.kernels)
-    info = kernel_status(model, device)
+    info = kernel_status(model, device, precision)
     attn = "math" if variant.kind == "official" else args.attn_backend
     model.set_attn_backend(attn, dtype=compute_dtype(precision), batch=args.batch_size, mask_ratio=args.mask_ratio)
     model.set_grad_checkpointing(ckpt)

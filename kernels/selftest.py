@@ -1,8 +1,9 @@
 """A quick check, on the device at hand, that each Triton op matches its PyTorch reference.
 
-Run once before training (``MaskedAutoencoderViT.check_kernels``): if an op fails to build, launch
-or agree on this GPU, the model falls back to the references with a warning naming the op, so a
-run never depends on an unverified kernel.
+Run once before training (``MaskedAutoencoderViT.check_kernels``), in the dtype the run computes in
+(bf16 / fp16 under autocast, fp32 or fp64 without: each is another compiled kernel, the fused patch
+embedding even other tiles): if an op fails to build, launch or agree on this GPU, the model falls back
+to the references with a warning naming the op, so a run never depends on an unverified kernel.
 """
 from __future__ import annotations
 
@@ -35,31 +36,43 @@ def _compare(run: Callable[[str], tuple], tol: float) -> None:
             raise AssertionError(f"output {i} differs from the reference (relative L2 error {err:.3g} > {tol})")
 
 
-def _check_patch_embed_gather(device: torch.device, g: torch.Generator, p: int, D: int, Dd: int) -> None:
-    N = 2
-    imgs = torch.randn(N, 3, 4 * p, 4 * p, generator=g).to(device)
+def _param_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The parameters' (and images') dtype in a run computing in ``dtype``: fp32 under bf16 / fp16 autocast."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _tol(dtype: torch.dtype, half: float) -> float:
+    """Relative L2 tolerance: bf16 / fp16 rounding, or (fp32 / fp64) room for a TF32 reference GEMM; a wrong
+    kernel is off by O(1)."""
+    return half if dtype in (torch.bfloat16, torch.float16) else 5e-3
+
+
+def _check_patch_embed_gather(device: torch.device, g: torch.Generator, p: int, D: int, Dd: int,
+                              dtype: torch.dtype) -> None:
+    N, pd = 2, _param_dtype(dtype)
+    imgs = torch.randn(N, 3, 4 * p, 4 * p, generator=g).to(device, pd)
     ids_keep, _, _ = _masking(N, 16, 4, g, device)
-    w0 = (torch.randn(D, 3 * p * p, generator=g) * 0.02).to(device)
-    b0 = torch.randn(D, generator=g).to(device)
-    pos = torch.randn(16, D, generator=g).to(device)
-    gout = torch.randn(N, 4, D, generator=g).to(device)
+    w0 = (torch.randn(D, 3 * p * p, generator=g) * 0.02).to(device, pd)
+    b0 = torch.randn(D, generator=g).to(device, pd)
+    pos = torch.randn(16, D, generator=g).to(device, pd)
+    gout = torch.randn(N, 4, D, generator=g).to(device, pd)
 
     def run(backend: str, impl: str):
         w, b = w0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != pd):
             out = patch_embed_gather(imgs, ids_keep, w, b, pos, p, backend=backend, impl=impl)
-        out.float().backward(gout)
+        out.to(pd).backward(gout)
         return out, w.grad, b.grad
 
     for impl in ("fused", "gemm"):  # "auto" may time its way to either
-        _compare(lambda backend: run(backend, impl), tol=2e-2)
+        _compare(lambda backend: run(backend, impl), tol=_tol(dtype, 2e-2))
 
 
-def _check_unshuffle(device: torch.device, g: torch.Generator, p: int, D: int, Dd: int) -> None:
-    N, L, keep = 2, 16, 4
-    x0 = torch.randn(N, 1 + keep, Dd, generator=g).to(device, torch.bfloat16)
-    mt0 = torch.randn(1, 1, Dd, generator=g).to(device)
-    pos = torch.randn(1, 1 + L, Dd, generator=g).to(device)
+def _check_unshuffle(device: torch.device, g: torch.Generator, p: int, D: int, Dd: int, dtype: torch.dtype) -> None:
+    N, L, keep, pd = 2, 16, 4, _param_dtype(dtype)
+    x0 = torch.randn(N, 1 + keep, Dd, generator=g).to(device, dtype)  # the decoder embedding's output
+    mt0 = torch.randn(1, 1, Dd, generator=g).to(device, pd)
+    pos = torch.randn(1, 1 + L, Dd, generator=g).to(device, pd)
     _, ids_restore, _ = _masking(N, L, keep, g, device)
     gout = torch.randn(N, 1 + L, Dd, generator=g).to(device)
 
@@ -69,14 +82,14 @@ def _check_unshuffle(device: torch.device, g: torch.Generator, p: int, D: int, D
         out.backward(gout.to(out.dtype))
         return out, x.grad, mt.grad
 
-    _compare(run, tol=1e-2)
+    _compare(run, tol=_tol(dtype, 1e-2))
 
 
-def _check_masked_loss(device: torch.device, g: torch.Generator, p: int, D: int, Dd: int) -> None:
+def _check_masked_loss(device: torch.device, g: torch.Generator, p: int, D: int, Dd: int, dtype: torch.dtype) -> None:
     N = 2
-    imgs = torch.randn(N, 3, 4 * p, 4 * p, generator=g).to(device)
+    imgs = torch.randn(N, 3, 4 * p, 4 * p, generator=g).to(device, _param_dtype(dtype))
     _, _, mask = _masking(N, 16, 4, g, device)
-    pred0 = torch.randn(N, 16, 3 * p * p, generator=g).to(device, torch.bfloat16)
+    pred0 = torch.randn(N, 16, 3 * p * p, generator=g).to(device, dtype)  # the decoder head's output
 
     def run(backend: str):
         pred = pred0.clone().requires_grad_(True)
@@ -84,10 +97,10 @@ def _check_masked_loss(device: torch.device, g: torch.Generator, p: int, D: int,
         loss.backward()
         return loss, pred.grad
 
-    _compare(run, tol=1e-2)  # the gradient is bf16, like pred
+    _compare(run, tol=_tol(dtype, 1e-2))  # the gradient has pred's dtype
 
 
-CHECKS: Dict[str, Callable[[torch.device, torch.Generator, int, int, int], None]] = {
+CHECKS: Dict[str, Callable[[torch.device, torch.Generator, int, int, int, torch.dtype], None]] = {
     "patch_embed_gather": _check_patch_embed_gather,
     "unshuffle_mask_tokens": _check_unshuffle,
     "masked_loss": _check_masked_loss,
@@ -97,23 +110,24 @@ CHECKS: Dict[str, Callable[[torch.device, torch.Generator, int, int, int], None]
 _RESULTS: Dict[tuple, Dict[str, Optional[str]]] = {}
 
 
-def selftest(device: torch.device, patch_size: int = 16, embed_dim: int = 80, decoder_dim: int = 48
-             ) -> Dict[str, Optional[str]]:
+def selftest(device: torch.device, patch_size: int = 16, embed_dim: int = 80, decoder_dim: int = 48,
+             dtype: torch.dtype = torch.bfloat16) -> Dict[str, Optional[str]]:
     """{op: None if its Triton kernels match the reference on ``device``, else why not}, on a 4x4-patch
-    image with the model's patch size and widths; cached per (device, shape)."""
-    key = (str(torch.device(device)), patch_size, embed_dim, decoder_dim)
+    image with the model's patch size and widths, computing in ``dtype`` (the run's: bf16 / fp16 autocast,
+    else fp32 / fp64); cached per (device, shape, dtype)."""
+    key = (str(torch.device(device)), patch_size, embed_dim, decoder_dim, dtype)
     if key not in _RESULTS:
-        _RESULTS[key] = _run_checks(torch.device(device), patch_size, embed_dim, decoder_dim)
+        _RESULTS[key] = _run_checks(torch.device(device), patch_size, embed_dim, decoder_dim, dtype)
     return _RESULTS[key]
 
 
-def _run_checks(device: torch.device, patch_size: int = 16, embed_dim: int = 80, decoder_dim: int = 48
-                ) -> Dict[str, Optional[str]]:
+def _run_checks(device: torch.device, patch_size: int = 16, embed_dim: int = 80, decoder_dim: int = 48,
+                dtype: torch.dtype = torch.bfloat16) -> Dict[str, Optional[str]]:
     g = torch.Generator().manual_seed(0)
     results: Dict[str, Optional[str]] = {}
     for name, check in CHECKS.items():
         try:
-            check(device, g, patch_size, embed_dim, decoder_dim)
+            check(device, g, patch_size, embed_dim, decoder_dim, dtype)
             results[name] = None
         except Exception as e:  # any failure (build, launch, mismatch) means: do not use this kernel
             msg = str(e).strip().splitlines()

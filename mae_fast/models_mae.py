@@ -220,6 +220,7 @@ class MaskedAutoencoderViT(nn.Module):
         self.grad_checkpointing = 0  # 0: off; k: checkpoint every k-th block (activation memory)
         self.activation_dtype = "fp32"  # residual stream between blocks (set_activation_dtype)
         self.attn_choices: Dict[str, dict] = {}  # per site: backend and why (set_attn_backend)
+        self.kernel_failures: Dict[str, str] = {}  # op: why its self-test failed (check_kernels)
         self.set_kernel_backend(kernel_backend)
         self.initialize_weights()
         if attn_backend == "auto":
@@ -301,17 +302,20 @@ class MaskedAutoencoderViT(nn.Module):
             raise ValueError(f"unknown kernel_backend {kernel_backend!r}; choose one of {list(KERNEL_BACKENDS)}")
         self.kernel_backend = kernel_backend
 
-    def check_kernels(self, force: bool = False) -> str:
+    def check_kernels(self, force: bool = False, dtype: torch.dtype = torch.bfloat16) -> str:
         """With kernel_backend "auto" on CUDA (or ``force``): self-test the Triton ops on the model's
-        device once; if one fails, use the PyTorch references and warn naming the op. Returns the backend."""
+        device once, computing in ``dtype`` (the run's: ``mae_fast.device.compute_dtype``); if one fails,
+        use the PyTorch references and warn naming the op (kept in ``kernel_failures``). Returns the backend."""
         device = self.cls_token.device
+        self.kernel_failures = {}
         if self.kernel_backend != "auto" or (device.type != "cuda" and not force):
             return self.kernel_backend
         from mae_fast.kernels.selftest import selftest
 
         c = self.config
-        failed = {op: why for op, why in selftest(device, c.patch_size, c.embed_dim, c.decoder_embed_dim).items()
-                  if why}
+        failed = {op: why for op, why in
+                  selftest(device, c.patch_size, c.embed_dim, c.decoder_embed_dim, dtype).items() if why}
+        self.kernel_failures = failed
         if failed:
             log.warning("Triton kernels failed their self-test on %s (%s); using the PyTorch references "
                         "(kernel_backend='torch')", device, "; ".join(f"{k}: {v}" for k, v in failed.items()))

@@ -143,13 +143,14 @@ def test_mae_bench_cpu_rows_record_what_ran(tmp_path, monkeypatch, capsys):
 def test_fallen_back_row_is_labelled_and_gets_no_ratio(monkeypatch):
     m = mae_vit_tiny_patch8()
 
-    def failing_check(force=False):
-        m.kernel_backend = "torch"
-        return "torch"
-    monkeypatch.setattr(m, "check_kernels", failing_check)
+    # the model's own check (forced: on a CPU it checks nothing), with a self-test that fails one op
+    monkeypatch.setattr(m, "check_kernels", lambda dtype: type(m).check_kernels(m, force=True, dtype=dtype))
     import mae_fast.kernels.selftest as st
-    monkeypatch.setattr(st, "selftest", lambda *a, **k: {"masked_loss": "AssertionError: differs", "unshuffle": None})
-    status = kernel_status(m, torch.device("cpu"))
+    asked = []
+    monkeypatch.setattr(st, "selftest", lambda *a: asked.append(a[-1]) or {"masked_loss": "AssertionError: differs",
+                                                                           "unshuffle": None})
+    status = kernel_status(m, torch.device("cpu"), "fp32")
+    assert asked == [torch.float32]  # self-tested in the dtype the run computes in
     assert status["kernels_fell_back"] and status["kernels"] == "torch"
     assert status["kernel_failures"] == {"masked_loss": "AssertionError: differs"}
     rows = [{"variant": "official", "images_per_s": 10.0}, {"variant": "fused", "images_per_s": 30.0, **status},

@@ -67,17 +67,34 @@ def test_kernel_backend_switch_validates():
         m.set_kernel_backend("cuda")
 
 
-def test_selftest_passes_under_the_interpreter():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_selftest_passes_under_the_interpreter(dtype):
     from mae_fast.kernels.selftest import _run_checks
 
-    assert _run_checks(torch.device(DEVICE), 14, 40, 24) == {"patch_embed_gather": None, "unshuffle_mask_tokens": None,
-                                                "masked_loss": None}
+    assert _run_checks(torch.device(DEVICE), 14, 40, 24, dtype) == {
+        "patch_embed_gather": None, "unshuffle_mask_tokens": None, "masked_loss": None}
+
+
+def test_selftest_checks_the_dtype_the_run_computes_in(monkeypatch):
+    """An op whose fp32 kernel fails is still used by a bf16 run, and a fp32 run falls back (each dtype is
+    another compiled kernel; the fused patch embedding has other tiles in fp32)."""
+    import mae_fast.kernels.selftest as st
+
+    def fails_in_fp32(device, g, p, D, Dd, dtype):
+        if dtype == torch.float32:
+            raise AssertionError("output 0 differs from the reference")
+    monkeypatch.setitem(st.CHECKS, "masked_loss", fails_in_fp32)
+    monkeypatch.setattr(st, "_RESULTS", {})
+    m = mae_vit_tiny_patch8()
+    assert m.check_kernels(force=True, dtype=torch.bfloat16) == "auto" and m.kernel_failures == {}
+    assert m.check_kernels(force=True, dtype=torch.float32) == "torch"
+    assert m.kernel_failures == {"masked_loss": "AssertionError: output 0 differs from the reference"}
 
 
 def test_failing_kernel_falls_back_to_torch_with_a_warning(monkeypatch, caplog):
     import mae_fast.kernels.selftest as st
 
-    def broken(device, g, p, D, Dd):
+    def broken(device, g, p, D, Dd, dtype):
         raise RuntimeError("out of resource: shared memory")
     monkeypatch.setitem(st.CHECKS, "unshuffle_mask_tokens", broken)
     monkeypatch.setattr(st, "_RESULTS", {})

@@ -107,7 +107,7 @@ def build_model(cfg: PretrainConfig, device: torch.device) -> MaskedAutoencoderV
     model = create_model(cfg.model, img_size=cfg.img_size, norm_pix_loss=cfg.norm_pix_loss)
     model = model.to(device, torch.float64 if cfg.precision == "fp64" else None)
     model.set_kernel_backend(cfg.kernel_backend)
-    model.check_kernels()
+    model.check_kernels(dtype=compute_dtype(cfg.precision))
     model.set_attn_backend(cfg.attn_backend, dtype=compute_dtype(cfg.precision), batch=cfg.batch_size,
                            mask_ratio=cfg.mask_ratio)
     model.set_activation_dtype(cfg.activation_dtype)
