@@ -35,6 +35,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+from torch._dynamo.utils import counters as dynamo_counters
 
 from mae_fast.train.cli import DefaultsHelpFormatter
 from mae_fast.attention import BACKEND_NAMES
@@ -42,6 +43,7 @@ from mae_fast.bench.records import nvidia_smi, record_header, utc_stamp, write_r
 from mae_fast.compile import COMPILE_BACKENDS, COMPILE_MODES, apply_compile, resolve_compile_mode
 from mae_fast.device import DeviceError, autocast_dtype, autocast_for, compute_dtype, resolve_device, synchronize
 from mae_fast.flops import build_on_meta, count_flops
+from mae_fast.kernels import backend_choices
 from mae_fast.models_mae import ACTIVATION_DTYPES, MODELS, create_model
 from mae_fast.train.distributed import DistInfo
 from mae_fast.train.loop import StepRunner
@@ -343,6 +345,7 @@ def run_variant(name: str, args: argparse.Namespace, device: torch.device, flops
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+    dynamo_counters.clear()  # this row's graphs and graph breaks only
     try:
         if name == "no_ckpt" and not args.grad_checkpointing:
             raise VariantUnavailable("same as fused: this configuration does not checkpoint")
@@ -376,6 +379,9 @@ def run_variant(name: str, args: argparse.Namespace, device: torch.device, flops
     first = timing["first_step_s"]
     if variant.graphs:
         first = setup_s  # warm-up + capture
+    row.update(compiled=compiled_what_ran())
+    if row.get("kernels") == "triton":  # the implementation each op timed its way to (patch embedding: fused | gemm)
+        row["kernel_choices"] = backend_choices()
     row.update(images_per_s=ips, step_ms_mean=timing["wall_s"] / len(times) * 1e3,
                step_ms_median=statistics.median(times) * 1e3, step_ms_min=min(times) * 1e3,
                step_ms_max=max(times) * 1e3,
@@ -393,6 +399,13 @@ def run_variant(name: str, args: argparse.Namespace, device: torch.device, flops
         print(f"  {row['variant']}: first step {first:.1f} s (includes torch.compile {row['compile']})", flush=True)
     del model
     return row
+
+
+def compiled_what_ran() -> Dict[str, Any]:
+    """Graphs dynamo compiled for this row and its graph breaks (reason: count): a compiled row whose regions
+    broke runs partly eager, and the record says so."""
+    breaks = {str(reason)[:200]: n for reason, n in dynamo_counters["graph_break"].items()}
+    return {"graphs": dynamo_counters["stats"]["unique_graphs"], "graph_breaks": breaks}
 
 
 def _loader_batches(loader, device: torch.device) -> Callable[[], torch.Tensor]:
@@ -417,7 +430,9 @@ def add_ratios(rows: List[Dict[str, Any]]) -> None:
     """vs_official on every usable row, when the official row was measured; labels fallbacks."""
     base = next((r for r in rows if r["variant"] == "official" and usable_for_ratio(r)), None)
     for r in rows:
-        r["label"] = r["variant"] + (" [kernels fell back to torch]" if r.get("kernels_fell_back") else "")
+        breaks = sum(r.get("compiled", {}).get("graph_breaks", {}).values())
+        r["label"] = (r["variant"] + (" [kernels fell back to torch]" if r.get("kernels_fell_back") else "")
+                      + (f" [{breaks} graph breaks]" if breaks else ""))
         r.pop("vs_official", None)
         if base and usable_for_ratio(r):
             r["vs_official"] = r["images_per_s"] / base["images_per_s"]
@@ -426,6 +441,8 @@ def add_ratios(rows: List[Dict[str, Any]]) -> None:
 def benchmark(args: argparse.Namespace, device: torch.device,
               emit: Callable[[Dict[str, Any]], None] = lambda rec: None) -> Dict[str, Any]:
     """Run every requested variant for one (model, img_size, batch); ``emit(record)`` after each row."""
+    if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):  # past the limit a compiled block would
+        torch._dynamo.config.fail_on_recompile_limit_hit = True  # run eager unnoticed: make that row an error
     report = count_flops(args.model, args.mask_ratio, img_size=args.img_size, norm_pix_loss=True)
     flops = report.total("training")
     peak = args.peak_tflops or peak_tflops(device)

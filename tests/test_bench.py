@@ -238,3 +238,22 @@ def test_batch_size_auto_needs_a_gpu_one_line(capsys):
     assert rc == 2
     assert capsys.readouterr().err.strip() == ("mae-bench: error: --batch-size auto plans for a CUDA device's "
                                                "memory; on a CPU give a number")
+
+
+def test_compiled_rows_record_their_graphs_and_breaks(tmp_path):
+    """A compiled row says how many graphs dynamo built and which graph breaks it hit (none here: one graph
+    per block shape, encoder and decoder); a row with breaks is labelled so."""
+    out = tmp_path / "b.json"
+    rc = bench_main(["--device", "cpu", "--model", "mae_vit_tiny_patch8", "--img-size", "32", "--batch-size", "2",
+                     "--steps", "1", "--warmup", "1", "--variants", "official,fused,compile", "--compile", "blocks",
+                     "--compile-backend", "aot_eager", "--json", str(out), "--no-save"])
+    assert rc == 0
+    rows = {r["variant"]: r for r in json.loads(out.read_text())[0]["results"]}
+    assert rows["fused"]["compile"] == "blocks" and rows["fused"]["compiled"] == {"graphs": 2, "graph_breaks": {}}
+    assert rows["compile"]["compile"] == "model" and rows["compile"]["compiled"]["graph_breaks"] == {}
+    assert rows["compile"]["compiled"]["graphs"] >= 1
+    assert rows["official"]["compiled"] == {"graphs": 0, "graph_breaks": {}}
+    assert torch._dynamo.config.fail_on_recompile_limit_hit  # past the limit a row fails instead of running eager
+    broken = [{"variant": "fused", "images_per_s": 1.0, "compiled": {"graphs": 3, "graph_breaks": {"print": 2}}}]
+    add_ratios(broken)
+    assert broken[0]["label"] == "fused [2 graph breaks]"
