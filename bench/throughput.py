@@ -170,9 +170,9 @@ def build_hf(args: argparse.Namespace, device: torch.device) -> Tuple[nn.Module,
         model = ViTMAEForPreTraining(cfg)
     if args.grad_checkpointing:
         model.gradient_checkpointing_enable()
+    ran = f"{getattr(model.config, '_attn_implementation', None) or 'unknown'} (transformers)"  # what it resolved to
     return model, {"kernel_backend": "torch", "kernels": "torch", "kernels_fell_back": False,
-                   "precision": args.precision, "attention": {"encoder": {"backend": "sdpa (transformers)"},
-                                                              "decoder": {"backend": "sdpa (transformers)"}},
+                   "precision": args.precision, "attention": {"encoder": {"backend": ran}, "decoder": {"backend": ran}},
                    "compile": "off", "grad_checkpointing": args.grad_checkpointing, "activation_dtype": "fp32"}
 
 
