@@ -12,6 +12,7 @@ dynamic shared memory Triton allocates for the kernel (``compiled.metadata.share
     python -m mae_fast.bench.kernel_resources            # table
     python -m mae_fast.bench.kernel_resources --json     # JSON rows
     python -m mae_fast.bench.kernel_resources --shapes vit_h14_448 --batch 64
+    python -m mae_fast.bench.kernel_resources --dtype fp32   # a run without autocast (other tiles)
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from mae_fast.kernels._utils import Launch, compile_launch, interpreting, launch_signature, recording_launches
+from mae_fast.device import PRECISION_DTYPES
 from mae_fast.models_mae import MAEConfig, MODEL_CONFIGS
 
 # the op modules (their names are shadowed by the functions mae_fast.kernels exports)
@@ -60,20 +62,21 @@ def model_launches(cfg: MAEConfig, batch: int, mask_ratio: float = MASK_RATIO, d
     L, P, H = cfg.num_patches, cfg.patch_dim, cfg.img_size
     K = int(L * (1 - mask_ratio))
     f32, i64 = torch.float32, torch.int64
-    imgs = torch.empty(N, C, H, H, dtype=f32, device=device)
+    pd = dtype if dtype in (torch.float32, torch.float64) else f32  # parameters (and images): fp32 under autocast
+    imgs = torch.empty(N, C, H, H, dtype=pd, device=device)
     ids_shuffle = torch.empty(N, L, dtype=i64, device=device)       # argsort(noise)
     ids_keep = ids_shuffle[:, :K]                                     # a view, as in masking_ids
     ids_restore = torch.empty(N, L, dtype=i64, device=device)
     mask = torch.empty(N, L, dtype=f32, device=device)
     # patch_embed_gather: weight_in_patch_order() cast by autocast; pos_embed[0, 1:] a view
-    weight = torch.empty(D, C, p, p, dtype=f32, device=device).reshape(D, -1).to(dtype)
+    weight = torch.empty(D, C, p, p, dtype=pd, device=device).reshape(D, -1).to(dtype)
     bias = torch.empty(D, dtype=dtype, device=device)
-    pos = torch.empty(1, 1 + L, D, dtype=f32, device=device)[0, 1:]
+    pos = torch.empty(1, 1 + L, D, dtype=pd, device=device)[0, 1:]
     # unshuffle: decoder_embed output (autocast dtype), float32 mask token and decoder positions
     x = torch.empty(N, 1 + K, Dd, dtype=dtype, device=device)
-    mask_token = torch.empty(1, 1, Dd, dtype=f32, device=device)
-    dec_pos = torch.empty(1, 1 + L, Dd, dtype=f32, device=device)
-    out_dtype = torch.promote_types(dtype, f32)
+    mask_token = torch.empty(1, 1, Dd, dtype=pd, device=device)
+    dec_pos = torch.empty(1, 1 + L, Dd, dtype=pd, device=device)
+    out_dtype = torch.promote_types(dtype, pd)
     grad_dec = torch.empty(N, 1 + L, Dd, dtype=out_dtype, device=device)
     # loss: decoder_pred(x)[:, 1:, :], a view one row into the prediction tensor
     pred = torch.empty(N, 1 + L, P, dtype=dtype, device=device)[:, 1:, :]
@@ -138,18 +141,20 @@ def _tiles(lc: Launch) -> str:
                     if k.startswith("BLOCK") or k in ("ROWS",))
 
 
-def resource_rows(shapes: Sequence[str], batch: Optional[int] = None) -> List[Dict]:
-    """One row per (shape, kernel launch): configuration and ptxas figures (identical builds reused)."""
+def resource_rows(shapes: Sequence[str], batch: Optional[int] = None, dtype: torch.dtype = DTYPE) -> List[Dict]:
+    """One row per (shape, kernel launch) of a run computing in ``dtype``: configuration and ptxas figures
+    (identical builds reused)."""
     rows, seen = [], {}
     with fresh_build():
         for shape in shapes:
             model, img, default_batch = SHAPES[shape]
-            for label, in_training, lc in model_launches(model_config(model, img), batch or default_batch):
+            for label, in_training, lc in model_launches(model_config(model, img), batch or default_batch,
+                                                         dtype=dtype):
                 key = (lc.name, tuple(sorted((k, repr(v)) for k, v in launch_signature(lc).items())),
                        tuple(sorted(lc.options.items())))
                 if key not in seen:
                     seen[key] = measure(lc)
-                rows.append(dict(shape=shape, op=label, kernel=lc.name, in_pretraining=in_training,
+                rows.append(dict(shape=shape, dtype=str(dtype)[6:], op=label, kernel=lc.name, in_pretraining=in_training,
                                  tiles=_tiles(lc), grid=list(lc.grid), **lc.options, **seen[key]))
     return rows
 
@@ -169,13 +174,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m mae_fast.bench.kernel_resources", description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES), help="headline shapes")
     ap.add_argument("--batch", type=int, default=None, help="batch size (default: mae-bench's preset batch)")
+    ap.add_argument("--dtype", default="bf16", choices=list(PRECISION_DTYPES),
+                    help="the run's compute dtype: bf16 / fp16 autocast (fp32 parameters), or fp32 / fp64 throughout")
     ap.add_argument("--json", action="store_true", help="print JSON rows instead of the table")
     args = ap.parse_args(argv)
     if args.batch is not None and args.batch < 1:
         ap.error(f"--batch must be >= 1, got {args.batch}")
     if interpreting():
         ap.error("TRITON_INTERPRET=1 is set: unset it, the kernels must be built for the GPU")
-    rows = resource_rows(args.shapes, args.batch)
+    rows = resource_rows(args.shapes, args.batch, PRECISION_DTYPES[args.dtype])
     if args.json:
         print(json.dumps(rows, indent=1))
     else:

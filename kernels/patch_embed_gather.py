@@ -67,6 +67,8 @@ def pe_fwd_config(P: int, D: int, patch_size: int, C: int, dtype: torch.dtype) -
     """Tiles of the fused forward, used by the launch, the interpreter tests and
     ``mae_fast.bench.kernel_resources`` alike. bf16 / fp16 (sm_90 wgmma): 64x128x64, 4 warps, 3 stages,
     no spills at ViT-B/L/16 and H/14 (190 registers, 80 KiB shared: two programs per SM)."""
+    if dtype == torch.float64:  # float64 dot and sums (twice the registers of fp32): smaller tiles still
+        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2)
     if dtype == torch.float32:  # IEEE fp32 tl.dot (no tensor cores): smaller tiles, more warps
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2)
     return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3)
@@ -111,7 +113,7 @@ def _pe_fwd_kernel(
     s_pl, s_pd,
     PS: tl.constexpr, C: tl.constexpr, PX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_F32: tl.constexpr,
+    DOT_F32: tl.constexpr, ACC_F64: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -126,7 +128,10 @@ def _pe_fwd_kernel(
 
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rn < D
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if ACC_F64:  # float64 weights: a float64 dot and sums
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, KW, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)  # reduction index (c, py, px_pad); KW is a multiple of BLOCK_K
         prow_k = rk // PX  # c * PS + py
@@ -141,9 +146,9 @@ def _pe_fwd_kernel(
             acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
         else:
             acc += tl.dot(a.to(w.dtype), w)
-    b = tl.load(b_ptr + rn * s_b, mask=n_ok, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + rn * s_b, mask=n_ok, other=0.0).to(acc.dtype)
     pos = tl.load(pos_ptr + idx[:, None] * s_pl + rn[None, :] * s_pd, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-    acc += b[None, :] + pos.to(tl.float32)
+    acc += b[None, :] + pos.to(acc.dtype)
     out_ptrs = out_ptr + rm.to(tl.int64)[:, None] * D + rn[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
@@ -209,8 +214,8 @@ def _pe_scatter_kernel(
 # ----------------------------------------------------------------------------- launch helpers
 def _dot_in_f32(weight: torch.Tensor) -> bool:
     # The interpreter gets bf16/fp16 tl.dot wrong: upcast there; fp32 weights use IEEE fp32 (no TF32),
-    # as F.linear does with PyTorch's default allow_tf32=False.
-    return interpreting() or weight.dtype == torch.float32
+    # as F.linear does with PyTorch's default allow_tf32=False; fp64 weights a float64 dot.
+    return weight.dtype == torch.float32 or (interpreting() and weight.dtype != torch.float64)
 
 
 def _move_grid(rows: int, patch_size: int, C: int, cfg: Dict[str, int]) -> tuple:
@@ -254,7 +259,8 @@ def _forward_fused(imgs, ids_keep, weight, bias, pos, p: int) -> torch.Tensor:
         **dict(zip(("s_idn", "s_idk"), ids_keep.stride())),
         s_wd=w.stride(0), s_wk=w.stride(1), s_b=bias.stride(0), s_pl=pos.stride(0), s_pd=pos.stride(1),
         PS=p, C=C, PX=_pad_px(p), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        DOT_F32=_dot_in_f32(weight)), dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+        DOT_F32=_dot_in_f32(weight), ACC_F64=weight.dtype == torch.float64),
+        dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
     return out
 
 

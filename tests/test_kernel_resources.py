@@ -45,6 +45,21 @@ def test_no_spills_at_headline_shapes():
     assert proc.stderr == ""
 
 
+@pytest.mark.parametrize("dtype", ["fp16", "fp32", "fp64"])
+def test_every_compute_dtype_builds_without_spills(dtype):
+    """A run without bf16 autocast builds other kernels (fp32 / fp64: other patch-embedding tiles and sums):
+    each builds for sm_90, without spills (fp64 did not build at all before its float64 accumulator)."""
+    pytest.importorskip("triton")
+    proc = _run_script("--json", "--dtype", dtype, "--shapes", "vit_h14_224", "--batch", "8")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads(proc.stdout)
+    assert len(rows) == 7 and {r["dtype"] for r in rows} == {dict(fp16="float16", fp32="float32", fp64="float64")[dtype]}
+    for r in rows:
+        assert r["spill_store_bytes"] == 0 and r["spill_load_bytes"] == 0, r
+        assert r["shared_bytes"] <= H100_SHARED_BYTES, r
+    assert proc.stderr == ""
+
+
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="checks the refusal under the interpreter")
 def test_refuses_the_interpreter(capsys):
     from mae_fast.bench.kernel_resources import main
