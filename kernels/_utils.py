@@ -135,6 +135,13 @@ def backend_choices() -> Dict[str, Dict[str, str]]:
     return {op: dict(shapes) for op, shapes in _CHOICES.items()}
 
 
+def restore_backend_choices(choices: Dict[str, Dict[str, str]]) -> None:
+    """Adopt choices made earlier (a resumed run's checkpoint, ``backend_choices()`` when it was saved): the
+    same shapes then run the same implementation, not a new timing's winner, whose rounding differs."""
+    for op, shapes in (choices or {}).items():
+        _CHOICES.setdefault(op, {}).update(shapes)
+
+
 def _median_ms(fn: Callable[[], Any], reps: int = 5) -> float:
     fn()  # warm-up: builds the kernels, allocates
     times = []

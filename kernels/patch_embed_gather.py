@@ -286,7 +286,7 @@ def _patch_embed_gather_op(
     N, K = ids_keep.shape
     D, P = weight.shape
     key = (f"N{N} K{K} D{D} P{P} p{patch_size} {tuple(imgs.shape[2:])} "
-           f"{str(imgs.dtype)[6:]}->{str(weight.dtype)[6:]} on {imgs.device}")
+           f"{str(imgs.dtype)[6:]}->{str(weight.dtype)[6:]} on {imgs.device.type}")  # every rank's GPU: one key
     return choose_by_timing("patch_embed_gather", key, {
         name: (lambda f=f: f(imgs, ids_keep, weight, bias, pos, patch_size)) for name, f in _FORWARDS.items()
     }, imgs.device)

@@ -42,3 +42,19 @@ def test_kill_and_resume_saves_the_uninterrupted_rng_states(tmp_path, workers):
     for key in ("keys", "pos", "has_gauss", "cached"):
         assert np.array_equal(np.asarray(got["numpy"][key]), np.asarray(want["numpy"][key])), f"numpy {key}"
     assert got["python"] == want["python"], "python random state differs after resume"
+
+
+def test_resume_adopts_the_kernel_implementations_the_run_was_using(tmp_path, monkeypatch):
+    """The checkpoint keeps the implementation each op timed its way to (on CUDA: fused or gemm patch
+    embedding, whose rounding differs); a resumed run uses those, not a new timing's winners."""
+    import mae_fast.kernels._utils as ku
+
+    chosen = {"patch_embed_gather": {"N4 K16 D96 P192 p8 (32, 32) float32->float32 on cuda": "gemm"}}
+    monkeypatch.setattr(ku, "_CHOICES", {op: dict(shapes) for op, shapes in chosen.items()})
+    out = tmp_path / "run"
+    train(parse_config(ARGS + ["--epochs", "1", "--output-dir", str(out)]))
+    last = sorted((out / "checkpoints").glob("checkpoint-*.pth"))[-1]
+    assert torch.load(last, map_location="cpu", weights_only=False)["kernel_choices"] == chosen
+    monkeypatch.setattr(ku, "_CHOICES", {})  # a new process
+    train(parse_config(ARGS + ["--epochs", "2", "--output-dir", str(out), "--resume", "auto"]))
+    assert ku.backend_choices() == chosen

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from mae_fast.kernels import backend_choices, restore_backend_choices
 from mae_fast.checkpoint import read_checkpoint
 
 from .checkpoints import CheckpointManager, set_rng_state
@@ -214,6 +215,7 @@ class RunCheckpoints:
         self.runner.load_state_dict(state.get("step_runner"))
         self.loader.load_state_dict(state["loader"])
         set_rng_state(rng_of_rank(state["rng"], self.info.rank))
+        restore_backend_choices(state.get("kernel_choices", {}))  # the kernels the run was computing with
         if self.info.is_main:
             log.info("resumed from %s at step %d (epoch %d, batch %d)", self.last, int(state["step"]),
                      state["loader"]["epoch"], state["loader"]["batch"])
@@ -241,7 +243,7 @@ class RunCheckpoints:
         rngs = gather_rng_states(self.info)
         run_state = dict(step=step, epoch=self.loader.epoch, loader=self.loader.state_dict(), rng=rngs,
                          config=self.config, step_runner=self.runner.state_dict(),
-                         world_size=self.info.world_size, **extra)
+                         world_size=self.info.world_size, kernel_choices=backend_choices(), **extra)
         if self.sharded:
             self.last = self.sharded_store.save(step, self.model, self.optimizer, run_state)
             return self.last
