@@ -58,3 +58,48 @@ def test_resume_adopts_the_kernel_implementations_the_run_was_using(tmp_path, mo
     monkeypatch.setattr(ku, "_CHOICES", {})  # a new process
     train(parse_config(ARGS + ["--epochs", "2", "--output-dir", str(out), "--resume", "auto"]))
     assert ku.backend_choices() == chosen
+
+
+def _choices_worker(rank: int, port: int, out: str) -> None:
+    """One rank of a two-process run (gloo): each rank starts with its own kernel choices, as each
+    rank's first-step timing may give; it writes the choices it ends with and saw after step 1."""
+    import mae_fast.kernels._utils as ku
+    import mae_fast.train.loop as loop
+
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    ku.restore_backend_choices({"patch_embed_gather": {"shape A": ["fused", "gemm"][rank], f"only rank {rank}": "gemm"},
+                                "unshuffle": {"shape B": ["gemm", "fused"][rank]}})
+    seen, agree = [], loop.agree_kernel_choices
+
+    def recording_agree(info):
+        agree(info)
+        seen.append(ku.backend_choices())
+
+    loop.agree_kernel_choices = recording_agree
+    train(parse_config(ARGS + ["--num-workers", "0", "--epochs", "1", "--save-every", "1000",
+                               "--output-dir", str(Path(out) / "run")]))
+    torch.save({"seen": seen, "final": ku.backend_choices()}, Path(out) / f"rank{rank}.pt")
+
+
+def test_ranks_compute_with_rank0s_kernel_choices(tmp_path):
+    """Under torchrun every rank times the Triton ops on its own; after the first step (and at each save)
+    all adopt rank 0's choices, so ranks compute alike and a resumed run (rank 0's, from the checkpoint)
+    continues exactly. A shape only another rank timed keeps that rank's choice."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_choices_worker, args=(port, str(tmp_path)), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    rank0 = {"patch_embed_gather": {"shape A": "fused", "only rank 0": "gemm"}, "unshuffle": {"shape B": "gemm"}}
+    assert r0["final"] == rank0 and r0["seen"][0] == rank0
+    assert r1["seen"][0]["unshuffle"] == rank0["unshuffle"]  # after step 1, before step 2
+    assert r1["final"]["patch_embed_gather"] == {**rank0["patch_embed_gather"], "only rank 1": "gemm"}
+    assert len(r0["seen"]) == len(r1["seen"]) == 2  # after the first step, at the final save
+    last = sorted((tmp_path / "run" / "checkpoints").glob("checkpoint-*.pth"))[-1]
+    assert torch.load(last, map_location="cpu", weights_only=False)["kernel_choices"] == rank0

@@ -10,6 +10,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from mae_fast.kernels import backend_choices, restore_backend_choices
+
 from .checkpoints import rng_state
 
 
@@ -67,6 +69,19 @@ def gather_rng_states(info: DistInfo) -> Any:
         dist.all_gather_object(gathered, states)
         states = gathered
     return states
+
+
+def agree_kernel_choices(info: DistInfo) -> None:
+    """Every rank adopts rank 0's timed kernel choices (``mae_fast.kernels.backend_choices``). Each rank
+    times an op at its own first step, so ranks could otherwise compute with different implementations
+    (rounding differs) and a resumed run, which adopts rank 0's from the checkpoint, would not continue
+    exactly. All ranks call it at the same point (after the first step, at every save)."""
+    if not info.enabled:
+        return
+    box = [backend_choices() if info.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    if not info.is_main:
+        restore_backend_choices(box[0])
 
 
 def full_state(model: nn.Module, optimizer: torch.optim.Optimizer, info: DistInfo) -> Dict[str, Any]:

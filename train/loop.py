@@ -18,7 +18,8 @@ from mae_fast.checkpoint import read_checkpoint
 
 from .checkpoints import CheckpointManager, set_rng_state
 from .errors import NonFiniteLossError
-from .distributed import DistInfo, all_finite, full_state, gather_rng_states, load_full_state
+from .distributed import (DistInfo, agree_kernel_choices, all_finite, full_state, gather_rng_states,
+                          load_full_state)
 from .run_folder import RunLog, clear_run, remove_stale_temp
 
 log = logging.getLogger("mae_fast.train")
@@ -240,6 +241,7 @@ class RunCheckpoints:
         if not all_finite(self.model):
             raise NonFiniteLossError(f"step {step}: weights are not finite; no checkpoint written "
                                      f"(last good: {self.last or 'none'})")
+        agree_kernel_choices(self.info)  # what is saved is what every rank computes with
         rngs = gather_rng_states(self.info)
         run_state = dict(step=step, epoch=self.loader.epoch, loader=self.loader.state_dict(), rng=rngs,
                          config=self.config, step_runner=self.runner.state_dict(),
@@ -287,6 +289,7 @@ def run_steps(loader: Any, runner: StepRunner, ckpts: RunCheckpoints, *, step: i
 def _run_steps(loader, runner, ckpts, step, total_steps, steps_per_epoch, accum_iter, log_every, set_lr_for,
                compute_loss, after_step, runlog, bar) -> Tuple[int, float]:
     last_loss, lr = float("nan"), 0.0
+    first_step = step
     while step < total_steps:
         loader.set_epoch(loader.epoch)
         for batch in loader:
@@ -303,6 +306,8 @@ def _run_steps(loader, runner, ckpts, step, total_steps, steps_per_epoch, accum_
                 continue
             runner.optimizer_step(step)
             step += 1
+            if step == first_step + 1:
+                agree_kernel_choices(runner.info)  # the first step timed the Triton ops on each rank
             if bar is not None:
                 bar.update(1)
             if step % log_every == 0 or step == total_steps:
