@@ -16,6 +16,10 @@ from mae_fast.hf import (from_hf_state_dict, hf_config, mae_config, read_hf_fold
                          write_hf_folder)
 from mae_fast.models_mae import MaskedAutoencoderViT
 
+# float32: each implementation is itself ~1.3e-6 from the float64 result on these outputs (|x| <= 2.7, about
+# 5 ulps; measured on an AMD EPYC, whose BLAS splits our fused qkv and HF's q/k/v GEMMs differently), so
+# the two can differ by twice that; the float64 case holds them equal to 1e-12
+FP32_TOL = dict(rtol=1e-5, atol=5e-6)
 
 
 @pytest.fixture
@@ -47,7 +51,7 @@ def _assert_same_tensors(a, b):
 
 
 @pytest.mark.parametrize("dtype,norm_pix_loss,mask_ratio,tol", [
-    (torch.float32, False, 0.75, dict(rtol=1e-5, atol=1e-6)),
+    (torch.float32, False, 0.75, FP32_TOL),
     (torch.float64, True, 0.6, dict(rtol=1e-12, atol=1e-12)),
 ])
 def test_hf_model_gives_same_loss_prediction_and_mask(tf, tmp_path, dtype, norm_pix_loss, mask_ratio, tol):
@@ -122,7 +126,7 @@ def test_config_of_another_shape_round_trips(tf, tmp_path):
     imgs, noise = random_images(2, 40), random_noise(2, 100)
     with torch.no_grad():
         torch.testing.assert_close(theirs(pixel_values=imgs, noise=noise).logits,
-                                   m(imgs, mask_ratio=0.55, noise=noise)[1], rtol=1e-5, atol=1e-6)
+                                   m(imgs, mask_ratio=0.55, noise=noise)[1], **FP32_TOL)
 
 
 def test_model_made_and_saved_by_transformers_converts(tf, tmp_path):
@@ -144,8 +148,8 @@ def test_model_made_and_saved_by_transformers_converts(tf, tmp_path):
         out = theirs(pixel_values=imgs, noise=noise)
         loss, pred, mask = ours(imgs, noise=noise)
     assert torch.equal(out.mask, mask)
-    torch.testing.assert_close(out.logits, pred, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out.loss, loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.logits, pred, **FP32_TOL)
+    torch.testing.assert_close(out.loss, loss, **FP32_TOL)
 
 
 def test_encoder_only_hf_folder_is_a_vitmaemodel(tf, tmp_path):
