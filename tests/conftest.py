@@ -1,6 +1,7 @@
 """Shared test helpers: small models and fresh random inputs (never zeros)."""
 import importlib.util
 import os
+import socket
 
 # Kernel tests (tests/test_kernel_*.py) run the Triton kernels in the CPU interpreter on machines
 # without an NVIDIA GPU; this must be set before triton is first imported in the pytest process.
@@ -21,6 +22,13 @@ def tiny():
     """A tiny norm-pix MAE (64 px, patch 8, 64 patches) with a fixed init seed."""
     torch.manual_seed(0)
     return mae_vit_tiny_patch8(norm_pix_loss=True)
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1, for a process group's rendezvous in multi-process tests."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def random_images(n: int, size: int, seed: int = 1, channels: int = 3) -> torch.Tensor:

@@ -2,13 +2,14 @@
 process = two), the monitor on real classes (scikit-learn's digits: a briefly pretrained tiny MAE beats
 its own starting weights), and a pretraining run with ``--knn-data`` training exactly as one without."""
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+
+from conftest import free_port
 
 from mae_fast.bench.digits import IMG_SIZE, SEEDS, labelled_subset
 from mae_fast.checkpoint import load_mae_checkpoint
@@ -70,12 +71,6 @@ def test_knn_of_pretrained_encoder_beats_its_initialization(digits_data, digits_
 
 
 # ------------------------------------------------------------------ one process = two
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _embed_worker(rank: int, world: int, port: int, data: str, ckpt: str, out: str) -> None:
     import torch.distributed as dist
 
@@ -105,7 +100,7 @@ def test_two_processes_embed_the_same_features_as_one(digits_data, digits_runs, 
     model = mae_from(ckpt)
     one = FeatureExtractor(images, eval_transform(IMG_SIZE), 7, DistInfo(), CPU)(model, mae_encoder(model, "avg"))
     out = tmp_path / "two.pt"
-    mp.spawn(_embed_worker, args=(2, _free_port(), str(digits_data / "val"), ckpt, str(out)), nprocs=2)
+    mp.spawn(_embed_worker, args=(2, free_port(), str(digits_data / "val"), ckpt, str(out)), nprocs=2)
     two = torch.load(out)
     assert torch.equal(two["index"], one[2]) and torch.equal(two["index"], torch.arange(len(images)))
     assert torch.equal(two["labels"], one[1])

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
-from conftest import needs_webdataset
+from conftest import free_port, needs_webdataset
 
 from mae_fast.train.make_shards import MakeShardsConfig, make_shards
 from mae_fast.train.sources import demo_dir
@@ -22,12 +21,6 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 ARGS = ["--model", "mae_vit_tiny_patch8", "--img-size", "32", "--loader", "pil", "--num-workers", "0",
         "--warmup-epochs", "1", "--lr", "1e-3", "--no-progress", "--no-tensorboard", "--log-every", "1",
         "--epochs", "2", "--save-every", "100", "--precision", "fp64"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def final_weights(out: Path) -> dict:

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import free_port
+
 from mae_fast.train.config import parse_config
 from mae_fast.train.pretrain import FAULT_KILL_AT_STEP, train
 
@@ -87,14 +89,9 @@ def test_ranks_compute_with_rank0s_kernel_choices(tmp_path):
     """Under torchrun every rank times the Triton ops on its own; after the first step (and at each save)
     all adopt rank 0's choices, so ranks compute alike and a resumed run (rank 0's, from the checkpoint)
     continues exactly. A shape only another rank timed keeps that rank's choice."""
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_choices_worker, args=(port, str(tmp_path)), nprocs=2)
+    mp.spawn(_choices_worker, args=(free_port(), str(tmp_path)), nprocs=2)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     rank0 = {"patch_embed_gather": {"shape A": "fused", "only rank 0": "gemm"}, "unshuffle": {"shape B": "gemm"}}
     assert r0["final"] == rank0 and r0["seen"][0] == rank0
