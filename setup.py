@@ -20,7 +20,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["mae_fast", "mae_fast.kernels", "mae_fast.train", "mae_fast.bench"],
+    packages=["mae_fast", "mae_fast.kernels", "mae_fast.train", "mae_fast.train.data", "mae_fast.train.engine",
+              "mae_fast.train.evaluation", "mae_fast.bench"],
     package_dir={
         "mae_fast": "mae_fast",
         "mae_fast.kernels": "kernels",
@@ -57,10 +58,10 @@ setup(
             "mae-finetune=mae_fast.train.finetune:main",
             "mae-linprobe=mae_fast.train.linprobe:main",
             "mae-visualize=mae_fast.train.visualize:main",
-            "mae-plot=mae_fast.train.plots:main",
+            "mae-plot=mae_fast.train.engine.plots:main",
             "mae-profile=mae_fast.bench.profile:main",
             "mae-convert=mae_fast.convert:main",
-            "mae-make-shards=mae_fast.train.make_shards:main",
+            "mae-make-shards=mae_fast.train.data.make_shards:main",
         ],
     },
 )

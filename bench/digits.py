@@ -71,7 +71,7 @@ def pretrained(folder: Path, data: Path, seed: int, epochs: int = PRETRAIN_EPOCH
                ) -> Tuple[Path, Path]:
     """(initial weights, final checkpoint) of a brief pretraining on ``data``/train from those weights;
     reused when ``folder`` already holds it (one pretraining per seed)."""
-    from mae_fast.train.config import parse_config
+    from mae_fast.train.engine.config import parse_config
     from mae_fast.train.pretrain import train
 
     init = initial_weights(folder, seed, size)

@@ -58,23 +58,15 @@ step() {  # step NAME LIMIT CMD...: run CMD under its own time limit; a failure 
   printf '%s\t%s\t%s\t%s\n' "$name" "$limit" "$dt" "$rc" >> "$TABLE"
 }
 
-install_package() {  # offline: no dependencies, no build isolation; else (and in a dry run) in-tree symlinks
+install_package() {  # offline: no dependencies, no build isolation (setup.py maps the folders into mae_fast.*)
   # already importable from this checkout (not from some other copy): nothing to do
   $PY -c "import os, sys, mae_fast.bench.throughput as t
 sys.exit(0 if os.path.realpath(t.__file__).startswith(os.path.realpath('.') + os.sep) else 1)" 2>/dev/null && return 0
-  [ "$DRY" = 0 ] && $PY -m pip install -q --no-deps --no-build-isolation -e . && return 0
-  # python -m runs from the checkout's root, where ./mae_fast comes first on sys.path: linking the
-  # subpackages into it (removed at exit) makes the whole package import from this checkout
-  echo "importing mae_fast from this checkout through mae_fast/{kernels,train,bench} links (removed at exit)"
-  for sub in kernels train bench; do
-    [ -e "mae_fast/$sub" ] || { ln -s "../$sub" "mae_fast/$sub" && echo "mae_fast/$sub" >> "$MARK"; } || return 1
-  done
+  $PY -m pip install -q --no-deps --no-build-isolation -e .
 }
 bench() { $PY -m mae_fast.bench.throughput "$@"; }
-MARK=$(mktemp -t mae-suite-links-XXXXXX)
-trap 'while read -r l; do [ -L "$l" ] && rm -f "$l"; done < "$MARK"; rm -f "$MARK"' EXIT
 export -f install_package bench
-export PY DRY MARK
+export PY DRY
 TESTS="tests/test_kernel_patch_embed_gather.py tests/test_kernel_unshuffle.py tests/test_kernel_masked_loss.py
        tests/test_kernels_in_model.py tests/test_attention.py"
 JUNIT="$OUTDIR/.gpu-tests-$STAMP.xml"

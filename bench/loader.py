@@ -23,9 +23,9 @@ from typing import Any
 import torch
 
 from mae_fast.bench.records import record_header, write_result
-from mae_fast.train.dali_loader import dali_available
-from mae_fast.train.data import KINDS, build_loader
-from mae_fast.train.sources import list_images
+from mae_fast.train.data.dali_loader import dali_available
+from mae_fast.train.data.loaders import KINDS, build_loader
+from mae_fast.train.data.sources import list_images
 
 
 def write_repeated_list(data: str, repeat: int, path: str | os.PathLike) -> str:

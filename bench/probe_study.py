@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from .digits import IMG_SIZE, PRETRAIN_EPOCHS, labelled_subset, pretrained, write_digits
-from .records import record_header, write_result
+from mae_fast.bench.digits import IMG_SIZE, PRETRAIN_EPOCHS, labelled_subset, pretrained, write_digits
+from mae_fast.bench.records import record_header, write_result
 
 CLASSIFIER = "vit_tiny_patch8"
 COMMON = ["--model", CLASSIFIER, "--device", "cpu", "--precision", "fp32", "--num-workers", "0", "--no-progress",

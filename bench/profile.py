@@ -30,15 +30,15 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from mae_fast.train.cli import DefaultsHelpFormatter
+from mae_fast.train.engine.cli import DefaultsHelpFormatter
 from mae_fast.bench.records import record_header, write_result
 from mae_fast.attention import BACKEND_NAMES
 from mae_fast.compile import COMPILE_MODES, apply_compile
-from mae_fast.device import (DEVICE_CHOICES, PRECISION_DTYPES, DeviceError, autocast_for, compute_dtype,
-                             resolve_device)
+from mae_fast.device import DEVICE_CHOICES, PRECISION_DTYPES, autocast_for, compute_dtype, resolve_device
+from mae_fast.errors import DeviceError
 from mae_fast.flops import FlopsReport, count_flops
-from mae_fast.memory import (GiB, MemoryPlanError, MemoryPrediction, Plan, StepTracer, fmt_bytes, oom_message,
-                             plan_batch)
+from mae_fast.memory import GiB, MemoryPrediction, Plan, StepTracer, fmt_bytes, oom_message, plan_batch
+from mae_fast.errors import MemoryPlanError
 from mae_fast.models_mae import MODELS, MaskedAutoencoderViT, create_model
 
 PROG = "mae-profile"
@@ -215,9 +215,9 @@ def phased_step(model: MaskedAutoencoderViT, runner, next_batch: Callable[[], to
 # ----------------------------------------------------------------------------- timing a run
 def build_training(args: argparse.Namespace, device: torch.device):
     """(model, StepRunner, concrete compile mode) as mae-pretrain builds them for one process."""
-    from mae_fast.train.distributed import DistInfo
-    from mae_fast.train.loop import StepRunner
-    from mae_fast.train.optim import build_adamw
+    from mae_fast.train.engine.distributed import DistInfo
+    from mae_fast.train.engine.loop import StepRunner
+    from mae_fast.train.engine.optim import build_adamw
 
     torch.manual_seed(0)
     model = create_model(args.model, img_size=args.img_size, norm_pix_loss=True, kernel_backend=args.kernel_backend)
@@ -237,7 +237,7 @@ def batch_source(args: argparse.Namespace, device: torch.device) -> Callable[[],
     if not args.data:
         fixed = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device, dtype=dtype)
         return lambda: fixed
-    from mae_fast.train.data import build_loader
+    from mae_fast.train.data.loaders import build_loader
 
     loader = build_loader(args.data, batch_size=args.batch_size, img_size=args.img_size, device=device,
                           drop_last=True)

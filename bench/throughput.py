@@ -37,17 +37,18 @@ import torch
 import torch.nn as nn
 from torch._dynamo.utils import counters as dynamo_counters
 
-from mae_fast.train.cli import DefaultsHelpFormatter
+from mae_fast.train.engine.cli import DefaultsHelpFormatter
 from mae_fast.attention import BACKEND_NAMES
 from mae_fast.bench.records import nvidia_smi, record_header, utc_stamp, write_result
 from mae_fast.compile import COMPILE_BACKENDS, COMPILE_MODES, apply_compile, resolve_compile_mode
-from mae_fast.device import DeviceError, autocast_dtype, autocast_for, compute_dtype, resolve_device, synchronize
+from mae_fast.device import autocast_dtype, autocast_for, compute_dtype, resolve_device, synchronize
+from mae_fast.errors import DeviceError
 from mae_fast.flops import build_on_meta, count_flops
 from mae_fast.kernels import backend_choices
 from mae_fast.models_mae import ACTIVATION_DTYPES, MODELS, create_model
-from mae_fast.train.distributed import DistInfo
-from mae_fast.train.loop import StepRunner
-from mae_fast.train.optim import build_adamw, param_groups_weight_decay, set_lr
+from mae_fast.train.engine.distributed import DistInfo
+from mae_fast.train.engine.loop import StepRunner
+from mae_fast.train.engine.optim import build_adamw, param_groups_weight_decay, set_lr
 
 LR, BETAS, WEIGHT_DECAY = 1.5e-4, (0.9, 0.95), 0.05  # the recipe's (lr is blr at batch 256)
 
@@ -127,7 +128,7 @@ def build_mae(variant: Variant, args: argparse.Namespace, device: torch.device) 
     """An mae-fast (or official-equivalent) model set up as ``variant`` asks, and what it runs."""
     kw = dict(img_size=args.img_size, norm_pix_loss=True)
     if variant.kind == "official":
-        from .official_mae import official_model
+        from mae_fast.bench.official_mae import official_model
 
         with torch.device(device):  # initialized on the device: seconds, not minutes, for ViT-H
             model = official_model(args.model, **kw)
@@ -460,7 +461,7 @@ def benchmark(args: argparse.Namespace, device: torch.device,
     rows = record["results"]
     jobs: List[Tuple[str, Any]] = [(v, None) for v in args.variants]
     if args.data:
-        from mae_fast.train.data import build_loader
+        from mae_fast.train.data.loaders import build_loader
 
         loader = build_loader(args.data, batch_size=args.batch_size, img_size=args.img_size, device=device,
                               drop_last=True, dtype=torch.float32)
@@ -581,7 +582,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 def resolve_batch(args: argparse.Namespace, model: str, device: torch.device) -> int:
     """``--batch-size auto``: the largest batch that ``mae_fast.memory.plan_batch`` predicts fits this GPU
     at ``--grad-checkpointing``; MemoryPlanError (one line) on a CPU or when nothing fits."""
-    from mae_fast.memory import MemoryPlanError, plan_batch
+    from mae_fast.memory import plan_batch
+    from mae_fast.errors import MemoryPlanError
 
     if device.type != "cuda":
         raise MemoryPlanError("--batch-size auto plans for a CUDA device's memory; on a CPU give a number")
@@ -605,7 +607,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     for model in args.models:
         for batch in batches:
             if batch == "auto":
-                from mae_fast.memory import MemoryPlanError
+                from mae_fast.errors import MemoryPlanError
 
                 try:
                     batch = resolve_batch(args, model, device)

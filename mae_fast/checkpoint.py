@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Dict, Iterator, List, Mapping, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .files import CheckpointError, PathLike, StateDict, atomic_write, is_decoder_key
+from .files import PathLike, StateDict, atomic_write, is_decoder_key
+from .errors import CheckpointError
 from .pos_embed import resize_pos_embed
 
 if TYPE_CHECKING:

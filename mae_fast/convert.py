@@ -18,9 +18,9 @@ from typing import List, Mapping, Optional, Sequence
 
 import torch
 
-from .checkpoint import (CheckpointError, PathLike, StateDict, _summarize_keys, check_state_dict,
-                         encoder_state_dict, extract_state_dict, is_decoder_key, is_sharded_checkpoint, read_checkpoint,
-                         save_checkpoint)
+from .checkpoint import (PathLike, StateDict, _summarize_keys, check_state_dict, encoder_state_dict, extract_state_dict, is_decoder_key, is_sharded_checkpoint, read_checkpoint, save_checkpoint)
+
+from .errors import CheckpointError, ConvertError
 from .hf import (CONFIG_FILE, DEFAULT_MASK_RATIO, ENCODER, PRETRAINING, factory_name, read_hf_folder,
                  read_safetensors, safetensors_metadata, to_hf_state_dict, write_hf_folder, write_safetensors)
 from .models_mae import MODEL_CONFIGS, OFFICIAL_NAMES, MAEConfig
@@ -34,9 +34,6 @@ META_CONFIG, META_MASK_RATIO = "mae_fast_config", "mask_ratio"
 #: timm classifier weights that are not part of an MAE encoder
 TIMM_CLASSIFIER_PREFIXES = ("head.", "fc_norm.", "head_drop.")
 
-
-class ConvertError(CheckpointError):
-    """A conversion that cannot be done as asked; the message names the path and the reason."""
 
 
 def path_kind(path: PathLike, role: str) -> str:

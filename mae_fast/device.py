@@ -5,13 +5,11 @@ import contextlib
 from typing import ContextManager
 
 import torch
+from .errors import DeviceError
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
 
-
-class DeviceError(ValueError):
-    """The requested device cannot be used here (one line, naming the option and the way out)."""
 
 
 def requested_device_type(requested: str) -> str:

@@ -3,10 +3,12 @@
 decoder's, and atomic file writes."""
 from __future__ import annotations
 
+import json
+import math
 import os
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Callable, Dict, Union
+from typing import Any, BinaryIO, Callable, Dict, Optional, Union
 
 import torch
 
@@ -16,9 +18,6 @@ StateDict = Dict[str, torch.Tensor]
 #: state_dict prefixes that belong to the decoder (everything else is the encoder)
 DECODER_PREFIXES = ("mask_token", "decoder_")
 
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded into the model; the message names file, key and shapes."""
 
 
 def is_decoder_key(key: str) -> bool:
@@ -54,3 +53,16 @@ def fsync_dir(folder: PathLike) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def strict_json(obj: Any, indent: Optional[int] = 2) -> str:
+    """JSON with NaN / Infinity written as null (strict JSON, which every reader accepts)."""
+    def clean(x: Any) -> Any:
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+    return json.dumps(clean(obj), indent=indent, allow_nan=False, default=str)

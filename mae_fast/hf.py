@@ -17,7 +17,8 @@ from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 
-from .files import CheckpointError, PathLike, StateDict, atomic_write, is_decoder_key
+from .files import PathLike, StateDict, atomic_write, is_decoder_key
+from .errors import CheckpointError
 from .models_mae import LN_EPS, MODEL_CONFIGS, MAEConfig
 
 CONFIG_FILE = "config.json"

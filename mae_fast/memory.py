@@ -28,6 +28,7 @@ from torch.utils._pytree import tree_flatten
 
 from .device import PRECISION_DTYPES, autocast_for
 from .models_mae import MaskedAutoencoderViT, create_model
+from .errors import MemoryPlanError
 
 GiB = 2**30
 CUDA_BLOCK = 512  # the CUDA caching allocator rounds every allocation up to a multiple of 512 bytes
@@ -38,9 +39,6 @@ def fmt_bytes(n: float) -> str:
     """Bytes as GiB (from 1 GiB) or MiB."""
     return f"{n / GiB:.2f} GiB" if abs(n) >= GiB else f"{n / 2**20:.1f} MiB"
 
-
-class MemoryPlanError(ValueError):
-    """No configuration fits the memory budget (one line: the prediction and what to try)."""
 
 
 # ----------------------------------------------------------------------------- the tracker
@@ -197,9 +195,9 @@ class StepTracer:
     def __init__(self, model_name: str, img_size: int = 224, precision: str = "bf16", mask_ratio: float = 0.75,
                  device_type: str = "cuda", trace_device: Optional[str] = None, kernel_backend: Optional[str] = None,
                  attn_backend: str = "sdpa", norm_pix_loss: bool = True, **model_kwargs):
-        from mae_fast.train.distributed import DistInfo
-        from mae_fast.train.loop import StepRunner
-        from mae_fast.train.optim import build_adamw
+        from mae_fast.train.engine.distributed import DistInfo
+        from mae_fast.train.engine.loop import StepRunner
+        from mae_fast.train.engine.optim import build_adamw
 
         if precision not in PRECISION_DTYPES:
             raise ValueError(f"precision must be one of {list(PRECISION_DTYPES)}, got {precision!r}")

@@ -131,7 +131,7 @@ def test_commands_time_auto_attention_as_they_run(monkeypatch, precision, dtype)
     autocast: flash attention, the usual bf16 winner, cannot run there), at their batch and mask ratio."""
     from mae_fast.bench import profile, throughput
     from mae_fast.models_mae import MaskedAutoencoderViT
-    from mae_fast.train.config import parse_config
+    from mae_fast.train.engine.config import parse_config
     from mae_fast.train.pretrain import build_model
 
     asked = []

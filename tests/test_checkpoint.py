@@ -8,8 +8,8 @@ import torch
 
 from conftest import random_images, random_noise
 from mae_fast import mae_vit_tiny_patch8
-from mae_fast.checkpoint import (CheckpointError, encoder_state_dict, load_mae_checkpoint,
-                                 save_checkpoint)
+from mae_fast.checkpoint import encoder_state_dict, load_mae_checkpoint, save_checkpoint
+from mae_fast.errors import CheckpointError
 
 
 def _official_file(tmp_path, model, encoder_only=False, name="ckpt.pth"):

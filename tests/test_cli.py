@@ -7,8 +7,9 @@ import sys
 
 import pytest
 
-from mae_fast.train.cli import ConfigError, _field_types, strict_json
-from mae_fast.train.config import PretrainConfig, build_parser, parse_config
+from mae_fast.train.engine.cli import _field_types, strict_json
+from mae_fast.errors import ConfigError
+from mae_fast.train.engine.config import PretrainConfig, build_parser, parse_config
 
 
 def test_negative_scientific_number_is_a_value_not_an_option():

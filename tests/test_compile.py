@@ -8,7 +8,7 @@ from torch._dynamo.utils import counters
 from conftest import random_images, random_noise
 from mae_fast import mae_vit_tiny_patch8
 from mae_fast.compile import RECOMPILE_LIMIT, apply_compile, resolve_compile_mode
-from mae_fast.train.optim import build_adamw
+from mae_fast.train.engine.optim import build_adamw
 
 IMG = 32  # 16 patches of 8 px: encoder 1 + 4 tokens, decoder 1 + 16
 

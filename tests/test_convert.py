@@ -10,8 +10,10 @@ from safetensors.torch import load_file
 
 from conftest import random_images, random_noise
 from mae_fast import mae_vit_tiny_patch8
-from mae_fast.checkpoint import CheckpointError, load_mae_checkpoint, read_checkpoint
-from mae_fast.convert import ConvertError, convert, main
+from mae_fast.checkpoint import load_mae_checkpoint, read_checkpoint
+from mae_fast.errors import CheckpointError
+from mae_fast.convert import convert, main
+from mae_fast.errors import ConvertError
 from mae_fast.hf import (from_hf_state_dict, hf_config, mae_config, read_hf_folder, to_hf_state_dict,
                          write_hf_folder)
 from mae_fast.models_mae import MaskedAutoencoderViT
@@ -215,7 +217,7 @@ def test_timm_safetensors_loads_into_vision_transformer(tmp_path):
 
 
 def test_init_from_finetune_and_visualize_read_an_hf_folder(tmp_path):
-    from mae_fast.train.classify import create_classifier, load_pretrained
+    from mae_fast.train.evaluation.classifier import create_classifier, load_pretrained
     from mae_fast.train.visualize import model_from_checkpoint
 
     torch.manual_seed(0)

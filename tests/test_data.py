@@ -11,13 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-from mae_fast.train.augment import (IMAGENET_MEAN, IMAGENET_STD, load_rgb, normalize,
+from mae_fast.train.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, load_rgb, normalize,
                                     sample_params, sample_params_batch)
-from mae_fast.train.dali_loader import dali_available
-from mae_fast.train.data import build_loader
-from mae_fast.train.loader_base import epoch_order
-from mae_fast.train.sources import (NoReadableImagesError, UnreadableImageError, demo_dir, list_images,
-                                    scan_images)
+from mae_fast.train.data.dali_loader import dali_available
+from mae_fast.train.data.loaders import build_loader
+from mae_fast.train.data.loader_base import epoch_order
+from mae_fast.train.data.sources import demo_dir, list_images, scan_images
+from mae_fast.errors import NoReadableImagesError, UnreadableImageError
 
 BAD = Path(__file__).parent / "assets" / "bad"
 UNREADABLE = ["empty.jpg", "not_an_image.jpg", "truncated.jpg"]
@@ -132,7 +132,7 @@ def test_synthetic_loader():
 
 
 def test_auto_is_pil_without_gpu(caplog):
-    import mae_fast.train.data as data
+    import mae_fast.train.data.loaders as data
     data._AUTO_LOGGED = False
     with caplog.at_level(logging.INFO, logger="mae_fast.data"):
         a = make(kind="auto")
@@ -388,7 +388,7 @@ def test_labels_required_but_missing():
 
 
 def test_dali_missing_message(monkeypatch):
-    import mae_fast.train.dali_loader as dl
+    import mae_fast.train.data.dali_loader as dl
     monkeypatch.setattr(dl, "dali_available", lambda: False)
     with pytest.raises(ImportError, match="pip install nvidia-dali-cuda130"):
         make(kind="dali")
@@ -407,7 +407,7 @@ def test_pil_loader_to_cuda_bf16():
 @needs_cuda
 @needs_dali
 def test_dali_gpu_decoding_agrees_with_pil():
-    import mae_fast.train.data as data
+    import mae_fast.train.data.loaders as data
     data._AUTO_LOGGED = False
     auto = make(kind="auto", device="cuda")
     assert auto.kind == "dali"

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from mae_fast import mae_vit_tiny_patch8
-from mae_fast.checkpoint import CheckpointError
+from mae_fast.errors import CheckpointError
 from mae_fast.train import finetune, linprobe
-from mae_fast.train.classify import create_classifier, load_pretrained
+from mae_fast.train.evaluation.classifier import create_classifier, load_pretrained
 from mae_fast.train.finetune import param_groups_lrd
 
 DEMO = Path(__import__("mae_fast").__file__).parent / "assets" / "demo"
@@ -202,7 +202,7 @@ def test_resume_is_exact(cli, tree, mae_ckpt, tmp_path):
 
 
 def test_augmentation_does_not_depend_on_workers(tree):
-    from mae_fast.train.finetune_data import build_labelled_loader, scan_labelled, train_transform
+    from mae_fast.train.data.labelled import build_labelled_loader, scan_labelled, train_transform
 
     images = scan_labelled(str(tree))
     state = torch.get_rng_state()

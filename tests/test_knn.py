@@ -14,9 +14,9 @@ from conftest import free_port
 from mae_fast.bench.digits import IMG_SIZE, SEEDS, labelled_subset
 from mae_fast.checkpoint import load_mae_checkpoint
 from mae_fast.models_mae import create_model
-from mae_fast.train.checkpoints import rng_state
-from mae_fast.train.distributed import DistInfo
-from mae_fast.train.knn import KnnMonitor, knn_accuracy, knn_scores
+from mae_fast.train.run_state import rng_state
+from mae_fast.train.engine.distributed import DistInfo
+from mae_fast.train.evaluation.knn import KnnMonitor, knn_accuracy, knn_scores
 
 CPU = torch.device("cpu")
 
@@ -74,8 +74,8 @@ def test_knn_of_pretrained_encoder_beats_its_initialization(digits_data, digits_
 def _embed_worker(rank: int, world: int, port: int, data: str, ckpt: str, out: str) -> None:
     import torch.distributed as dist
 
-    from mae_fast.train.features import FeatureExtractor, mae_encoder
-    from mae_fast.train.finetune_data import eval_transform, scan_labelled
+    from mae_fast.train.evaluation.features import FeatureExtractor, mae_encoder
+    from mae_fast.train.data.labelled import eval_transform, scan_labelled
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -92,8 +92,8 @@ def _embed_worker(rank: int, world: int, port: int, data: str, ckpt: str, out: s
 
 
 def test_two_processes_embed_the_same_features_as_one(digits_data, digits_runs, tmp_path):
-    from mae_fast.train.features import FeatureExtractor, mae_encoder
-    from mae_fast.train.finetune_data import eval_transform, scan_labelled
+    from mae_fast.train.evaluation.features import FeatureExtractor, mae_encoder
+    from mae_fast.train.data.labelled import eval_transform, scan_labelled
 
     ckpt = str(digits_runs[SEEDS[0]][1])
     images = scan_labelled(str(digits_data / "val"))
@@ -109,7 +109,7 @@ def test_two_processes_embed_the_same_features_as_one(digits_data, digits_runs, 
 
 # ------------------------------------------------------------------ the monitor inside mae-pretrain
 def _pretrain(tmp_path: Path, name: str, data: Path, *extra: str) -> dict:
-    from mae_fast.train.config import parse_config
+    from mae_fast.train.engine.config import parse_config
     from mae_fast.train.pretrain import train
 
     args = ["--model", "mae_vit_tiny_patch8", "--img-size", str(IMG_SIZE), "--data", str(data / "val"),

@@ -1,11 +1,11 @@
-"""The feature probe's solver (train/logistic.py) against scikit-learn's multinomial LogisticRegression on the
+"""The feature probe's solver (train/evaluation/logistic.py) against scikit-learn's multinomial LogisticRegression on the
 same objective (mean cross-entropy + l2/2 |W|^2 is C = 1 / (n l2)), on fresh random features; its convergence
 flag; the held-out search (stratified, every view of an image on one side, early stop, deterministic)."""
 import numpy as np
 import pytest
 import torch
 
-from mae_fast.train.logistic import L2_GRID, Standardizer, features_home, fit_multinomial, fit_probe, holdout_split
+from mae_fast.train.evaluation.logistic import L2_GRID, Standardizer, features_home, fit_multinomial, fit_probe, holdout_split
 
 CPU = torch.device("cpu")
 

@@ -6,12 +6,11 @@ import pytest
 import torch
 
 from mae_fast import create_model
-from mae_fast.memory import (
-    GiB, LiveStorageTracker, MemoryPlanError, StepTracer, checkpointing_choices, device_total_memory, oom_message,
-    plan_batch, predict_memory, track_step)
-from mae_fast.train.distributed import DistInfo
-from mae_fast.train.loop import StepRunner
-from mae_fast.train.optim import build_adamw
+from mae_fast.memory import (GiB, LiveStorageTracker, StepTracer, checkpointing_choices, device_total_memory, oom_message, plan_batch, predict_memory, track_step)
+from mae_fast.errors import MemoryPlanError
+from mae_fast.train.engine.distributed import DistInfo
+from mae_fast.train.engine.loop import StepRunner
+from mae_fast.train.engine.optim import build_adamw
 
 TINY = "mae_vit_tiny_patch8"
 

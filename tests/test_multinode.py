@@ -14,8 +14,8 @@ import torch
 
 from conftest import free_port, needs_webdataset
 
-from mae_fast.train.make_shards import MakeShardsConfig, make_shards
-from mae_fast.train.sources import demo_dir
+from mae_fast.train.data.make_shards import MakeShardsConfig, make_shards
+from mae_fast.train.data.sources import demo_dir
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 ARGS = ["--model", "mae_vit_tiny_patch8", "--img-size", "32", "--loader", "pil", "--num-workers", "0",
@@ -44,7 +44,7 @@ def test_two_torchrun_nodes_equal_one_process(tmp_path, monkeypatch):
              for _ in range(2)]
 
     # the reference, meanwhile: one process, global batch 8, the two data streams the nodes read
-    from mae_fast.train.config import parse_config
+    from mae_fast.train.engine.config import parse_config
     from mae_fast.train.pretrain import train
 
     train(parse_config(ARGS + ["--data", str(shards), "--batch-size", "8", "--data-streams", "2",

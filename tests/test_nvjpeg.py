@@ -20,13 +20,14 @@ import pytest
 import torch
 from PIL import Image
 
-import mae_fast.train.augment as augment
-import mae_fast.train.data as data
-import mae_fast.train.nvjpeg_loader as nvj
-from mae_fast.train.augment import IMAGENET_MEAN, IMAGENET_STD
-from mae_fast.train.data import build_loader, resolve_kind
-from mae_fast.train.nvjpeg_loader import jpeg_components, nvjpeg_problem, read_encoded
-from mae_fast.train.sources import UnreadableImageError, demo_dir, scan_images
+import mae_fast.train.data.transforms as augment
+import mae_fast.train.data.loaders as data
+import mae_fast.train.data.nvjpeg_loader as nvj
+from mae_fast.train.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from mae_fast.train.data.loaders import build_loader, resolve_kind
+from mae_fast.train.data.nvjpeg_loader import jpeg_components, nvjpeg_problem, read_encoded
+from mae_fast.train.data.sources import demo_dir, scan_images
+from mae_fast.errors import UnreadableImageError
 
 BAD = Path(__file__).parent / "assets" / "bad"
 UNREADABLE = ["empty.jpg", "not_an_image.jpg", "truncated.jpg"]
@@ -228,7 +229,7 @@ def test_loader_benchmark_keeps_the_other_rows_when_one_loader_cannot_run(monkey
     assert by["pil"]["images"] == 4 and "error" not in by["pil"]
     assert by["nvjpeg"] == {"loader": "nvjpeg", "error": "ValueError: the nvjpeg loader cannot run here: torchvision "
                             "0.0 cannot decode JPEG on cpu: no nvJPEG (use --loader pil)"}
-    code = ("import sys, mae_fast.train.nvjpeg_loader as n; n._PROBLEMS['cpu'] = 'no nvJPEG'; "
+    code = ("import sys, mae_fast.train.data.nvjpeg_loader as n; n._PROBLEMS['cpu'] = 'no nvJPEG'; "
             "sys.argv = ['loader', '--loader', 'nvjpeg', '--device', 'cpu', '--steps', '1', '--warmup', '1', "
             "'--img-size', '32', '--batch-size', '4']; import runpy; runpy.run_module('mae_fast.bench.loader', "
             "run_name='__main__')")

@@ -4,7 +4,7 @@ import math
 import pytest
 
 from mae_fast import mae_vit_tiny_patch8
-from mae_fast.train.optim import build_adamw, lr_at, param_groups_weight_decay
+from mae_fast.train.engine.optim import build_adamw, lr_at, param_groups_weight_decay
 
 
 def test_no_decay_on_norms_and_biases_but_tokens_decayed():

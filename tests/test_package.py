@@ -113,7 +113,8 @@ def test_second_editable_install_succeeds():
 def test_tar_shards_without_webdataset_fail_in_one_line(monkeypatch):
     """An image without webdataset (the lent GPU's) runs everything but shards; a shard source then names
     what is missing instead of a traceback from deep inside the loader."""
-    from mae_fast.train.shards import ShardError, list_shards
+    from mae_fast.train.data.shards import list_shards
+    from mae_fast.errors import ShardError
 
     monkeypatch.setitem(sys.modules, "braceexpand", None)  # import braceexpand -> ImportError
     with pytest.raises(ShardError, match=r"^tar shards need the webdataset package \(braceexpand is not "

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mae_fast.train.config import PRESETS, PretrainConfig, build_parser, parse_config
-from mae_fast.train.errors import NonFiniteLossError
+from mae_fast.train.engine.config import PRESETS, PretrainConfig, build_parser, parse_config
+from mae_fast.errors import NonFiniteLossError
 from mae_fast.train.pretrain import FAULT_KILL_AT_STEP, FAULT_NAN_AT_STEP, train
 from mae_fast.train.visualize import main as visualize_main
 
@@ -194,9 +194,9 @@ def test_no_host_sync_per_step(tmp_path, monkeypatch):
 
 def test_skipped_step_leaves_weights_and_optimizer_untouched():
     from mae_fast import mae_vit_tiny_patch8
-    from mae_fast.train.distributed import DistInfo
-    from mae_fast.train.loop import StepRunner
-    from mae_fast.train.optim import build_adamw
+    from mae_fast.train.engine.distributed import DistInfo
+    from mae_fast.train.engine.loop import StepRunner
+    from mae_fast.train.engine.optim import build_adamw
 
     torch.manual_seed(0)
     m = mae_vit_tiny_patch8(img_size=32)

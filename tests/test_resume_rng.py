@@ -12,7 +12,7 @@ import torch
 
 from conftest import free_port
 
-from mae_fast.train.config import parse_config
+from mae_fast.train.engine.config import parse_config
 from mae_fast.train.pretrain import FAULT_KILL_AT_STEP, train
 
 ARGS = ["--model", "mae_vit_tiny_patch8", "--img-size", "32", "--data", "demo", "--loader", "pil",
@@ -66,7 +66,8 @@ def _choices_worker(rank: int, port: int, out: str) -> None:
     """One rank of a two-process run (gloo): each rank starts with its own kernel choices, as each
     rank's first-step timing may give; it writes the choices it ends with and saw after step 1."""
     import mae_fast.kernels._utils as ku
-    import mae_fast.train.loop as loop
+    import mae_fast.train.engine.loop as loop
+    import mae_fast.train.run_state as run_state
 
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
@@ -79,7 +80,7 @@ def _choices_worker(rank: int, port: int, out: str) -> None:
         agree(info)
         seen.append(ku.backend_choices())
 
-    loop.agree_kernel_choices = recording_agree
+    loop.agree_kernel_choices = run_state.agree_kernel_choices = recording_agree  # after step 1; at each save
     train(parse_config(ARGS + ["--num-workers", "0", "--epochs", "1", "--save-every", "1000",
                                "--output-dir", str(Path(out) / "run")]))
     torch.save({"seen": seen, "final": ku.backend_choices()}, Path(out) / f"rank{rank}.pt")

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from mae_fast.train.cli import ConfigError
-from mae_fast.train.config import parse_config
-from mae_fast.train.plots import main as plot_main
+from mae_fast.errors import ConfigError
+from mae_fast.train.engine.config import parse_config
+from mae_fast.train.engine.plots import main as plot_main
 from mae_fast.train.pretrain import train
-from mae_fast.train.run_folder import choose_run_dir, holds_run
+from mae_fast.train.run_state import choose_run_dir, holds_run
 
 SMALL = ["--model", "mae_vit_tiny_patch8", "--img-size", "32", "--data", "demo", "--loader", "pil",
          "--num-workers", "0", "--warmup-epochs", "1", "--lr", "1e-3", "--no-progress", "--no-tensorboard",

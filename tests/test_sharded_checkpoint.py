@@ -18,7 +18,7 @@ import torch
 
 from conftest import needs_webdataset
 
-from mae_fast.train.sharded_checkpoint import (RUN_STATE, ShardedCheckpoints, consolidate, is_sharded_checkpoint,
+from mae_fast.train.run_state import (RUN_STATE, ShardedCheckpoints, consolidate, is_sharded_checkpoint,
                                                read_sharded)
 
 ARGS = ["--model", "mae_vit_tiny_patch8", "--img-size", "32", "--loader", "pil", "--num-workers", "0",
@@ -51,8 +51,8 @@ def assert_same_state(a: dict, b: dict) -> None:
 
 @needs_webdataset
 def test_fsdp2_sharded_kill_and_resume_is_bit_exact(tmp_path):
-    from mae_fast.train.make_shards import MakeShardsConfig, make_shards
-    from mae_fast.train.sources import demo_dir
+    from mae_fast.train.data.make_shards import MakeShardsConfig, make_shards
+    from mae_fast.train.data.sources import demo_dir
 
     data = tmp_path / "shards"
     make_shards(MakeShardsConfig(src=str(demo_dir()), dst=str(data), max_count=5, progress=False))
@@ -81,7 +81,7 @@ def test_fsdp2_sharded_kill_and_resume_is_bit_exact(tmp_path):
 def test_consolidated_equals_the_full_format_and_loads_everywhere(tmp_path):
     from mae_fast import mae_vit_tiny_patch8
     from mae_fast.checkpoint import encoder_state_dict, load_mae_checkpoint
-    from mae_fast.train.config import parse_config
+    from mae_fast.train.engine.config import parse_config
     from mae_fast.train.pretrain import train
 
     cfg = lambda name: parse_config(ARGS + ["--data", "demo", "--epochs", "1", "--checkpoint-format", name,  # noqa: E731
@@ -102,7 +102,7 @@ def test_consolidated_equals_the_full_format_and_loads_everywhere(tmp_path):
     model.load_state_dict(b["model"])
     assert load_mae_checkpoint(mae_vit_tiny_patch8(img_size=32), str(out)).loaded
     # the encoder as a timm VisionTransformer (mae-finetune's classifier): only the head is new
-    from mae_fast.train.classify import create_classifier
+    from mae_fast.train.evaluation.classifier import create_classifier
 
     vit = create_classifier("vit_tiny_patch8", 10, 32, "token", 0.0)
     missing, unexpected = vit.load_state_dict(encoder_state_dict(b), strict=False)
@@ -113,7 +113,7 @@ def test_consolidated_equals_the_full_format_and_loads_everywhere(tmp_path):
 
 def test_damaged_newest_falls_back_and_interrupted_save_is_unseen(tmp_path, monkeypatch, caplog):
     from mae_fast import mae_vit_tiny_patch8
-    from mae_fast.train.optim import build_adamw
+    from mae_fast.train.engine.optim import build_adamw
 
     torch.manual_seed(0)
     model = mae_vit_tiny_patch8(img_size=32)

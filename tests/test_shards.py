@@ -13,14 +13,15 @@ import torch
 
 wds = pytest.importorskip("webdataset", reason="tar shards need webdataset (not installed)")
 
-from mae_fast.train.augment import augment_pil, load_rgb, normalize, sample_params
-from mae_fast.train.dali_loader import dali_available
-from mae_fast.train.make_shards import MakeShardsConfig, make_shards, parse, parse_size
-from mae_fast.train.cli import ConfigError
-from mae_fast.train.shard_loaders import build_labelled_shard_loader, build_shard_loader
-from mae_fast.train.shards import (ShardError, is_shard_source, list_shards, rank_rows, scan_shards,
-                                   stream_blocks)
-from mae_fast.train.sources import UnreadableImageError, demo_dir
+from mae_fast.train.data.transforms import augment_pil, load_rgb, normalize, sample_params
+from mae_fast.train.data.dali_loader import dali_available
+from mae_fast.train.data.make_shards import MakeShardsConfig, make_shards, parse, parse_size
+from mae_fast.errors import ConfigError
+from mae_fast.train.data.shard_loaders import build_labelled_shard_loader, build_shard_loader
+from mae_fast.train.data.shards import is_shard_source, list_shards, rank_rows, scan_shards, stream_blocks
+from mae_fast.errors import ShardError
+from mae_fast.train.data.sources import demo_dir
+from mae_fast.errors import UnreadableImageError
 
 S = 32
 BAD = Path(__file__).parent / "assets" / "bad"
@@ -67,7 +68,7 @@ def test_make_shards_writes_labels_and_reports(tree, shards, tmp_path, capsys):
         assert s["jpg"] == source_image(tree, s["__key__"]).read_bytes()  # copied byte for byte
     assert [s["__key__"] for s in samples] != sorted(s["__key__"] for s in samples)  # shuffled
     # by size: a new shard once one reaches 200 kB; the command line reports counts
-    from mae_fast.train.make_shards import main
+    from mae_fast.train.data.make_shards import main
 
     assert main([str(tree), str(tmp_path / "by_size"), "--shard-size", "200kB", "--no-progress"]) == 0
     err = capsys.readouterr().err
@@ -239,7 +240,7 @@ def test_bad_samples_named_by_shard_and_key(bad_shard, caplog):
 
 
 def test_labelled_shards_for_finetuning(tree, shards):
-    from mae_fast.train.finetune_data import eval_transform
+    from mae_fast.train.data.labelled import eval_transform
 
     ss = scan_shards(shards)
     seen = []
@@ -270,7 +271,7 @@ PRETRAIN = ["--model", "mae_vit_tiny_patch8", "--img-size", "32", "--num-workers
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_pretrain_from_shards(shards, tmp_path, kind):
-    from mae_fast.train.config import parse_config
+    from mae_fast.train.engine.config import parse_config
     from mae_fast.train.pretrain import train
 
     pattern = str(shards / "shard-{000000..000003}.tar")

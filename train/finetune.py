@@ -7,7 +7,7 @@
 The official recipe (docs/semantics.md §8) is the default: global average pooling + fc_norm, layer-wise lr
 decay, drop path, RandAugment, random erasing, mixup/cutmix with label smoothing, 5 warmup epochs then
 cosine, evaluation (top-1/top-5) after every epoch. The loop and the rest are shared with ``mae-linprobe``
-(:mod:`mae_fast.train.classify`): torchrun DDP, bf16 autocast, exact resume (``--resume auto``), logs, curves.
+(:mod:`mae_fast.train.evaluation.classifier`): torchrun DDP, bf16 autocast, exact resume (``--resume auto``), logs, curves.
 """
 from __future__ import annotations
 
@@ -19,11 +19,11 @@ from typing import Any, ClassVar, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .classify import (ClassifierConfig, Task, create_classifier, eval_loader_for, labelled_images, load_encoder,
+from mae_fast.train.evaluation.classifier import (ClassifierConfig, Task, create_classifier, eval_loader_for, labelled_images, load_encoder,
                        parse_classifier_config, run_cli, seed_training)
-from .cli import opt
-from .distributed import DistInfo
-from .optim import fused_available
+from mae_fast.train.engine.cli import opt
+from mae_fast.train.engine.distributed import DistInfo
+from mae_fast.train.engine.optim import fused_available
 
 log = logging.getLogger("mae_fast.train")
 
@@ -93,7 +93,7 @@ def build_task(cfg: FinetuneConfig, info: DistInfo, device: torch.device) -> Tas
     from timm.layers import trunc_normal_
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
-    from .finetune_data import build_labelled_loader, train_transform
+    from mae_fast.train.data.labelled import build_labelled_loader, train_transform
 
     train_images, eval_images = labelled_images(cfg, info)
     eval_loader = eval_loader_for(eval_images, cfg, info, device)

@@ -14,7 +14,7 @@ moves: a one-line warning says so and how to reach the recipe.
 ``--method logistic`` (the feature probe): embed the training and evaluation images once with the frozen
 encoder (the mean of the patch tokens unless ``--pool cls``; clean views, or ``--views K`` augmented views of
 each training image; kept on the GPU while they fit there, else streamed from host memory), then fit a multinomial
-logistic regression to convergence (:mod:`mae_fast.train.logistic`) with its L2 penalty chosen on a
+logistic regression to convergence (:mod:`mae_fast.train.evaluation.logistic`) with its L2 penalty chosen on a
 held-out part of the training images (``--holdout``). Deterministic for a seed; it is the same head
 (BatchNorm + Linear) and is saved as such, so ``mae-linprobe --eval`` evaluates it too.
 """
@@ -34,10 +34,11 @@ import torch.nn as nn
 
 from mae_fast.checkpoint import save_checkpoint
 
-from .classify import (ClassifierConfig, Task, create_classifier, eval_loader_for, labelled_images, load_encoder,
+from mae_fast.train.evaluation.classifier import (ClassifierConfig, Task, create_classifier, eval_loader_for, labelled_images, load_encoder,
                        parse_classifier_config, run_cli, seed_training)
-from .cli import ConfigError, opt
-from .distributed import DistInfo
+from mae_fast.train.engine.cli import opt
+from mae_fast.errors import ConfigError
+from mae_fast.train.engine.distributed import DistInfo
 
 log = logging.getLogger("mae_fast.train")
 
@@ -136,8 +137,8 @@ def small_scale_warning(cfg: LinprobeConfig, eff_batch: int, steps_per_epoch: in
 
 def build_task(cfg: LinprobeConfig, info: DistInfo, device: torch.device) -> Task:
     """The LARS probe: frozen classifier, BatchNorm + Linear head, LARS, the probe's augmentation."""
-    from .data import build_loader
-    from .finetune_data import build_labelled_loader, eval_transform, require_labelled
+    from mae_fast.train.data.loaders import build_loader
+    from mae_fast.train.data.labelled import build_labelled_loader, eval_transform, require_labelled
 
     train_loader: Any = None
 
@@ -178,10 +179,10 @@ def train_logistic(cfg: LinprobeConfig, info: DistInfo, device: torch.device) ->
     """The feature probe (see the module doc); writes config.json, eval.csv, summary.json and the head."""
     from mae_fast.compile import apply_compile
 
-    from .features import FeatureExtractor, classifier_encoder
-    from .finetune_data import eval_transform, probe_transform
-    from .logistic import features_home, fit_probe, scores_of
-    from .run_folder import RunLog, clear_run, write_json
+    from mae_fast.train.evaluation.features import FeatureExtractor, classifier_encoder
+    from mae_fast.train.data.labelled import eval_transform, probe_transform
+    from mae_fast.train.evaluation.logistic import features_home, fit_probe, scores_of
+    from mae_fast.train.run_state import RunLog, clear_run, write_json
 
     if cfg.resume:
         raise ConfigError("--resume continues a --method lars run; the feature probe runs in one go (rerun it, "
@@ -260,7 +261,7 @@ def train_logistic(cfg: LinprobeConfig, info: DistInfo, device: torch.device) ->
 
 def train(cfg: LinprobeConfig, info: DistInfo, device: torch.device) -> Dict[str, Any]:
     """--method lars: :func:`classify.fit` of :func:`build_task`; --method logistic: :func:`train_logistic`."""
-    from .classify import fit
+    from mae_fast.train.evaluation.classifier import fit
 
     if cfg.method == "logistic":
         return train_logistic(cfg, info, device)

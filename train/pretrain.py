@@ -28,13 +28,14 @@ from mae_fast.compile import apply_compile
 from mae_fast.device import autocast_for, compute_dtype, requested_device_type, resolve_device
 from mae_fast.models_mae import MaskedAutoencoderViT, create_model
 
-from .cli import AUTO, run_main
-from .config import PretrainConfig, parse_config
-from .distributed import DistInfo, ddp_wrap, init_distributed, unwrap
-from .knn import KnnMonitor
-from .loop import StepRunner, open_run_checkpoints, plan_steps, run_steps
-from .optim import build_adamw, lr_at, set_lr
-from .run_folder import RunLog, choose_run_dir, use_progress_bar, write_json
+from mae_fast.train.engine.cli import AUTO, run_main
+from mae_fast.train.engine.config import PretrainConfig, parse_config
+from mae_fast.train.engine.distributed import DistInfo, ddp_wrap, init_distributed, unwrap
+from mae_fast.train.evaluation.knn import KnnMonitor
+from mae_fast.train.engine.loop import StepRunner, plan_steps, run_steps
+from mae_fast.train.run_state import open_run_checkpoints
+from mae_fast.train.engine.optim import build_adamw, lr_at, set_lr
+from mae_fast.train.run_state import RunLog, choose_run_dir, use_progress_bar, write_json
 
 log = logging.getLogger("mae_fast.train")
 
@@ -121,7 +122,7 @@ def build_model(cfg: PretrainConfig, device: torch.device) -> MaskedAutoencoderV
 
 def train(cfg: PretrainConfig) -> Dict[str, Any]:
     """Run pretraining as configured; returns the summary also written to ``summary.json``."""
-    from .data import build_loader
+    from mae_fast.train.data.loaders import build_loader
 
     info = init_distributed(requested_device_type(cfg.device))
     device = resolve_device(cfg.device, info.local_rank)
@@ -225,12 +226,12 @@ def check_resumable(model: MaskedAutoencoderViT, state: Dict[str, Any], source: 
 
 def write_figures(cfg: PretrainConfig, model: MaskedAutoencoderViT, out: Path) -> Dict[str, str]:
     """Loss curve (always) and reconstruction (``--visualize``, demo data) beside the logs; their paths."""
-    from .plots import plot_run
-    from .sources import demo_dir
+    from mae_fast.train.engine.plots import plot_run
+    from mae_fast.train.data.sources import demo_dir
 
     figures = {"loss_figure": str(p) for p in plot_run(out)[:1]}
     if cfg.visualize and cfg.data == "demo":
-        from .visualize import reconstruction_figure
+        from mae_fast.train.visualize import reconstruction_figure
 
         first = sorted(Path(demo_dir()).glob("*.jpg"))[0]
         fig = reconstruction_figure(model, str(first), out / "reconstruction.png", mask_ratio=cfg.mask_ratio,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -18,7 +17,8 @@ import typing
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
-from .errors import ConfigError, NonFiniteLossError
+from mae_fast.errors import ConfigError, NonFiniteLossError
+from mae_fast.files import strict_json
 
 log = logging.getLogger("mae_fast.train")
 
@@ -231,24 +231,11 @@ def parse_config(cls: type, parser: argparse.ArgumentParser, argv: Optional[List
 
 
 # ------------------------------------------------------------------ running
-def strict_json(obj: Any, indent: Optional[int] = 2) -> str:
-    """JSON with NaN / Infinity written as null (strict JSON, which every reader accepts)."""
-    def clean(x: Any) -> Any:
-        if isinstance(x, float) and not math.isfinite(x):
-            return None
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [clean(v) for v in x]
-        return x
-    return json.dumps(clean(obj), indent=indent, allow_nan=False, default=str)
-
-
 def user_errors() -> tuple:
     """Exceptions that are the user's to fix: printed as one line, no traceback."""
-    from mae_fast.checkpoint import CheckpointError
+    from mae_fast.errors import CheckpointError
 
-    from .sources import UnreadableImageError
+    from mae_fast.errors import UnreadableImageError
 
     errors = [ValueError, FileNotFoundError, NotADirectoryError, PermissionError, ImportError, MemoryError,
               NonFiniteLossError,
@@ -267,7 +254,7 @@ def setup_logging() -> None:
 def run_main(prog: str, parse: Callable[[], Any], run: Callable[[Any], Any]) -> int:
     """Shared ``main()``: parse (ConfigError → exit 2), run (a user error → exit 1), print the result as
     strict JSON on rank 0; every error is one line ``<prog>: error: ...``."""
-    from .distributed import shutdown_distributed
+    from mae_fast.train.engine.distributed import shutdown_distributed
 
     setup_logging()
     try:

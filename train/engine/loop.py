@@ -3,24 +3,18 @@ loss scaling, non-finite handling and loss logging, with no host synchronization
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import time
-from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from mae_fast.kernels import backend_choices, restore_backend_choices
-from mae_fast.checkpoint import read_checkpoint
 
-from .checkpoints import CheckpointManager, set_rng_state
-from .errors import NonFiniteLossError
-from .distributed import (DistInfo, agree_kernel_choices, all_finite, full_state, gather_rng_states,
-                          load_full_state)
-from .run_folder import RunLog, clear_run, remove_stale_temp
+from mae_fast.errors import NonFiniteLossError
+from mae_fast.train.engine.distributed import DistInfo
+from mae_fast.train.run_state import RunCheckpoints, RunLog, agree_kernel_choices
 
 log = logging.getLogger("mae_fast.train")
 
@@ -138,28 +132,6 @@ class StepRunner:
         self.reported = int(state.get("bad_steps", 0))
 
 
-def find_resume_checkpoint(resume: str, folder: Path) -> Optional[Tuple[Path, Dict[str, Any]]]:
-    """(path, state) for ``--resume``: "auto" = the newest complete checkpoint in ``folder``, a file,
-    or None for a fresh run."""
-    if resume == "auto":
-        return CheckpointManager(folder).load_latest()
-    if resume:
-        return Path(resume), read_checkpoint(resume)
-    return None
-
-
-def rng_of_rank(saved: Any, rank: int) -> Dict[str, Any]:
-    """This rank's saved RNG states; a rank the saving run did not have (resumed on more processes) takes
-    rank 0's. Pretraining's masks and crops come from (seed, step) generators and do not depend on it;
-    draws from the global generators (fine-tuning's drop path, mixup) are then not those of the saving run."""
-    if not isinstance(saved, list):
-        return saved
-    if rank >= len(saved):
-        log.info("rank %d: the checkpoint was saved by %d processes; restoring rank 0's RNG states", rank, len(saved))
-        return saved[0]
-    return saved[rank]
-
-
 def plan_steps(cfg: Any, batches_per_epoch: int) -> Tuple[int, int]:
     """(optimizer steps per epoch, total steps) of a run from ``cfg`` (accum_iter, epochs, max_steps: 0 = all
     epochs); ValueError naming the data when an epoch holds fewer batches than one accumulation."""
@@ -169,95 +141,6 @@ def plan_steps(cfg: Any, batches_per_epoch: int) -> Tuple[int, int]:
     steps_per_epoch = batches_per_epoch // cfg.accum_iter
     total_steps = cfg.epochs * steps_per_epoch
     return steps_per_epoch, min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
-
-
-def open_run_checkpoints(cfg: Any, out: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                         runner: "StepRunner", loader: Any, info: DistInfo) -> "RunCheckpoints":
-    """The run's checkpoints in ``out/checkpoints``, after the main process removed the old run's files
-    (``--overwrite``) or the temp files a killed save left (``--resume``)."""
-    if info.is_main and cfg.overwrite:
-        clear_run(out)
-    if info.is_main and cfg.resume:
-        remove_stale_temp(out)
-    return RunCheckpoints(out / "checkpoints", cfg.keep_checkpoints, model, optimizer, runner, loader, info,
-                          dataclasses.asdict(cfg))
-
-
-class RunCheckpoints:
-    """Save and resume of a training run: model (official keys) and optimizer gathered in full, step,
-    loader position, every rank's RNG state, the step runner and the config; atomic, newest k kept."""
-
-    def __init__(self, folder: Path, keep: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 runner: StepRunner, loader: Any, info: DistInfo, config: Dict[str, Any],
-                 checkpoint_format: Optional[str] = None):
-        from .sharded_checkpoint import ShardedCheckpoints
-
-        self.manager = CheckpointManager(folder, keep=keep)
-        self.model, self.optimizer, self.runner, self.loader = model, optimizer, runner, loader
-        self.info, self.config = info, config
-        self.last: Optional[Path] = None
-        # "sharded": torch.distributed.checkpoint folders, each rank writing its shards (FSDP2 at scale)
-        self.sharded = (checkpoint_format or config.get("checkpoint_format", "full")) == "sharded"
-        self.sharded_store = ShardedCheckpoints(folder, keep=keep)
-
-    def resume(self, resume: str, check: Optional[Callable[[Dict[str, Any], str], None]] = None
-               ) -> Optional[Dict[str, Any]]:
-        """Restore everything from ``--resume``; returns the state (for extra fields) or None.
-        ``check(state, source)`` may validate the weights first (clear errors)."""
-        sharded = self._resume_sharded(resume, check)
-        found = sharded or find_resume_checkpoint(resume, self.manager.folder)
-        if not found:
-            return None
-        self.last, state = found
-        if not sharded:
-            if check is not None:
-                check(state, str(self.last))
-            load_full_state(self.model, self.optimizer, state)
-        self.runner.load_state_dict(state.get("step_runner"))
-        self.loader.load_state_dict(state["loader"])
-        set_rng_state(rng_of_rank(state["rng"], self.info.rank))
-        restore_backend_choices(state.get("kernel_choices", {}))  # the kernels the run was computing with
-        if self.info.is_main:
-            log.info("resumed from %s at step %d (epoch %d, batch %d)", self.last, int(state["step"]),
-                     state["loader"]["epoch"], state["loader"]["batch"])
-        return state
-
-    def _resume_sharded(self, resume: str, check: Optional[Callable[[Dict[str, Any], str], None]]
-                        ) -> Optional[Tuple[Path, Dict[str, Any]]]:
-        """(folder, run state) of a sharded checkpoint, its weights loaded; None for other resumes."""
-        from .sharded_checkpoint import is_sharded_checkpoint
-
-        if resume and resume != "auto" and is_sharded_checkpoint(resume):
-            return Path(resume), self.sharded_store.load(Path(resume), self.model, self.optimizer, check)
-        if resume == "auto" and self.sharded:
-            if self.info.is_main:
-                self.sharded_store.remove_stale_temp()
-            return self.sharded_store.load_latest(self.model, self.optimizer, check)
-        return None
-
-    def save(self, step: int, **extra: Any) -> Path:
-        """Checkpoint at ``step`` (all ranks call it); refuses non-finite weights."""
-        self.runner.check(self.last)
-        if not all_finite(self.model):
-            raise NonFiniteLossError(f"step {step}: weights are not finite; no checkpoint written "
-                                     f"(last good: {self.last or 'none'})")
-        agree_kernel_choices(self.info)  # what is saved is what every rank computes with
-        rngs = gather_rng_states(self.info)
-        run_state = dict(step=step, epoch=self.loader.epoch, loader=self.loader.state_dict(), rng=rngs,
-                         config=self.config, step_runner=self.runner.state_dict(),
-                         world_size=self.info.world_size, kernel_choices=backend_choices(), **extra)
-        if self.sharded:
-            self.last = self.sharded_store.save(step, self.model, self.optimizer, run_state)
-            return self.last
-        state = full_state(self.model, self.optimizer, self.info)
-        path = None
-        if self.info.is_main:
-            state.update(run_state)
-            path = self.manager.save(state)
-        if self.info.enabled:
-            dist.barrier()
-        self.last = path or self.manager.path_for(step)
-        return self.last
 
 
 def run_steps(loader: Any, runner: StepRunner, ckpts: RunCheckpoints, *, step: int, total_steps: int,

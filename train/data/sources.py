@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from PIL import Image, UnidentifiedImageError
+from mae_fast.errors import NoReadableImagesError, UnreadableImageError
 
 log = logging.getLogger("mae_fast.data")
 
@@ -19,12 +20,6 @@ IMG_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".t
 DEMO_DIR = Path(__file__).resolve().parent.parent / "mae_fast" / "assets" / "demo"
 
 
-class UnreadableImageError(RuntimeError):
-    """An image file that cannot be decoded (raised with strict=True)."""
-
-
-class NoReadableImagesError(UnreadableImageError):
-    """Every image file of a source is unreadable (the message names the source and the count)."""
 
 
 @dataclass

@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .loader_base import epoch_order
-from .sources import UnreadableImageError
+from mae_fast.train.data.loader_base import epoch_order
+from mae_fast.errors import ShardError, UnreadableImageError
 
 log = logging.getLogger("mae_fast.data")
 
@@ -41,9 +41,6 @@ CLASSES_FILE = "classes.txt"  # class names, one per line (label = line number),
 DEFAULT_BLOCK = 1000
 _INDEX_VERSION = 1
 
-
-class ShardError(ValueError):
-    """A shard source that cannot be used (the message names the pattern, file or shard)."""
 
 
 def webdataset_module(name: str) -> Any:
@@ -465,6 +462,6 @@ def read_blocks(ss: ShardSet, blocks: Iterator[Block] | Sequence[Block]
 
 def decode_bytes(data: bytes) -> Image.Image:
     """Decode image bytes to RGB with the folder loaders' conversions (CMYK, L, RGBA, P, ...)."""
-    from .augment import load_rgb
+    from mae_fast.train.data.transforms import load_rgb
 
     return load_rgb(io.BytesIO(data))  # type: ignore[arg-type]

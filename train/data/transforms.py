@@ -99,7 +99,7 @@ def load_rgb(path: str) -> Image.Image:
 
 def load_rgb_or_reason(path: str, strict: bool) -> tuple[Image.Image | None, str | None]:
     """(image, None), or (None, "path: why") for an unreadable file; with ``strict`` raise instead."""
-    from .sources import UnreadableImageError
+    from mae_fast.errors import UnreadableImageError
 
     try:
         return load_rgb(path), None

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .sources import NoReadableImagesError
+from mae_fast.errors import NoReadableImagesError
 
 log = logging.getLogger("mae_fast.data")
 

@@ -11,9 +11,10 @@ from typing import Any, ClassVar, Dict, List, Optional
 from mae_fast.attention import ATTENTION_BACKENDS, BACKEND_NAMES
 from mae_fast.models_mae import MODELS
 
-from .cli import ConfigError, add_config_flags, dataclass_parser, opt
-from .loader_base import default_workers
-from .cli import parse_config as parse_dataclass_config
+from mae_fast.train.engine.cli import add_config_flags, dataclass_parser, opt
+from mae_fast.errors import ConfigError
+from mae_fast.train.data.loader_base import default_workers
+from mae_fast.train.engine.cli import parse_config as parse_dataclass_config
 
 COMPILE_MODES = ("auto", "off", "blocks", "model")
 LOADERS = ("auto", "dali", "nvjpeg", "pil", "synthetic")

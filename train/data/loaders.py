@@ -4,7 +4,7 @@ loader, a DALI loader and an nvJPEG loader (GPU decode) and a synthetic device-r
 Every loader yields ImageNet-normalized images (N, 3, size, size) on ``device`` (or
 ``(images, labels)`` with ``with_labels=True``) and has ``len``, ``set_epoch`` and a position
 (``state_dict``/``load_state_dict``: epoch and batch index) to resume mid-epoch exactly; the
-interface, file order and sharding are in :mod:`mae_fast.train.loader_base`. Crop and flip of a
+interface, file order and sharding are in :mod:`mae_fast.train.data.loader_base`. Crop and flip of a
 sample are drawn from (seed, epoch, file index), so results do not depend on the loader, workers,
 sharding or the resume point.
 """
@@ -18,11 +18,11 @@ from typing import Iterator
 import torch
 from torch.utils.data import Dataset
 
-from . import dali_loader, nvjpeg_loader
-from .augment import SCALE, augment_pil, load_rgb_or_reason, normalize, sample_params
-from .loader_base import EpochDataLoader, Loader, default_workers
-from .shards import is_shard_source
-from .sources import ImageList, scan_source
+from mae_fast.train.data import dali_loader, nvjpeg_loader
+from mae_fast.train.data.transforms import SCALE, augment_pil, load_rgb_or_reason, normalize, sample_params
+from mae_fast.train.data.loader_base import EpochDataLoader, Loader, default_workers
+from mae_fast.train.data.shards import is_shard_source
+from mae_fast.train.data.sources import ImageList, scan_source
 
 log = logging.getLogger("mae_fast.data")
 
@@ -183,7 +183,7 @@ def build_loader(source: str | os.PathLike | None = "demo", kind: str = "auto",
                          f"'demo')")
     workers = default_workers() if num_workers is None else num_workers
     if is_shard_source(source):
-        from .shard_loaders import build_shard_loader
+        from mae_fast.train.data.shard_loaders import build_shard_loader
 
         if kind == "nvjpeg" and requested == "auto":  # nvjpeg reads folders: shards go to PIL
             kind = "pil"

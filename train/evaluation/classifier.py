@@ -18,18 +18,21 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mae_fast.checkpoint import CheckpointError, check_compatible, encoder_state_dict, extract_state_dict, read_checkpoint
+from mae_fast.checkpoint import check_compatible, encoder_state_dict, extract_state_dict, read_checkpoint
+from mae_fast.errors import CheckpointError
 from mae_fast.compile import COMPILE_MODES
 from mae_fast.device import autocast_for, requested_device_type, resolve_device
 from mae_fast.pos_embed import resize_pos_embed
 
-from .cli import ConfigError, dataclass_parser, add_config_flags, load_yaml, opt, parse_config as parse_dataclass_config
-from .cli import run_main
-from .loader_base import default_workers
-from .distributed import DistInfo, ddp_wrap, init_distributed, unwrap
-from .loop import StepRunner, find_resume_checkpoint, open_run_checkpoints, plan_steps, run_steps
-from .optim import lr_at, set_lr
-from .run_folder import RunLog, choose_run_dir, use_progress_bar, write_json
+from mae_fast.train.engine.cli import (dataclass_parser, add_config_flags, load_yaml, opt, parse_config as parse_dataclass_config)
+from mae_fast.errors import ConfigError
+from mae_fast.train.engine.cli import run_main
+from mae_fast.train.data.loader_base import default_workers
+from mae_fast.train.engine.distributed import DistInfo, ddp_wrap, init_distributed, unwrap
+from mae_fast.train.engine.loop import StepRunner, plan_steps, run_steps
+from mae_fast.train.run_state import find_resume_checkpoint, open_run_checkpoints
+from mae_fast.train.engine.optim import lr_at, set_lr
+from mae_fast.train.run_state import RunLog, choose_run_dir, use_progress_bar, write_json
 
 log = logging.getLogger("mae_fast.train")
 
@@ -241,7 +244,7 @@ def labelled_images(cfg: ClassifierConfig, info: DistInfo, scan_train: Optional[
     """(training, evaluation) ImageLists of ``--data`` / ``--eval-data`` (under --eval: both the evaluation
     images), with ``cfg.nb_classes`` set from the class folders when not given or known from the checkpoint.
     ``scan_train(source)``, if given, scans the training source (e.g. by building its loader)."""
-    from .finetune_data import check_classes, num_classes_of, scan_labelled, split_sources
+    from mae_fast.train.data.labelled import check_classes, num_classes_of, scan_labelled, split_sources
 
     train_src, eval_src = split_sources(cfg.data, cfg.eval_data)
     eval_images = scan_labelled(eval_src, cfg.strict_data, info.rank, info.world_size)
@@ -260,7 +263,7 @@ def labelled_images(cfg: ClassifierConfig, info: DistInfo, scan_train: Optional[
 
 def eval_loader_for(images: Any, cfg: ClassifierConfig, info: DistInfo, device: torch.device) -> Any:
     """The evaluation loader: every image once in file order, resize + center crop."""
-    from .finetune_data import build_labelled_loader, eval_transform
+    from mae_fast.train.data.labelled import build_labelled_loader, eval_transform
 
     return build_labelled_loader(images, eval_transform(cfg.img_size, cfg.crop_pct), cfg.batch_size, seed=cfg.seed,
                                  rank=info.rank, world_size=info.world_size, device=device, strict=cfg.strict_data,
@@ -337,7 +340,7 @@ class Task:
 
 def fit(cfg: ClassifierConfig, task: Task, info: DistInfo, device: torch.device) -> Dict[str, Any]:
     """Train ``task.model`` as configured, evaluating after every epoch; returns the summary."""
-    from .plots import plot_run
+    from mae_fast.train.engine.plots import plot_run
     from mae_fast.compile import apply_compile
 
     out = Path(cfg.output_dir)
