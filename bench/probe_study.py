@@ -3,8 +3,9 @@
     python -m mae_fast.bench.probe_study --out /tmp/probe-study --seeds 0,1,2,3,4
     python -m mae_fast.bench.probe_study --out /tmp/probe-study --seeds 0,1,2 --lars-epochs 60   # + the LARS probe
 
-For each seed a tiny MAE is pretrained briefly on scikit-learn's digits (:mod:`digits`), then the pretrained
-weights and the weights it started from are probed with ``mae-linprobe --method logistic`` on all training
+For each seed a tiny MAE is pretrained briefly on scikit-learn's digits (1797 8x8 images bundled
+with scikit-learn, no download; written here as an ImageFolder tree), then the pretrained weights and the weights
+it started from are probed with ``mae-linprobe --method logistic`` on all training
 labels and on ``--per-class`` labels per class (and, with ``--lars-epochs``, the paper's LARS probe at batch
 64). It prints each probe's pretrained-minus-initial top-1 gap per seed with its range, and writes the
 record to ``OUT/probe_study-<device>-<time>.json``. Everything runs on the CPU in a few minutes.
@@ -16,14 +17,107 @@ import contextlib
 import io
 import json
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
-from mae_fast.bench.digits import IMG_SIZE, PRETRAIN_EPOCHS, labelled_subset, pretrained, write_digits
-from mae_fast.bench.records import record_header, write_result
+import numpy as np
+import torch
 
+from .records import record_header, write_result
+
+# ---------------------------------------------------------------- the digits data and pretraining
+IMG_SIZE = 64  # one 8 px patch of mae_vit_tiny_patch8 per digit pixel
+VAL_PER_CLASS = 36  # 360 validation images, 1437 training images
+MODEL = "mae_vit_tiny_patch8"
+#: 10 epochs of 89 steps (batch 16): 890 steps, about 25 s of a 2-core CPU per seed
+PRETRAIN_EPOCHS = 10
+
+
+def write_digits(root: Path, size: int = IMG_SIZE) -> Path:
+    """root/train/<digit>/*.png and root/val/<digit>/*.png (a fixed stratified split); returns root.
+    Each 8x8 image (values 0-16) is scaled to 0-255 and upscaled bicubically to ``size`` px, RGB."""
+    from PIL import Image
+
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise ImportError("the digits data needs scikit-learn: pip install scikit-learn") from None
+    root = Path(root)
+    if (root / "val").is_dir():
+        return root
+    digits = load_digits()
+    order = np.random.default_rng(0).permutation(len(digits.target))
+    seen: Dict[int, int] = {}
+    for i in order:
+        label = int(digits.target[i])
+        seen[label] = seen.get(label, 0) + 1
+        split = "val" if seen[label] <= VAL_PER_CLASS else "train"
+        folder = root / split / str(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = (digits.images[i] * (255.0 / 16.0)).round().astype(np.uint8)
+        Image.fromarray(pixels, mode="L").resize((size, size), Image.BICUBIC).convert("RGB").save(
+            folder / f"{i:04d}.png")
+    return root
+
+
+def pretrain_args(size: int = IMG_SIZE) -> List[str]:
+    """mae-pretrain options of the brief pretraining: tiny MAE (patch 8), batch 16, lr 5e-4, fp32 on the CPU."""
+    return ["--model", MODEL, "--img-size", str(size), "--loader", "pil", "--num-workers", "0", "--batch-size",
+            "16", "--lr", "5e-4", "--warmup-epochs", "2", "--precision", "fp32", "--device", "cpu",
+            "--no-progress", "--no-tensorboard", "--log-every", "100", "--save-every", "100000", "--compile", "off"]
+
+
+def initial_weights(folder: Path, seed: int, size: int = IMG_SIZE) -> Path:
+    """A freshly initialized tiny MAE saved as an mae-fast checkpoint: the random arm, and what the
+    pretraining starts from (``--init-from``)."""
+    from mae_fast.models_mae import create_model
+
+    path = Path(folder) / f"init-seed{seed}.pth"
+    if not path.exists():
+        torch.manual_seed(seed)
+        model = create_model(MODEL, img_size=size, norm_pix_loss=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": model.state_dict()}, path)
+    return path
+
+
+def pretrained(folder: Path, data: Path, seed: int, epochs: int = PRETRAIN_EPOCHS, size: int = IMG_SIZE
+               ) -> Tuple[Path, Path]:
+    """(initial weights, final checkpoint) of a brief pretraining on ``data``/train from those weights;
+    reused when ``folder`` already holds it (one pretraining per seed)."""
+    from mae_fast.train.engine.config import parse_config
+    from mae_fast.train.pretrain import train
+
+    init = initial_weights(folder, seed, size)
+    out = Path(folder) / f"mae-seed{seed}-ep{epochs}"
+    ckpts = sorted((out / "checkpoints").glob("checkpoint-*.pth"))
+    if not ckpts:
+        cfg = parse_config(pretrain_args(size) + ["--data", str(Path(data) / "train"), "--epochs", str(epochs),
+                                                  "--seed", str(seed), "--init-from", str(init),
+                                                  "--output-dir", str(out), "--overwrite"])
+        train(cfg)
+        ckpts = sorted((out / "checkpoints").glob("checkpoint-*.pth"))
+    return init, ckpts[-1]
+
+
+def labelled_subset(root: Path, per_class: int) -> Path:
+    """A copy of the tree with only the first ``per_class`` training images of each class (val/ whole):
+    the few-label setting where a representation matters (pretraining still sees all of train/)."""
+    root = Path(root)
+    out = root.parent / f"{root.name}-{per_class}-per-class"
+    if not (out / "val").is_dir():
+        for folder in sorted((root / "train").iterdir()):
+            (out / "train" / folder.name).mkdir(parents=True, exist_ok=True)
+            for f in sorted(folder.iterdir())[:per_class]:
+                shutil.copy(f, out / "train" / folder.name / f.name)
+        shutil.copytree(root / "val", out / "val")
+    return out
+
+
+# ---------------------------------------------------------------- the probes
 CLASSIFIER = "vit_tiny_patch8"
 COMMON = ["--model", CLASSIFIER, "--device", "cpu", "--precision", "fp32", "--num-workers", "0", "--no-progress",
           "--no-tensorboard"]

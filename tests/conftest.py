@@ -1,7 +1,10 @@
-"""Shared test helpers: small models and fresh random inputs (never zeros)."""
+"""Shared test helpers: small models and fresh random inputs (never zeros), and the data and runs several
+test files use, built once per session."""
+import argparse
 import importlib.util
 import os
 import socket
+from pathlib import Path
 
 # Kernel tests (tests/test_kernel_*.py) run the Triton kernels in the CPU interpreter on machines
 # without an NVIDIA GPU; this must be set before triton is first imported in the pytest process.
@@ -11,6 +14,8 @@ import pytest
 import torch
 
 from mae_fast import mae_vit_tiny_patch8
+
+DEMO = Path(__import__("mae_fast").__file__).parent / "assets" / "demo"
 
 #: tar shards need webdataset, which the lent GPU image lacks (everything else runs without it)
 needs_webdataset = pytest.mark.skipif(importlib.util.find_spec("webdataset") is None,
@@ -41,10 +46,11 @@ def random_noise(n: int, length: int, seed: int = 2) -> torch.Tensor:
     return torch.rand(n, length, generator=g)
 
 
+# ---------------------------------------------------------------- shared runs and data, built once per session
 @pytest.fixture(scope="session")
 def digits_data(tmp_path_factory):
-    """scikit-learn's digits as an ImageFolder tree with train/ and val/ (see mae_fast.bench.digits)."""
-    from mae_fast.bench.digits import write_digits
+    """scikit-learn's digits as an ImageFolder tree with train/ and val/ (tests/digits.py)."""
+    from digits import write_digits
 
     return write_digits(tmp_path_factory.getbasetemp() / "digits" / "data")
 
@@ -53,7 +59,46 @@ def digits_data(tmp_path_factory):
 def digits_runs(tmp_path_factory, digits_data):
     """{seed: (initial weights, pretrained checkpoint)} of the tiny MAE briefly pretrained on the digits,
     made once per session for the probe and k-NN tests."""
-    from mae_fast.bench.digits import PRETRAIN_EPOCHS, SEEDS, pretrained
+    from digits import PRETRAIN_EPOCHS, SEEDS, pretrained
 
     runs = tmp_path_factory.getbasetemp() / "digits" / "runs"
     return {seed: pretrained(runs, digits_data, seed, PRETRAIN_EPOCHS) for seed in SEEDS}
+
+
+@pytest.fixture(scope="session")
+def tree(tmp_path_factory):
+    """The demo photos, shrunk to 48 px, as an ImageFolder tree of 3 classes (19 images)."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("labelled")
+    for i, src in enumerate(sorted(DEMO.glob("*.jpg"))):
+        (root / f"class{i % 3}").mkdir(exist_ok=True)
+        with Image.open(src) as im:
+            im.convert("RGB").resize((48, 48), Image.BICUBIC).save(root / f"class{i % 3}" / src.name)
+    return root
+
+
+@pytest.fixture(scope="session")
+def easy_tree(tmp_path_factory):
+    """A tiny learnable set: 8 demo photos (48 px) as class "plain" and their negatives as "inverted"."""
+    from PIL import Image, ImageOps
+
+    root = tmp_path_factory.mktemp("easy")
+    for src in sorted(DEMO.glob("*.jpg"))[:8]:
+        with Image.open(src) as im:
+            im = im.convert("RGB").resize((48, 48), Image.BICUBIC)
+        for cls, img in (("plain", im), ("inverted", ImageOps.invert(im))):
+            (root / cls).mkdir(exist_ok=True)
+            img.save(root / cls / src.name)
+    return root
+
+
+@pytest.fixture(scope="session")
+def mae_ckpt(tmp_path_factory):
+    """An official-format encoder-only MAE checkpoint of the tiny model (64 px): {"model", "args"}."""
+    torch.manual_seed(0)
+    mae = mae_vit_tiny_patch8()
+    enc = {k: v for k, v in mae.state_dict().items() if not k.startswith(("decoder", "mask_token"))}
+    path = tmp_path_factory.mktemp("ckpt") / "mae_pretrain_vit_tiny.pth"
+    torch.save({"model": enc, "args": argparse.Namespace(model="mae_vit_tiny_patch8", input_size=64)}, path)
+    return path

@@ -17,8 +17,6 @@ from mae_fast import mae_vit_tiny_patch8
 from mae_fast.bench.state_diff import key_bias, state_differences, tensors_of
 from mae_fast.train import finetune, pretrain
 
-from test_finetune import tree  # noqa: F401  (fixture: an ImageFolder of the demo photos)
-
 RTOL = 1e-5  # of each tensor's largest magnitude, fp32, 6 AdamW steps (seen: at most 5.4e-6)
 KEY_BIAS_SHARE = 0.05  # a key bias moves at most this share of its block's query bias (seen: about 0.01)
 STEPS = 6
@@ -68,6 +66,7 @@ def initial_pretrain_weights() -> dict:
     return mae_vit_tiny_patch8(img_size=32).state_dict()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["blocks", "model"])
 @pytest.mark.parametrize("ckpt", ["0", "1"])
 def test_compiled_pretraining_equals_eager(tmp_path, eager_pretrain, mode, ckpt):
@@ -87,14 +86,15 @@ def test_initial_weights_are_the_runs_start(eager_pretrain):
 
 
 @pytest.fixture(scope="module")
-def eager_finetune(tree, tmp_path_factory):  # noqa: F811
+def eager_finetune(tree, tmp_path_factory):
     out = tmp_path_factory.mktemp("eager-ft")
     assert finetune.main(FINETUNE + ["--data", str(tree), "--compile", "off", "--output-dir", str(out)]) == 0
     return final_state(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["blocks", "model"])
-def test_compiled_finetuning_equals_eager(tmp_path, tree, eager_finetune, mode):  # noqa: F811
+def test_compiled_finetuning_equals_eager(tmp_path, tree, eager_finetune, mode):
     """Drop path 0.5 inside the compiled blocks: Inductor must draw its masks from torch's generator as eager
     does (fallback_random); with its own generator the moments differ by O(1)."""
     torch._dynamo.reset()

@@ -34,6 +34,7 @@ def test_bad_options_are_one_line():
         "gpu_suite.sh: error: unknown option '--fast' (give --dry-run or nothing)"
 
 
+@pytest.mark.slow
 def test_dry_run_runs_every_step_and_keeps_cpu_records_out_of_bench_results(tmp_path):
     results = ROOT / "bench" / "results"
     before = set(results.iterdir()) if results.exists() else set()
@@ -59,5 +60,9 @@ def test_dry_run_runs_every_step_and_keeps_cpu_records_out_of_bench_results(tmp_
     assert h448["official"]["grad_checkpointing"] == 0  # the official code cannot checkpoint
     assert {r["variant"]: r for r in benches[2]["results"]}["graphs"]["unavailable"] == "needs CUDA"
     assert json.loads(next(tmp_path.glob("gpu-tests-cpu*.json")).read_text())["failed"] == 0
+    kernels = json.loads(next(tmp_path.glob("kernels-cpu*.json")).read_text())
+    assert {r["impl"] for r in kernels["results"]} == {"eager"} and len(kernels["results"]) == 12, kernels
+    assert not kernels["errors"] and kernels["command"].endswith("-m mae_fast.bench.bench_kernels --impls "
+                                                                 "eager,triton,triton_fused,triton_gemm")
     after = set(results.iterdir()) if results.exists() else set()
     assert after == before

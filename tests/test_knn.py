@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from conftest import free_port
 
-from mae_fast.bench.digits import IMG_SIZE, SEEDS, labelled_subset
+from digits import IMG_SIZE, SEEDS, labelled_subset
 from mae_fast.checkpoint import load_mae_checkpoint
 from mae_fast.models_mae import create_model
 from mae_fast.train.run_state import rng_state
@@ -55,6 +55,7 @@ def mae_from(path) -> torch.nn.Module:
 KNN_MARGIN = 3.0
 
 
+@pytest.mark.slow
 def test_knn_of_pretrained_encoder_beats_its_initialization(digits_data, digits_runs):
     few = labelled_subset(digits_data, 20)  # 200 labelled neighbours to vote, 360 validation images
     monitor = KnnMonitor(str(few), IMG_SIZE, DistInfo(), CPU, batch_size=256)
@@ -91,6 +92,7 @@ def _embed_worker(rank: int, world: int, port: int, data: str, ckpt: str, out: s
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_processes_embed_the_same_features_as_one(digits_data, digits_runs, tmp_path):
     from mae_fast.train.evaluation.features import FeatureExtractor, mae_encoder
     from mae_fast.train.data.labelled import eval_transform, scan_labelled
@@ -123,27 +125,41 @@ def _final(out: Path) -> dict:
     return torch.load(sorted((out / "checkpoints").glob("checkpoint-*.pth"))[-1], weights_only=False)
 
 
-def test_pretraining_with_the_monitor_trains_exactly_as_without(digits_data, tmp_path):
-    plain = _pretrain(tmp_path, "plain", digits_data)
-    watched = _pretrain(tmp_path, "knn", digits_data, "--knn-data", str(digits_data), "--knn-every", "1")
+@pytest.fixture(scope="module")
+def monitor_runs(digits_data, tmp_path_factory) -> Path:
+    """Four short pretrainings on the digits' val/ (22 steps): "plain" without the monitor, "knn" with it
+    every epoch, and "cut", the same as "knn" stopped at step 7 then resumed ("resumed": its summary).
+    The k-NN run is the reference of both the monitor test and the resume test."""
+    root = tmp_path_factory.mktemp("monitor")
+    knn = ["--knn-data", str(digits_data), "--knn-every", "1"]
+    runs = {"plain": _pretrain(root, "plain", digits_data), "knn": _pretrain(root, "knn", digits_data, *knn)}
+    _pretrain(root, "cut", digits_data, *knn, "--max-steps", "7")
+    runs["resumed"] = _pretrain(root, "cut", digits_data, *knn, "--resume", "auto")
+    return root, runs
+
+
+@pytest.mark.slow
+def test_pretraining_with_the_monitor_trains_exactly_as_without(monitor_runs):
+    root, runs = monitor_runs
+    plain, watched = runs["plain"], runs["knn"]
     assert plain["knn"] is None and watched["knn"]["step"] == watched["steps"] == plain["steps"] == 22
-    a, b = _final(tmp_path / "plain"), _final(tmp_path / "knn")
+    a, b = _final(root / "plain"), _final(root / "knn")
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
-    rows = (tmp_path / "knn" / "eval.csv").read_text().splitlines()
+    rows = (root / "knn" / "eval.csv").read_text().splitlines()
     assert rows[0] == "step,epoch,knn_acc1,knn_acc5" and [r.split(",")[0] for r in rows[1:]] == ["11", "22"]
     assert 0 <= watched["knn"]["knn_acc1"] <= 100
 
 
-def test_pretraining_with_the_monitor_resumes_exactly(digits_data, tmp_path):
-    knn = ["--knn-data", str(digits_data), "--knn-every", "2"]
-    _pretrain(tmp_path, "ref", digits_data, *knn)
-    _pretrain(tmp_path, "cut", digits_data, *knn, "--max-steps", "7")
-    resumed = _pretrain(tmp_path, "cut", digits_data, *knn, "--resume", "auto")
+@pytest.mark.slow
+def test_pretraining_with_the_monitor_resumes_exactly(monitor_runs):
+    root, runs = monitor_runs
+    resumed = runs["resumed"]
     assert resumed["steps_this_run"] == 15
-    a, b = _final(tmp_path / "ref"), _final(tmp_path / "cut")
+    a, b = _final(root / "knn"), _final(root / "cut")
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     assert resumed["knn"]["knn_acc1"] == pytest.approx(
-        float((tmp_path / "ref" / "eval.csv").read_text().splitlines()[-1].split(",")[2]), abs=1e-4)
+        float((root / "knn" / "eval.csv").read_text().splitlines()[-1].split(",")[2]), abs=1e-4)
+    assert resumed["knn"]["knn_acc1"] == pytest.approx(runs["knn"]["knn"]["knn_acc1"], abs=1e-4)

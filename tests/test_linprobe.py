@@ -1,13 +1,16 @@
-"""mae-linprobe on real classes (scikit-learn's digits, mae_fast.bench.digits): the feature probe (--method
+"""mae-linprobe on real classes (scikit-learn's digits, tests/digits.py): the feature probe (--method
 logistic) tells a briefly pretrained tiny MAE from its own starting weights on every seed, with all labels and
 with few, and gives the same numbers twice; its saved head evaluates to the same accuracy; the LARS probe warns
 at small scale, pools as asked and its checkpoint carries the pooling; every numeric option is range-checked."""
+import contextlib
+import io
 import json
 import logging
+from pathlib import Path
 
 import pytest
 
-from mae_fast.bench.digits import IMG_SIZE, SEEDS, labelled_subset
+from digits import IMG_SIZE, SEEDS, labelled_subset
 from mae_fast.train import finetune, linprobe
 
 BASE = ["--model", "vit_tiny_patch8", "--img-size", str(IMG_SIZE), "--device", "cpu", "--precision", "fp32",
@@ -23,19 +26,35 @@ def last_json(capsys) -> dict:
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
-def feature_probe(capsys, ckpt, data, out, *extra) -> dict:
-    assert linprobe.main(BASE + ["--method", "logistic", "--finetune", str(ckpt), "--data", str(data),
-                                 "--batch-size", "256", "--output-dir", str(out), *extra]) == 0
-    return last_json(capsys)
+def feature_probe(ckpt, data, out, *extra) -> dict:
+    """mae-linprobe --method logistic of ``ckpt`` on ``data`` into ``out``: the summary line it prints."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert linprobe.main(BASE + ["--method", "logistic", "--finetune", str(ckpt), "--data", str(data),
+                                     "--batch-size", "256", "--output-dir", str(out), *extra]) == 0
+    return json.loads(printed.getvalue().strip().splitlines()[-1])
 
 
+@pytest.fixture(scope="module")
+def feature_probes(digits_data, digits_runs, tmp_path_factory) -> dict:
+    """{(labels per class, seed, "pre" | "rand"): summary} of the feature probe of each seed's pretrained
+    and initial weights, with all labels (0) and with LABELS_PER_CLASS, each probe run once for this file."""
+    root = tmp_path_factory.mktemp("feature-probes")
+    probes = {}
+    for per_class in sorted(MARGINS):
+        data = labelled_subset(digits_data, per_class) if per_class else digits_data
+        for seed, (init, ckpt) in digits_runs.items():
+            for arm, weights in (("pre", ckpt), ("rand", init)):
+                probes[per_class, seed, arm] = feature_probe(weights, data, root / f"{arm}{seed}-{per_class}")
+    return probes
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("per_class", sorted(MARGINS))
-def test_feature_probe_tells_pretrained_from_initial_weights(per_class, digits_data, digits_runs, tmp_path, capsys):
-    data = labelled_subset(digits_data, per_class) if per_class else digits_data
+def test_feature_probe_tells_pretrained_from_initial_weights(per_class, feature_probes, digits_runs):
     results = []
-    for seed, (init, ckpt) in digits_runs.items():
-        pre = feature_probe(capsys, ckpt, data, tmp_path / f"pre{seed}")
-        rand = feature_probe(capsys, init, data, tmp_path / f"rand{seed}")
+    for seed in digits_runs:
+        pre, rand = feature_probes[per_class, seed, "pre"], feature_probes[per_class, seed, "rand"]
         assert pre["converged"] and rand["converged"] and pre["pool"] == "avg"  # the feature probe's default
         assert pre["train_images"] == (10 * per_class if per_class else 1437)
         results.append((seed, pre["acc1"], rand["acc1"], pre["l2"], rand["l2"]))
@@ -50,16 +69,18 @@ def test_pooling_defaults_by_method(tmp_path):
     assert linprobe.parse_config(["--data", str(tmp_path), "--method", "logistic", "--pool", "cls"]).pool == "cls"
 
 
-def test_feature_probe_is_deterministic_and_its_head_evaluates_the_same(digits_data, digits_runs, tmp_path,
-                                                                         capsys):
+@pytest.mark.slow
+def test_feature_probe_is_deterministic_and_its_head_evaluates_the_same(digits_data, digits_runs, feature_probes,
+                                                                         tmp_path, capsys):
     ckpt, few = digits_runs[SEEDS[0]][1], labelled_subset(digits_data, LABELS_PER_CLASS)
-    first = feature_probe(capsys, ckpt, few, tmp_path / "a")
-    second = feature_probe(capsys, ckpt, few, tmp_path / "b")
+    first = feature_probes[LABELS_PER_CLASS, SEEDS[0], "pre"]  # the same probe, run by the fixture
+    second = feature_probe(ckpt, few, tmp_path / "b")
     for key in ("acc1", "acc5", "loss", "l2", "l2_search", "iterations"):
         assert first[key] == second[key], key
     assert [r["l2"] for r in first["l2_search"]] == sorted({r["l2"] for r in first["l2_search"]}, reverse=True)
-    assert (tmp_path / "a" / "eval.csv").read_text().splitlines()[0] == "step,epoch,acc1,acc5,loss,l2"
-    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    first_dir = Path(first["run_dir"])
+    assert (first_dir / "eval.csv").read_text().splitlines()[0] == "step,epoch,acc1,acc5,loss,l2"
+    summary = json.loads((first_dir / "summary.json").read_text())
     assert summary["method"] == "logistic" and summary["acc1"] == first["acc1"]
     # the probe is a linear-probe head (BatchNorm statistics + Linear): --eval needs no --model/--img-size/--pool
     assert linprobe.main(["--eval", "--resume", first["last_checkpoint"], "--data", str(digits_data), "--device",
@@ -71,6 +92,7 @@ def test_feature_probe_is_deterministic_and_its_head_evaluates_the_same(digits_d
     assert f"--pool cls contradicts the checkpoint's avg ({first['last_checkpoint']})" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_lars_probe_warns_at_small_scale_and_keeps_its_pooling(digits_data, digits_runs, tmp_path, capsys, caplog):
     ckpt = digits_runs[SEEDS[0]][1]
     args = BASE + ["--finetune", str(ckpt), "--data", str(digits_data), "--batch-size", "64", "--epochs", "1",

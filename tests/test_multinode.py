@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import free_port, needs_webdataset
@@ -28,6 +29,7 @@ def final_weights(out: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)["model"]
 
 
+@pytest.mark.slow
 @needs_webdataset
 def test_two_torchrun_nodes_equal_one_process(tmp_path, monkeypatch):
     shards = tmp_path / "shards"

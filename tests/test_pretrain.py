@@ -14,7 +14,8 @@ import torch
 
 from mae_fast.train.engine.config import PRESETS, PretrainConfig, build_parser, parse_config
 from mae_fast.errors import NonFiniteLossError
-from mae_fast.train.pretrain import FAULT_KILL_AT_STEP, FAULT_NAN_AT_STEP, train
+from mae_fast.train.engine.loop import FAULT_KILL_AT_STEP, FAULT_NAN_AT_STEP
+from mae_fast.train.pretrain import train
 from mae_fast.train.visualize import main as visualize_main
 
 SMALL = ["--model", "mae_vit_tiny_patch8", "--img-size", "32", "--data", "demo", "--loader", "pil",
@@ -46,6 +47,7 @@ def final_ckpt(out: Path) -> Path:
     return sorted((out / "checkpoints").glob("checkpoint-*.pth"))[-1]
 
 
+@pytest.mark.slow
 def test_demo_loss_goes_down(tmp_path):
     cfg = small_cfg(tmp_path, img_size=64, batch_size=8, epochs=15, lr=2e-3, save_every=100)
     summary = train(cfg)
@@ -57,6 +59,7 @@ def test_demo_loss_goes_down(tmp_path):
     assert (tmp_path / "run" / "summary.json").exists() and (tmp_path / "run" / "config.json").exists()
 
 
+@pytest.mark.slow
 def test_kill_and_resume_is_bit_exact(tmp_path):
     args = SMALL + ["--batch-size", "4", "--accum-iter", "2", "--epochs", "4", "--save-every", "1",
                     "--keep-checkpoints", "2", "--precision", "fp32"]
@@ -76,15 +79,26 @@ def test_kill_and_resume_is_bit_exact(tmp_path):
     assert len(list((out / "checkpoints").glob("*.pth"))) == 2  # keeps the last k
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_processes_equal_one(tmp_path, mode):
-    args = SMALL + ["--epochs", "2", "--save-every", "100", "--precision", "fp64"]
-    one = run_cli(args + ["--batch-size", "8", "--output-dir", str(tmp_path / "one")])
+TWO_PROCESS_ARGS = SMALL + ["--epochs", "2", "--save-every", "100", "--precision", "fp64"]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> Path:
+    """The single-process reference (batch 8, fp64) both two-process modes are compared to, run once."""
+    out = tmp_path_factory.mktemp("one-process") / "one"
+    one = run_cli(TWO_PROCESS_ARGS + ["--batch-size", "8", "--output-dir", str(out)])
     assert one.returncode == 0, one.stderr
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_equal_one(tmp_path, mode, one_process):
+    args = TWO_PROCESS_ARGS
     two = run_cli(args + ["--batch-size", "4", "--distributed", mode, "--output-dir", str(tmp_path / "two")], nproc=2)
     assert two.returncode == 0, two.stderr
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["world_size"] == 2
-    a, b = weights(final_ckpt(tmp_path / "one")), weights(final_ckpt(tmp_path / "two"))
+    a, b = weights(final_ckpt(one_process)), weights(final_ckpt(tmp_path / "two"))
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)

@@ -7,6 +7,7 @@ import pytest
 from mae_fast.bench import probe_study
 
 
+@pytest.mark.slow
 def test_tiny_study_records_each_probe_per_seed(tmp_path, capsys):
     out = tmp_path / "study"
     assert probe_study.main(["--out", str(out), "--seeds", "0", "--img-size", "32", "--epochs", "1",

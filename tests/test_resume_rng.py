@@ -13,7 +13,8 @@ import torch
 from conftest import free_port
 
 from mae_fast.train.engine.config import parse_config
-from mae_fast.train.pretrain import FAULT_KILL_AT_STEP, train
+from mae_fast.train.engine.loop import FAULT_KILL_AT_STEP
+from mae_fast.train.pretrain import train
 
 ARGS = ["--model", "mae_vit_tiny_patch8", "--img-size", "32", "--data", "demo", "--loader", "pil",
         "--warmup-epochs", "1", "--lr", "1e-3", "--no-progress", "--no-tensorboard", "--log-every", "1",
@@ -26,6 +27,7 @@ def saved_rng(out: Path) -> dict:
     return {"step": state["step"], **state["rng"]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", ["0", "1"])
 def test_kill_and_resume_saves_the_uninterrupted_rng_states(tmp_path, workers):
     args = ARGS + ["--num-workers", workers]
@@ -86,6 +88,7 @@ def _choices_worker(rank: int, port: int, out: str) -> None:
     torch.save({"seen": seen, "final": ku.backend_choices()}, Path(out) / f"rank{rank}.pt")
 
 
+@pytest.mark.slow
 def test_ranks_compute_with_rank0s_kernel_choices(tmp_path):
     """Under torchrun every rank times the Triton ops on its own; after the first step (and at each save)
     all adopt rank 0's choices, so ranks compute alike and a resumed run (rank 0's, from the checkpoint)

@@ -49,6 +49,7 @@ def assert_same_state(a: dict, b: dict) -> None:
             assert torch.equal(torch.as_tensor(sa[k][name]), torch.as_tensor(sb[k][name])), (k, name)
 
 
+@pytest.mark.slow
 @needs_webdataset
 def test_fsdp2_sharded_kill_and_resume_is_bit_exact(tmp_path):
     from mae_fast.train.data.make_shards import MakeShardsConfig, make_shards
@@ -61,7 +62,7 @@ def test_fsdp2_sharded_kill_and_resume_is_bit_exact(tmp_path):
     assert ref.returncode == 0, ref.stderr[-3000:]
     assert dirs(tmp_path / "ref") == ["checkpoint-00000003", "checkpoint-00000004"]  # newest 2 kept
     out = tmp_path / "killed"
-    from mae_fast.train.pretrain import FAULT_KILL_AT_STEP
+    from mae_fast.train.engine.loop import FAULT_KILL_AT_STEP
 
     killed = run_fsdp(args, out, env={FAULT_KILL_AT_STEP: "3"})
     assert killed.returncode != 0
