@@ -1,36 +1,40 @@
 """Benchmark of the three MAE Triton ops against their eager and torch.compile'd PyTorch references.
 
-Run:   pytest bench/bench_kernels.py            (not part of the default test run: testpaths = tests)
+    python -m mae_fast.bench.bench_kernels                          # every case
+    python -m mae_fast.bench.bench_kernels --impls eager,triton,triton_fused,triton_gemm   # the GPU suite's
 
 For each op (patch_embed_gather, unshuffle_mask_tokens, masked_loss), pass (fwd, fwd+bwd), shape
 (ViT-L/16 @ 224 batch 256, ViT-H/14 @ 448 batch 64) and implementation (eager reference,
 torch.compile(reference), Triton as the model runs it; for patch_embed_gather also each of its two
-Triton forwards, "triton_fused" and "triton_gemm" = Triton gather + cuBLAS), it reports the time per call, the achieved GB/s counted on the
-minimum bytes the op must read and write, and that as a fraction of a measured device-to-device copy
-bandwidth (patch_embed_gather also reports TFLOP/s: its GEMM is 2*N*K*P*D FLOPs).
+Triton forwards, "triton_fused" and "triton_gemm" = Triton gather + cuBLAS), it reports the time per
+call, the achieved GB/s counted on the minimum bytes the op must read and write, and that as a fraction
+of a measured device-to-device copy bandwidth (patch_embed_gather also reports TFLOP/s: its GEMM is
+2*N*K*P*D FLOPs).
 
 Dtypes are those of bf16-autocast training: images float32, GEMM weights bf16 (as autocast casts
 them), position tables / mask token float32, decoder tokens and predictions bf16.
 
 On a machine without CUDA it runs the eager (and, with MAE_FAST_BENCH_CPU_COMPILE=1, the compiled)
-reference at batch 2 and skips the Triton rows with the reason. On a GPU it writes a JSON record to
-bench/results/ (device, date, git commit, command, numbers, and the forward each op chose by timing:
-``mae_fast.kernels.backend_choices()``).
+reference at batch 2 and skips the Triton rows with the reason. The JSON record (device, date, git
+commit, command, numbers, the rows skipped and why, and the forward each op chose by timing:
+``mae_fast.kernels.backend_choices()``) is rewritten after every case, to bench/results/ on a GPU and
+to $MAE_RESULTS_DIR; exit 1 when a case failed (the others still run).
 """
 from __future__ import annotations
 
+import argparse
+import gc
 import os
 import sys
 import time
 import zlib
+from collections import Counter
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional, Sequence
 
-import pytest
-
-from mae_fast.bench.records import record_header, write_result
 import torch
 
+from .records import record_header, utc_stamp, write_result
 from mae_fast.kernels import (
     backend_choices,
     masked_loss,
@@ -40,10 +44,10 @@ from mae_fast.kernels import (
     unshuffle_mask_tokens,
     unshuffle_mask_tokens_reference,
 )
+from mae_fast.kernels._utils import masking_reference
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-RECORDS: List[dict] = []
 
 # name: (batch on GPU, patch, grid, encoder width, decoder width)
 SHAPES = {
@@ -52,6 +56,7 @@ SHAPES = {
 }
 CPU_BATCH = 2
 MASK_RATIO = 0.75
+OPS = ("patch_embed_gather", "unshuffle_mask_tokens", "masked_loss")
 IMPLS = ("eager", "compiled", "triton", "triton_fused", "triton_gemm")
 PASSES = ("fwd", "fwd_bwd")
 
@@ -109,13 +114,6 @@ def _isz(dt: torch.dtype) -> int:
     return torch.empty((), dtype=dt).element_size()
 
 
-def _masking(N: int, L: int, device: str, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    K = int(L * (1 - MASK_RATIO))
-    ids_shuffle = torch.argsort(torch.rand(N, L, generator=g), dim=1)
-    ids_restore = torch.argsort(ids_shuffle, dim=1)
-    mask = (ids_restore >= K).float()
-    return K, ids_shuffle.to(device), ids_restore.to(device), mask.to(device)
 
 
 def make_case(op: str, shape: str, pas: str):
@@ -127,13 +125,15 @@ def make_case(op: str, shape: str, pas: str):
     P = p * p * C
     bwd = pas == "fwd_bwd"
     g = torch.Generator().manual_seed(zlib.crc32(f"{op}/{shape}".encode()))
-    K, ids_shuffle, ids_restore, mask = _masking(N, L, DEVICE, 1)
+    masking = masking_reference(torch.rand(N, L, generator=torch.Generator().manual_seed(1)), MASK_RATIO)
+    K = masking.ids_keep.shape[1]
+    ids_restore, mask = masking.ids_restore.to(DEVICE), masking.mask.to(DEVICE)
     imgs = torch.randn(N, C, grid * p, grid * p, generator=g).to(DEVICE)
     bf16 = torch.bfloat16
     flops = 0
 
     if op == "patch_embed_gather":
-        ids_keep = ids_shuffle[:, :K].contiguous()
+        ids_keep = masking.ids_keep.contiguous().to(DEVICE)
         weight = (torch.randn(D, P, generator=g) * 0.02).to(DEVICE, bf16).requires_grad_(bwd)
         bias = torch.randn(D, generator=g).to(DEVICE, bf16).requires_grad_(bwd)
         pos = torch.randn(L, D, generator=g).to(DEVICE)
@@ -192,47 +192,35 @@ def make_case(op: str, shape: str, pas: str):
     return run, nbytes, flops
 
 
+
 # ----------------------------------------------------------------------------- the benchmark
-@pytest.fixture(scope="module", autouse=True)
-def _write_record():
-    yield
-    if not CUDA or not RECORDS:
-        return
-    record = {
-        **record_header("bench_kernels", command=" ".join([Path(sys.executable).name, "-m", "pytest", *sys.argv[1:]])),
-        "copy_bandwidth_GBps": _COPY_BW.get("cuda", 0.0) / 1e9,
-        "backend_choices": backend_choices(),
-        "results": RECORDS,
-    }
-    path = write_result("kernels", record)
-    print(f"\nwrote {path}")
+def has_impl(op: str, impl: str) -> bool:
+    """Whether ``op`` has implementation ``impl`` (only patch_embed_gather has two Triton forwards)."""
+    return not impl.startswith("triton_") or op == "patch_embed_gather"
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("pas", PASSES)
-@pytest.mark.parametrize("shape", list(SHAPES))
-@pytest.mark.parametrize("op", ["patch_embed_gather", "unshuffle_mask_tokens", "masked_loss"])
-def test_bench(benchmark, op: str, shape: str, pas: str, impl: str):
-    if impl.startswith("triton_") and op != "patch_embed_gather":
-        pytest.skip(f"{op} has one Triton implementation")
+def skip_reason(impl: str) -> Optional[str]:
+    """Why ``impl`` is not timed on this machine, or None when it is."""
     if impl.startswith("triton") and not CUDA:
-        pytest.skip("Triton timing needs a CUDA GPU (the CPU interpreter checks correctness, it is not a speed)")
+        return "Triton timing needs a CUDA GPU (the CPU interpreter checks correctness, it is not a speed)"
     if impl == "compiled" and not CUDA and os.environ.get("MAE_FAST_BENCH_CPU_COMPILE") != "1":
-        pytest.skip("torch.compile on CPU is slow to build and not the target; set MAE_FAST_BENCH_CPU_COMPILE=1")
+        return "torch.compile on CPU is slow to build and not the target; set MAE_FAST_BENCH_CPU_COMPILE=1"
+    return None
+
+
+def measure(op: str, shape: str, pas: str, impl: str) -> Dict[str, object]:
+    """One record row: time per call (garbage collector off while timing), GB/s, share of copy bandwidth."""
     run, nbytes, flops = make_case(op, shape, pas)
     call = run(impl)
-    seconds = _time_per_call(call)  # warms up (compiles) first
-    inner = max(1, min(100, int(0.01 / seconds)))
-
-    def batch():
-        for _ in range(inner):
-            call()
-        _sync()
-
-    benchmark.pedantic(batch, rounds=5 if CUDA else 2, iterations=1, warmup_rounds=1)
+    gc.collect()
+    gc.disable()
+    try:
+        seconds = _time_per_call(call)  # warms up (compiles) first
+    finally:
+        gc.enable()
     bw = copy_bandwidth()
     gbps = nbytes / seconds / 1e9
-    row = {
+    row: Dict[str, object] = {
         "op": op, "shape": shape, "pass": pas, "impl": impl,
         "batch": SHAPES[shape][0] if CUDA else CPU_BATCH,
         "time_us": seconds * 1e6,
@@ -242,7 +230,86 @@ def test_bench(benchmark, op: str, shape: str, pas: str, impl: str):
     }
     if flops:
         row["TFLOPs"] = flops / seconds / 1e12
-    benchmark.extra_info.update(row)
-    RECORDS.append(row)
-    print(f"\n{op:24s} {shape:18s} {pas:8s} {impl:9s} {seconds * 1e6:10.1f} us "
-          f"{gbps:9.4g} GB/s ({gbps * 1e9 / bw:5.1%} of copy)" + (f" {row['TFLOPs']:.1f} TFLOP/s" if flops else ""))
+    return row
+
+
+def format_row(row: Dict[str, object]) -> str:
+    """One printed line: op, shape, pass, impl, time, GB/s (share of copy bandwidth), TFLOP/s."""
+    line = (f"{row['op']:24s} {row['shape']:18s} {row['pass']:8s} {row['impl']:12s} {row['time_us']:10.1f} us "
+            f"{row['GBps']:9.4g} GB/s ({row['fraction_of_copy_bw']:5.1%} of copy)")
+    return line + (f" {row['TFLOPs']:.1f} TFLOP/s" if "TFLOPs" in row else "")
+
+
+def new_record(command: str) -> Dict[str, object]:
+    """The record's header and empty lists of rows, skipped cases and failed cases."""
+    return {**record_header("bench_kernels", command=command), "copy_bandwidth_GBps": 0.0,
+            "backend_choices": {}, "results": [], "skipped": [], "errors": []}
+
+
+def run_cases(record: Dict[str, object], ops: Sequence[str], shapes: Sequence[str], passes: Sequence[str],
+              impls: Sequence[str], save: Callable[[], None]) -> None:
+    """Time every (op, shape, pass, impl) into ``record``, calling ``save`` after each case."""
+    for op in ops:
+        for shape in shapes:
+            for pas in passes:
+                for impl in (i for i in impls if has_impl(op, i)):
+                    case = {"op": op, "shape": shape, "pass": pas, "impl": impl}
+                    why = skip_reason(impl)
+                    if why:
+                        record["skipped"].append({**case, "reason": why})
+                        continue
+                    try:
+                        row = measure(op, shape, pas, impl)
+                    except Exception as e:  # one failing case does not stop the others
+                        record["errors"].append({**case, "error": f"{type(e).__name__}: {e}"})
+                        print(f"{op:24s} {shape:18s} {pas:8s} {impl:12s} FAILED: {type(e).__name__}: {e}")
+                    else:
+                        record["results"].append(row)
+                        print(format_row(row))
+                    record["copy_bandwidth_GBps"] = _COPY_BW.get(DEVICE, 0.0) / 1e9
+                    record["backend_choices"] = backend_choices()
+                    save()
+
+
+def _names(allowed: Sequence[str]) -> Callable[[str], List[str]]:
+    """An argparse type: a non-empty comma list of names from ``allowed``."""
+    def parse(text: str) -> List[str]:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        unknown = [n for n in names if n not in allowed]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"unknown {unknown or 'empty list'}; choose from {list(allowed)}")
+        return names
+    return parse
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Comma lists of ops, shapes, passes and implementations (default: all of each)."""
+    p = argparse.ArgumentParser(prog="python -m mae_fast.bench.bench_kernels", description=__doc__.split("\n")[0])
+    for flag, allowed in (("--ops", OPS), ("--shapes", tuple(SHAPES)), ("--passes", PASSES), ("--impls", IMPLS)):
+        p.add_argument(flag, type=_names(allowed), default=list(allowed),
+                       help=f"comma list of {', '.join(allowed)} (default: all)")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the chosen cases, print one line each and keep the record up to date; 1 if a case failed."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    record = new_record(" ".join([Path(sys.executable).name, "-m", "mae_fast.bench.bench_kernels", *argv]))
+    stamp, written = utc_stamp(), []
+
+    def save() -> None:
+        written[:] = [write_result("kernels", record, stamp=stamp)]
+
+    run_cases(record, args.ops, args.shapes, args.passes, args.impls, save)
+    save()  # the skipped cases after the last measured one, or a run with nothing to measure
+    reasons = Counter(s["reason"] for s in record["skipped"])
+    for why, count in reasons.items():
+        print(f"skipped {count} case(s): {why}")
+    path = written[0] if written else None
+    print(f"wrote {path}" if path else "no record written (a CPU run goes only to $MAE_RESULTS_DIR)")
+    return 1 if record["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -48,7 +48,7 @@ step() {  # step NAME LIMIT CMD...: run CMD under its own time limit; a failure 
   fi
   echo "=== [$name] limit ${limit} s, at $(($(date +%s) - T0)) s: $*"
   local t=$(date +%s)
-  # SIGINT first: pytest then still writes its junit report and bench_kernels its record; SIGKILL after
+  # SIGINT first: pytest then still writes its junit report (benchmarks rewrite theirs as they go); SIGKILL after
   timeout -s INT -k "$KILL_AFTER" "$limit" bash -c '"$@"' "$name" "$@"  # bash -c: CMD may be a function
   local rc=$? dt=$(($(date +%s) - t))
   if [ "$rc" != 0 ]; then
@@ -99,8 +99,7 @@ fi
 # 1. the headline: ViT-L/16 @ 224, batch 256: fused (compile per block) vs official-equivalent vs HF vs whole-model compile
 step headline "${LIM[2]}" bench "${L16[@]}" --variants official,fused,hf,compile
 # 2. kernel bandwidths at the headline shapes (Triton vs eager; torch.compile'd references are left out for time)
-step kernels "${LIM[3]}" $PY -m pytest -q -p no:cacheprovider bench/bench_kernels.py -k "not compiled" \
-  --benchmark-disable-gc
+step kernels "${LIM[3]}" $PY -m mae_fast.bench.bench_kernels --impls eager,triton,triton_fused,triton_gemm
 # 3. the CUDA-aware correctness tests, counted in a record
 step tests "${LIM[4]}" $PY -m pytest -q -p no:cacheprovider ${TEST_MODE[@]+"${TEST_MODE[@]}"} $TESTS --junitxml="$JUNIT"
 if [ -s "$JUNIT" ]; then $PY -m mae_fast.bench.records gpu-tests "$JUNIT" "pytest $(echo $TESTS)"; rm -f "$JUNIT"; fi

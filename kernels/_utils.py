@@ -115,6 +115,30 @@ def patchify_reference(imgs: torch.Tensor, p: int) -> torch.Tensor:
     return x.reshape(N, h * w, p * p * C)
 
 
+class Masking(NamedTuple):
+    """The index tensors of one random masking: (N, L) ids_shuffle and ids_restore, (N, len_keep) ids_keep
+    (a view of ids_shuffle), (N, L) float32 mask in patch order, 1 = removed."""
+
+    ids_shuffle: torch.Tensor
+    ids_restore: torch.Tensor
+    ids_keep: torch.Tensor
+    mask: torch.Tensor
+
+
+def masking_reference(noise: torch.Tensor, mask_ratio: float) -> Masking:
+    """The official ``random_masking`` on ``noise`` (N, L), op for op: argsort (small noise = kept), keep
+    ``int(L * (1 - mask_ratio))``, mask of ones zeroed at the kept places and gathered to patch order."""
+    N, L = noise.shape
+    len_keep = int(L * (1 - mask_ratio))
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    ids_keep = ids_shuffle[:, :len_keep]
+    mask = torch.ones([N, L], device=noise.device)
+    mask[:, :len_keep] = 0
+    mask = torch.gather(mask, dim=1, index=ids_restore)
+    return Masking(ids_shuffle, ids_restore, ids_keep, mask)
+
+
 def check_patch_grid(imgs: torch.Tensor, p: int, op: str) -> tuple:
     """Validate (N, C, H, W) with H, W multiples of p; returns (N, C, H, W, grid_h, grid_w)."""
     if imgs.dim() != 4:

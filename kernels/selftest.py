@@ -11,16 +11,19 @@ from typing import Callable, Dict, Optional
 
 import torch
 
+from ._utils import Masking, masking_reference
 from .masked_loss import masked_loss
 from .patch_embed_gather import patch_embed_gather
 from .unshuffle import unshuffle_mask_tokens
 
+MASK_RATIO = 0.75  # 4 of the 16 patches kept
 
-def _masking(N: int, L: int, keep: int, g: torch.Generator, device: torch.device):
-    ids_shuffle = torch.argsort(torch.rand(N, L, generator=g), dim=1).to(device)
-    ids_restore = torch.argsort(ids_shuffle, dim=1)
-    mask = (ids_restore >= keep).float()
-    return ids_shuffle[:, :keep].contiguous(), ids_restore, mask
+
+def _masking(N: int, L: int, g: torch.Generator, device: torch.device) -> Masking:
+    """The official random masking of noise drawn on the CPU from ``g``, moved to ``device`` (ids_keep contiguous)."""
+    m = masking_reference(torch.rand(N, L, generator=g), MASK_RATIO)
+    return Masking(m.ids_shuffle.to(device), m.ids_restore.to(device), m.ids_keep.contiguous().to(device),
+                   m.mask.to(device))
 
 
 def _compare(run: Callable[[str], tuple], tol: float) -> None:
@@ -51,7 +54,7 @@ def _check_patch_embed_gather(device: torch.device, g: torch.Generator, p: int, 
                               dtype: torch.dtype) -> None:
     N, pd = 2, _param_dtype(dtype)
     imgs = torch.randn(N, 3, 4 * p, 4 * p, generator=g).to(device, pd)
-    ids_keep, _, _ = _masking(N, 16, 4, g, device)
+    ids_keep = _masking(N, 16, g, device).ids_keep
     w0 = (torch.randn(D, 3 * p * p, generator=g) * 0.02).to(device, pd)
     b0 = torch.randn(D, generator=g).to(device, pd)
     pos = torch.randn(16, D, generator=g).to(device, pd)
@@ -73,7 +76,7 @@ def _check_unshuffle(device: torch.device, g: torch.Generator, p: int, D: int, D
     x0 = torch.randn(N, 1 + keep, Dd, generator=g).to(device, dtype)  # the decoder embedding's output
     mt0 = torch.randn(1, 1, Dd, generator=g).to(device, pd)
     pos = torch.randn(1, 1 + L, Dd, generator=g).to(device, pd)
-    _, ids_restore, _ = _masking(N, L, keep, g, device)
+    ids_restore = _masking(N, L, g, device).ids_restore
     gout = torch.randn(N, 1 + L, Dd, generator=g).to(device)
 
     def run(backend: str):
@@ -88,7 +91,7 @@ def _check_unshuffle(device: torch.device, g: torch.Generator, p: int, D: int, D
 def _check_masked_loss(device: torch.device, g: torch.Generator, p: int, D: int, Dd: int, dtype: torch.dtype) -> None:
     N = 2
     imgs = torch.randn(N, 3, 4 * p, 4 * p, generator=g).to(device, _param_dtype(dtype))
-    _, _, mask = _masking(N, 16, 4, g, device)
+    mask = _masking(N, 16, g, device).mask
     pred0 = torch.randn(N, 16, 3 * p * p, generator=g).to(device, dtype)  # the decoder head's output
 
     def run(backend: str):

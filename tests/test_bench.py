@@ -2,6 +2,7 @@
 that never put CPU figures in bench/results/, torch.compile of the model without graph breaks."""
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 
@@ -10,11 +11,10 @@ import torch
 import torch._dynamo
 
 from conftest import random_images, random_noise
-from official_reference import official_forward
 from mae_fast import create_model, mae_vit_tiny_patch8
 from mae_fast.attention import AttentionSite, pick_attention_backend
 from mae_fast.bench import records, throughput
-from mae_fast.bench.official_mae import official_model
+from mae_fast.bench.official_mae import official_forward, official_model
 from mae_fast.bench.throughput import PEAK_TFLOPS, add_ratios, kernel_status, main as bench_main
 
 
@@ -28,7 +28,7 @@ def test_official_variant_computes_the_official_way():
     imgs, noise = random_images(2, 64), random_noise(2, 64)
     a, b, ref = ours(imgs, noise=noise), off(imgs, noise=noise), official_forward(off, imgs, 0.75, noise)
     for x, y, z in zip(a, b, ref):
-        torch.testing.assert_close(y, z, rtol=1e-5, atol=1e-6)  # the transcription of the official code
+        assert torch.equal(y, z)  # the variant runs the one official reference, nothing of its parent class
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)  # and mae-fast computes the same
 
 
@@ -261,3 +261,23 @@ def test_compiled_rows_record_their_graphs_and_breaks(tmp_path):
     broken = [{"variant": "fused", "images_per_s": 1.0, "compiled": {"graphs": 3, "graph_breaks": {"print": 2}}}]
     add_ratios(broken)
     assert broken[0]["label"] == "fused [2 graph breaks]"
+
+
+def test_bench_kernels_runs_as_a_module_on_cpu_and_records_each_case(tmp_path):
+    """python -m mae_fast.bench.bench_kernels (the GPU suite's kernels step): eager rows timed, Triton rows
+    skipped with the reason on a CPU, the record in $MAE_RESULTS_DIR; pytest is not needed to run it."""
+    env = {**os.environ, records.RESULTS_ENV: str(tmp_path), "CUDA_VISIBLE_DEVICES": ""}
+    run_then_check = ("import sys; from mae_fast.bench.bench_kernels import main; rc = main(sys.argv[1:]); "
+                      "sys.exit(rc or 3 * ('pytest' in sys.modules))")
+    p = subprocess.run([sys.executable, "-c", run_then_check, "--ops", "unshuffle_mask_tokens",
+                        "--shapes", "vit_l16_224_b256", "--impls", "eager,triton"],
+                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    rec = json.loads(next(tmp_path.glob("kernels-cpu*.json")).read_text())
+    assert {"device", "date", "commit", "command", "torch", "copy_bandwidth_GBps", "backend_choices"} <= set(rec)
+    assert [(r["pass"], r["impl"]) for r in rec["results"]] == [("fwd", "eager"), ("fwd_bwd", "eager")]
+    for r in rec["results"]:
+        assert r["op"] == "unshuffle_mask_tokens" and r["batch"] == 2 and r["time_us"] > 0 and r["GBps"] > 0
+        assert r["min_bytes"] > 0 and 0 < r["fraction_of_copy_bw"] and "TFLOPs" not in r
+    assert [s["impl"] for s in rec["skipped"]] == ["triton", "triton"] and rec["errors"] == []
+    assert "needs a CUDA GPU" in rec["skipped"][0]["reason"] and "skipped 2 case(s)" in p.stdout

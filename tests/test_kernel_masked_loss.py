@@ -10,6 +10,7 @@ import torch
 
 from mae_fast import mae_vit_tiny_patch8
 from mae_fast.kernels import masked_loss, masked_loss_reference
+from mae_fast.kernels._utils import masking_reference
 from kernel_helpers import DEVICE, compile_for_h100
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
@@ -25,11 +26,10 @@ def _inputs(N, p, grid, ratio, dtype, seed, C=3):
     L = grid * grid
     K = int(L * (1 - ratio))
     imgs = torch.randn(N, C, grid * p, grid * p, generator=g).to(DEVICE)
-    ids_shuffle = torch.argsort(torch.rand(N, L, generator=g), dim=1)
-    ids_restore = torch.argsort(ids_shuffle, dim=1)
-    mask = (ids_restore >= K).float().to(DEVICE)
+    masking = masking_reference(torch.rand(N, L, generator=g), ratio)
+    mask = masking.mask.to(DEVICE)
     pred = torch.randn(N, L, p * p * C, generator=g).to(DEVICE, dtype)
-    return pred, imgs, mask, ids_shuffle[:, K:].to(DEVICE)
+    return pred, imgs, mask, masking.ids_shuffle[:, K:].to(DEVICE)
 
 
 CASES = [

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mae_fast.kernels import backend_choices, patch_embed_gather, patch_embed_gather_reference
-from mae_fast.kernels._utils import patchify_reference
+from mae_fast.kernels._utils import masking_reference, patchify_reference
 from kernel_helpers import DEVICE, close, compile_for_h100
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3}
@@ -24,9 +24,8 @@ def _poison(monkeypatch):
 def _inputs(N, p, grid, C, D, ratio, dtype, pos_dtype, seed):
     g = torch.Generator().manual_seed(seed)
     L = grid * grid
-    K = int(L * (1 - ratio))
     imgs = torch.randn(N, C, grid * p, grid * p, generator=g).to(DEVICE, dtype)
-    ids_keep = torch.argsort(torch.rand(N, L, generator=g), dim=1)[:, :K].to(DEVICE)  # a view, as the model's
+    ids_keep = masking_reference(torch.rand(N, L, generator=g), ratio).ids_keep.to(DEVICE)  # a view, as the model's
     weight = (torch.randn(D, C * p * p, generator=g) * 0.05).to(DEVICE, dtype)
     bias = torch.randn(D, generator=g).to(DEVICE, dtype)
     pos = torch.randn(L, D, generator=g).to(DEVICE, pos_dtype)
