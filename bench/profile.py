@@ -30,13 +30,13 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from mae_fast.train.engine.cli import DefaultsHelpFormatter
-from mae_fast.bench.records import record_header, write_result
+from mae_fast.bench.records import DefaultsHelpFormatter, record_header, write_result
 from mae_fast.attention import BACKEND_NAMES
 from mae_fast.compile import COMPILE_MODES, apply_compile
 from mae_fast.device import DEVICE_CHOICES, PRECISION_DTYPES, autocast_for, compute_dtype, resolve_device
 from mae_fast.errors import DeviceError
 from mae_fast.flops import FlopsReport, count_flops
+from mae_fast.kernels import KERNEL_BACKENDS
 from mae_fast.memory import GiB, MemoryPrediction, Plan, StepTracer, fmt_bytes, oom_message, plan_batch
 from mae_fast.errors import MemoryPlanError
 from mae_fast.models_mae import MODELS, MaskedAutoencoderViT, create_model
@@ -496,18 +496,22 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "comma-separated list")
     p.add_argument("--grad-checkpointing", default="0",
                    help="recompute every k-th block (0: off), or auto (the least that fits); --memory takes a list")
-    p.add_argument("--precision", choices=sorted(PRECISION_DTYPES), default="bf16", help="autocast policy")
+    p.add_argument("--precision", choices=sorted(PRECISION_DTYPES), default="bf16",
+                   help="bf16 | fp16 (autocast) | fp32 | fp64 (float64 weights and images); stepped as mae-pretrain "
+                        "does: a GradScaler, dynamic under fp16, else at scale 1 (it only skips non-finite updates)")
     p.add_argument("--compile", choices=[m for m in COMPILE_MODES if m != "model"], default="auto",
                    help="torch.compile per block (auto: blocks on CUDA, off on CPU); 'model' would hide the phases")
     p.add_argument("--attn-backend", default="auto", choices=BACKEND_NAMES, help="attention (auto: timed per site)")
-    p.add_argument("--kernel-backend", default="auto", choices=["auto", "triton", "torch"], help="fused ops")
+    p.add_argument("--kernel-backend", default="auto", choices=KERNEL_BACKENDS,
+                   help="fused ops (auto: Triton on CUDA after a self-test, else the PyTorch references)")
     p.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of patches removed")
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES,
                    help="where to run (with --memory: the device predicted for; auto = cuda)")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile, autotune, allocator)")
     p.add_argument("--data", default=None, help="feed the steps from the real loader over this folder")
-    p.add_argument("--json", default=None, help="write the record here (on CUDA also under bench/results/)")
+    p.add_argument("--json", default=None, help="also write the record here (a timed run on CUDA always writes it "
+                   "to bench/results/)")
     p.add_argument("--plot", default=None, help="stacked-bar PNG of the phases")
     p.add_argument("--trace", default=None, help="write a torch.profiler trace (phases as named ranges) here")
     p.add_argument("--memory", action="store_true", help="only predict the peak memory (no GPU needed)")

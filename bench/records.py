@@ -3,10 +3,12 @@
 GPU records go to ``bench/results/``; every record also goes to ``$MAE_RESULTS_DIR`` when it is set
 (the GPU suite points it at a folder it hands back, the dry run at a temp folder). A record measured
 on a CPU never lands in ``bench/results/``. Files are rewritten atomically, so a benchmark can write
-its record after every measurement and a run cut off keeps what it measured.
+its record after every measurement and a run cut off keeps what it measured. The benchmark commands'
+``--help`` uses :class:`DefaultsHelpFormatter`.
 """
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import os
@@ -20,6 +22,17 @@ import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 RESULTS_ENV = "MAE_RESULTS_DIR"
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Shows "(default: X)" once: not when the help already says its default, nor for a default of None."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_ = action.help or ""
+        if "default" in help_ or action.default in (None, argparse.SUPPRESS) or not action.option_strings \
+                or isinstance(action.default, bool):
+            return help_
+        return help_ + " (default: %(default)s)"
 
 
 def git_commit() -> str:

@@ -37,11 +37,11 @@ import torch
 import torch.nn as nn
 from torch._dynamo.utils import counters as dynamo_counters
 
-from mae_fast.train.engine.cli import DefaultsHelpFormatter
 from mae_fast.attention import BACKEND_NAMES
-from mae_fast.bench.records import nvidia_smi, record_header, utc_stamp, write_result
+from mae_fast.bench.records import DefaultsHelpFormatter, nvidia_smi, record_header, utc_stamp, write_result
 from mae_fast.compile import COMPILE_BACKENDS, COMPILE_MODES, apply_compile, resolve_compile_mode
-from mae_fast.device import autocast_dtype, autocast_for, compute_dtype, resolve_device, synchronize
+from mae_fast.device import (DEVICE_CHOICES, PRECISION_DTYPES, autocast_dtype, autocast_for, compute_dtype,
+                             resolve_device, synchronize)
 from mae_fast.errors import DeviceError
 from mae_fast.flops import build_on_meta, count_flops
 from mae_fast.kernels import backend_choices
@@ -529,12 +529,16 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    "checkpointing): " + "; ".join(f"{k}: {v['what']}" for k, v in PRESETS.items()))
     p.add_argument("--model", action="append", choices=sorted(MODELS), help="model; repeat to sweep models")
     p.add_argument("--img-size", type=int, default=None, help="image side (default 224, or the preset's)")
-    p.add_argument("--batch-size", default=None, help="images per step (default 64, or the preset's)")
+    p.add_argument("--batch-size", default=None, help="images per step (default 64, or the preset's); auto: the "
+                   "largest that fits the CUDA device's memory, predicted")
     p.add_argument("--sweep-batch", default="", help="comma-separated batch sizes to sweep, e.g. 64,128,256")
     p.add_argument("--steps", type=int, default=20, help="timed steps")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compile, autotune)")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {list(VARIANTS)}")
-    p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16", help="mae-fast variants' autocast")
+    p.add_argument("--precision", choices=[n for n in PRECISION_DTYPES if n != "fp64"], default="bf16",
+                   help="every variant but official (always fp16): bf16 / fp16 autocast or fp32, stepped as "
+                        "mae-pretrain does (a GradScaler, dynamic under fp16, else at scale 1: it only skips "
+                        "non-finite updates; graphs has no scaler and refuses fp16)")
     p.add_argument("--attn-backend", default="auto", choices=BACKEND_NAMES, help="mae-fast variants' attention")
     p.add_argument("--compile", default="auto", choices=COMPILE_MODES, help="mae-fast variants' torch.compile")
     p.add_argument("--compile-backend", default="inductor", choices=COMPILE_BACKENDS,
@@ -543,7 +547,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="mae-fast variants' residual stream between blocks (bf16 needs --precision bf16)")
     p.add_argument("--grad-checkpointing", type=int, default=None, help="checkpoint every k-th block (0: off)")
     p.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of patches removed")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--device", default="auto", help=" | ".join(DEVICE_CHOICES))
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: from a table)")
     p.add_argument("--data", default=None, help="also time the fused step fed by the real loader from this folder")
     p.add_argument("--json", default=None, help="also write the records here")

@@ -4,9 +4,9 @@
 #   NNODES=4 GPUS=8 HOST=node0.cluster PORT=29500 bash examples/multinode_torchrun.sh pretrain \
 #       --preset vit_l16_224 --data '/data/shards/train-{000000..001023}.tar' --output-dir runs/vit_l
 #   NNODES=4 GPUS=8 HOST=node0.cluster bash examples/multinode_torchrun.sh finetune \
-#       --model vit_large_patch16 --finetune runs/vit_l/checkpoint.pth --data /data/imagenet-shards
+#       --model vit_large_patch16 --finetune runs/vit_l/checkpoints/checkpoint-00100000.pth --data /data/imagenet-shards
 #   NNODES=4 GPUS=8 HOST=node0.cluster bash examples/multinode_torchrun.sh linprobe \
-#       --model vit_large_patch16 --finetune runs/vit_l/checkpoint.pth --data /data/imagenet-shards
+#       --model vit_large_patch16 --finetune runs/vit_l/checkpoints/checkpoint-00100000.pth --data /data/imagenet-shards
 #
 # TASK is pretrain | finetune | linprobe; every other argument goes to the training command.
 # HOST:PORT is any node's address (every node must reach it); the job id RDZV_ID must be the same on

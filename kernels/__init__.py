@@ -36,12 +36,13 @@ if __name__ != "mae_fast.kernels":
     else:
         sys.modules[__name__] = importlib.import_module("mae_fast.kernels")
 else:
-    from ._utils import backend_choices, restore_backend_choices
+    from ._utils import KERNEL_BACKENDS, backend_choices, restore_backend_choices
     from .masked_loss import masked_loss, masked_loss_reference
     from .patch_embed_gather import patch_embed_gather, patch_embed_gather_reference
     from .unshuffle import unshuffle_mask_tokens, unshuffle_mask_tokens_reference
 
 __all__ = [
+    "KERNEL_BACKENDS",
     "backend_choices",
     "masked_loss",
     "masked_loss_reference",

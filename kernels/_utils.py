@@ -60,7 +60,8 @@ def _mend_interpreter_index() -> None:
 if HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1":
     _mend_interpreter_index()
 
-BACKENDS = ("auto", "triton", "torch")
+#: ``backend=`` / ``--kernel-backend`` values: auto (Triton on CUDA, the PyTorch reference elsewhere) | triton | torch
+KERNEL_BACKENDS = ("auto", "triton", "torch")
 POISON_ENV = "MAE_FAST_KERNELS_POISON"
 
 
@@ -71,8 +72,8 @@ def interpreting() -> bool:
 
 def use_triton(backend: str, tensors: Sequence[torch.Tensor], op: str) -> bool:
     """Resolve ``backend`` ("auto" | "triton" | "torch") for tensors on one device."""
-    if backend not in BACKENDS:
-        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend not in KERNEL_BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {KERNEL_BACKENDS}, got {backend!r}")
     if backend == "torch":
         return False
     on_cuda = all(t.is_cuda for t in tensors)

@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from torch.utils.checkpoint import checkpoint
 
-from mae_fast.kernels import masked_loss, patch_embed_gather, unshuffle_mask_tokens
+from mae_fast.kernels import KERNEL_BACKENDS, masked_loss, patch_embed_gather, unshuffle_mask_tokens
 from mae_fast.kernels._utils import patchify_reference
 
 from .attention import AttentionSite, get_attention, pick_attention_backend
@@ -29,7 +29,6 @@ from .pos_embed import get_2d_sincos_pos_embed
 log = logging.getLogger(__name__)
 
 LN_EPS = 1e-6
-KERNEL_BACKENDS = ("auto", "triton", "torch")
 
 
 @dataclass(frozen=True)

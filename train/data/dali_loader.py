@@ -3,10 +3,11 @@ interest; "mixed" = GPU decode, or CPU operators with device_id=None on a machin
 -> bicubic fn.resize -> fn.crop_mirror_normalize. DALI is imported lazily (optional dependency).
 
 Order, sharding and crop boxes are computed in Python by the same functions as the other loaders
-(:func:`mae_fast.train.loader_base.epoch_order`, :func:`mae_fast.train.augment.sample_params_batch`) and
-fed to the pipeline, so both loaders read the same files with the same crops, and a pipeline built
-for the rest of an epoch resumes it exactly. The reader therefore gets this rank's file list
-(already sharded: shard_id=0, num_shards=1) and a new pipeline is built at the start of each epoch.
+(:func:`mae_fast.train.data.loader_base.epoch_order`,
+:func:`mae_fast.train.data.transforms.sample_params_batch`) and fed to the pipeline, so both loaders
+read the same files with the same crops, and a pipeline built for the rest of an epoch resumes it
+exactly. The reader therefore gets this rank's file list (already sharded: shard_id=0, num_shards=1)
+and a new pipeline is built at the start of each epoch.
 """
 from __future__ import annotations
 

@@ -2,13 +2,14 @@
 decoded at once by ``torchvision.io.decode_jpeg(list, device=...)`` (nvJPEG on CUDA, libjpeg-turbo
 on the CPU: the decode device is a parameter, so tests run this same code on the CPU), then crop,
 bicubic resize, flip and normalization on that device, with the crops of every other loader for the
-same seed (:func:`mae_fast.train.augment.sample_params_batch`). The next batch is prepared by a
-background thread on a side CUDA stream while the current one trains (:func:`loader_base.prefetched`).
+same seed (:func:`mae_fast.train.data.transforms.sample_params_batch`). The next batch is prepared by a
+background thread on a side CUDA stream while the current one trains
+(:func:`mae_fast.train.data.loader_base.prefetched`).
 
 Grayscale JPEGs are expanded to RGB by the decoder (``ImageReadMode.RGB``); 4-channel (CMYK, YCCK)
 JPEGs are decoded by torchvision on the CPU, whose conversion equals Pillow's; files that are no
 JPEG (PNG bytes named .jpg, say) or that the decoder refuses take the Pillow path for that file
-(:func:`mae_fast.train.augment.load_rgb`), and one that Pillow cannot read either is skipped with a
+(:func:`mae_fast.train.data.transforms.load_rgb`), and one that Pillow cannot read either is skipped with a
 warning (or, with ``strict``, stops the run naming it).
 """
 from __future__ import annotations

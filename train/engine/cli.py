@@ -146,17 +146,6 @@ def load_yaml(path: str, cls: type) -> Dict[str, Any]:
 _NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
-class DefaultsHelpFormatter(argparse.HelpFormatter):
-    """Shows "(default: X)" once: not when the help already says its default, nor for a default of None."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        help_ = action.help or ""
-        if "default" in help_ or action.default in (None, argparse.SUPPRESS) or not action.option_strings \
-                or isinstance(action.default, bool):
-            return help_
-        return help_ + " (default: %(default)s)"
-
-
 class Parser(argparse.ArgumentParser):
     """argparse that takes negative numbers in scientific notation (``--blr -1.5e-4``) as values."""
 

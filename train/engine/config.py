@@ -9,15 +9,16 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Dict, List, Optional
 
 from mae_fast.attention import ATTENTION_BACKENDS, BACKEND_NAMES
-from mae_fast.models_mae import MODELS
+from mae_fast.compile import COMPILE_MODES
+from mae_fast.device import DEVICE_CHOICES, PRECISION_DTYPES
+from mae_fast.kernels import KERNEL_BACKENDS
+from mae_fast.models_mae import ACTIVATION_DTYPES, MODELS
 
 from mae_fast.train.engine.cli import add_config_flags, dataclass_parser, opt
 from mae_fast.errors import ConfigError
 from mae_fast.train.data.loader_base import default_workers
+from mae_fast.train.data.loaders import KINDS as LOADER_KINDS
 from mae_fast.train.engine.cli import parse_config as parse_dataclass_config
-
-COMPILE_MODES = ("auto", "off", "blocks", "model")
-LOADERS = ("auto", "dali", "nvjpeg", "pil", "synthetic")
 
 
 @dataclass
@@ -26,9 +27,11 @@ class PretrainConfig:
 
     model: str = opt("model factory name", "mae_vit_large_patch16", choices=sorted(MODELS))
     img_size: int = opt("input resolution (multiple of the patch)", 224, min=1)
-    data: str = opt("image folder, ImageFolder tree, list file, or 'demo'", "demo")
-    loader: str = opt("auto (DALI on CUDA when installed, else nvjpeg on CUDA, else PIL) | dali | nvjpeg "
-                      "(torchvision GPU JPEG decode) | pil | synthetic", "auto", choices=LOADERS)
+    data: str = opt("image folder, ImageFolder tree, list file, tar shards (a .tar file, a brace pattern, a "
+                    "folder of .tar files or a list file of them), or 'demo'", "demo")
+    loader: str = opt("auto (DALI on CUDA when installed, else nvjpeg on CUDA when torchvision decodes JPEG there "
+                      "and --data is no tar shards, else PIL) | dali | nvjpeg "
+                      "(torchvision GPU JPEG decode) | pil | synthetic", "auto", choices=list(LOADER_KINDS))
     num_workers: int = opt("PIL loader workers / DALI threads / nvjpeg file-reading threads (default: the cores "
                            "available, at most 8)",
                            default_workers(), min=0)
@@ -47,23 +50,26 @@ class PretrainConfig:
     mask_ratio: float = opt("fraction of patches removed", 0.75, above=0, below=1)
     min_crop_scale: float = opt("smallest area fraction of RandomResizedCrop (the recipe's 0.2)", 0.2, above=0, max=1)
     norm_pix_loss: bool = opt("per-patch normalized pixel target", True)
-    precision: str = opt("bf16 (autocast, no scaler) | fp16 (autocast + GradScaler) | fp32 | fp64 (float64 "
-                         "weights, for exactness checks on CPU)", "bf16", choices=["bf16", "fp16", "fp32", "fp64"])
+    precision: str = opt("bf16 (autocast) | fp16 (autocast, dynamic loss scaling) | fp32 | fp64 (float64 weights "
+                         "and images, for exactness checks on CPU); a GradScaler steps the optimizer in every "
+                         "precision: outside fp16 its scale stays 1 and it only skips an update whose gradients "
+                         "are not finite", "bf16", choices=list(PRECISION_DTYPES))
     compile: str = opt("torch.compile: auto (per-block on CUDA, off on CPU) | off | blocks | model", "auto",
                        choices=COMPILE_MODES)
-    attn_backend: str = opt("auto (timed per site at the real shapes on CUDA) | " + " | ".join(ATTENTION_BACKENDS),
+    attn_backend: str = opt("auto (timed per site at the real shapes on CUDA; sdpa on CPU) | "
+                            + " | ".join(ATTENTION_BACKENDS),
                             "auto", choices=list(BACKEND_NAMES))
     activation_dtype: str = opt("residual stream between blocks: fp32 (exact to the official code) | bf16 (less "
-                                "memory and traffic, under bf16 autocast)", "fp32", choices=["fp32", "bf16"])
+                                "memory and traffic, under bf16 autocast)", "fp32", choices=list(ACTIVATION_DTYPES))
     kernel_backend: str = opt("auto (Triton on CUDA after a self-test) | triton | torch", "auto",
-                              choices=["auto", "triton", "torch"])
+                              choices=list(KERNEL_BACKENDS))
     grad_checkpointing: int = opt("recompute every k-th block in backward (0: off); auto: the least that fits "
                                   "(after --batch-size auto)", 0, min=0, auto=True)
     memory_budget: Optional[float] = opt("GiB a step may use, for --batch-size / --grad-checkpointing auto "
                                          "(default: the GPU's memory)", None, above=0)
     distributed: str = opt("ddp | fsdp (FSDP2 fully_shard), used under torchrun", "ddp", choices=["ddp", "fsdp"])
-    device: str = opt("auto | cpu | cuda", "auto", choices=["auto", "cpu", "cuda"])
-    seed: int = opt("seed of data order, crops and masks", 0, min=0)
+    device: str = opt(" | ".join(DEVICE_CHOICES) + " (auto: cuda when visible)", "auto", choices=list(DEVICE_CHOICES))
+    seed: int = opt("seed of the initial weights, data order, crops and masks", 0, min=0)
     checkpoint_format: str = opt("full (one file gathered on rank 0) | sharded (a torch.distributed.checkpoint "
                                  "folder, each rank writes its shard: FSDP2 at scale)", "full",
                                  choices=["full", "sharded"])
@@ -79,7 +85,8 @@ class PretrainConfig:
     skip_nonfinite: int = opt("skip up to K steps with a NaN/inf loss instead of stopping", 0, min=0)
     tensorboard: bool = opt("write TensorBoard logs when tensorboard is installed", True)
     progress: bool = opt("show a tqdm progress bar on a terminal (else one line per --log-every steps)", True)
-    visualize: bool = opt("write a reconstruction figure at the end", False)
+    visualize: bool = opt("write a reconstruction figure of a bundled image at the end (with --data demo only)",
+                          False)
     knn_data: str = opt("ImageFolder tree with train/ and val/: log the encoder's weighted k-NN top-1/top-5 on it "
                         "every --knn-every epochs and at the end ('': off)", "")
     knn_every: int = opt("k-NN monitor: every N epochs", 1, min=1)
