@@ -30,16 +30,18 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from mae_fast.bench.records import DefaultsHelpFormatter, record_header, write_result
+from .records import DefaultsHelpFormatter, record_header, write_result
 from mae_fast.attention import BACKEND_NAMES
 from mae_fast.compile import COMPILE_MODES, apply_compile
-from mae_fast.device import DEVICE_CHOICES, PRECISION_DTYPES, autocast_for, compute_dtype, resolve_device
+from mae_fast.device import DEVICE_CHOICES, PRECISION_DTYPES, autocast_for, resolve_device
 from mae_fast.errors import DeviceError
 from mae_fast.flops import FlopsReport, count_flops
 from mae_fast.kernels import KERNEL_BACKENDS
-from mae_fast.memory import GiB, MemoryPrediction, Plan, StepTracer, fmt_bytes, oom_message, plan_batch
+from mae_fast.memory import (GiB, MemoryPrediction, Plan, StepFactory, StepTracer, fmt_bytes, oom_message, plan_batch,
+                             predict_memory)
+from mae_fast.model_spec import ModelSpec, build_model
 from mae_fast.errors import MemoryPlanError
-from mae_fast.models_mae import MODELS, MaskedAutoencoderViT, create_model
+from mae_fast.models_mae import ACTIVATION_DTYPES, MODELS, MaskedAutoencoderViT
 
 PROG = "mae-profile"
 
@@ -213,22 +215,36 @@ def phased_step(model: MaskedAutoencoderViT, runner, next_batch: Callable[[], to
 
 
 # ----------------------------------------------------------------------------- timing a run
-def build_training(args: argparse.Namespace, device: torch.device):
-    """(model, StepRunner, concrete compile mode) as mae-pretrain builds them for one process."""
+def model_spec(args: argparse.Namespace, **overrides) -> ModelSpec:
+    """The model configuration of the command line (norm-pix loss, mae-pretrain's default), ``overrides`` first."""
+    return ModelSpec.from_options(args, norm_pix_loss=True, **overrides)
+
+
+def pretrain_step(precision: str) -> StepFactory:
+    """mae-pretrain's step for one process, for a model on a device: fused AdamW under ``StepRunner`` (what is
+    timed, and what the memory prediction traces)."""
     from mae_fast.train.engine.distributed import DistInfo
     from mae_fast.train.engine.loop import StepRunner
     from mae_fast.train.engine.optim import build_adamw
 
+    def make_step(model: torch.nn.Module, device: torch.device) -> StepRunner:
+        return StepRunner(model, build_adamw(model, lr=1.5e-4, weight_decay=0.05), precision, device, DistInfo())
+    return make_step
+
+
+def memory_tracer(args: argparse.Namespace, device_type: str) -> StepTracer:
+    """The memory planner's tracer of the command line's model and mae-pretrain's step (each trace sets its own
+    batch and checkpointing)."""
+    return StepTracer(model_spec(args, batch_size=1, grad_checkpointing=0), pretrain_step(args.precision),
+                      device_type)
+
+
+def build_training(args: argparse.Namespace, device: torch.device):
+    """(model, StepRunner, concrete compile mode) as mae-pretrain builds them for one process."""
     torch.manual_seed(0)
-    model = create_model(args.model, img_size=args.img_size, norm_pix_loss=True, kernel_backend=args.kernel_backend)
-    model = model.to(device, torch.float64 if args.precision == "fp64" else None)
-    model.check_kernels(dtype=compute_dtype(args.precision))
-    model.set_attn_backend(args.attn_backend, dtype=compute_dtype(args.precision), batch=args.batch_size,
-                           mask_ratio=args.mask_ratio)
-    model.set_grad_checkpointing(args.grad_checkpointing)
+    model = build_model(model_spec(args), device)
     compiled = apply_compile(model, args.compile, device)
-    optimizer = build_adamw(model, lr=1.5e-4, weight_decay=0.05)
-    return model, StepRunner(model, optimizer, args.precision, device, DistInfo()), compiled
+    return model, pretrain_step(args.precision)(model, device), compiled
 
 
 def batch_source(args: argparse.Namespace, device: torch.device) -> Callable[[], torch.Tensor]:
@@ -257,12 +273,9 @@ def batch_source(args: argparse.Namespace, device: torch.device) -> Callable[[],
 
 
 def predict_for(args: argparse.Namespace, model: MaskedAutoencoderViT, device: torch.device) -> MemoryPrediction:
-    """The prediction for the run about to be timed (same model, batch, precision, checkpointing, kernels)."""
-    attn = model.blocks[0].attn.attn_backend
-    kernels = model.kernel_backend if device.type == "cuda" else None
-    tracer = StepTracer(args.model, args.img_size, args.precision, args.mask_ratio, device_type=device.type,
-                        kernel_backend=kernels, attn_backend=attn if attn in ("sdpa", "math") else "sdpa")
-    return tracer.predict(args.batch_size, args.grad_checkpointing)
+    """The prediction for the run about to be timed: its spec, with the attention and kernels its model resolved."""
+    spec = model_spec(args, attn_backend=model.blocks[0].attn.attn_backend, kernel_backend=model.kernel_backend)
+    return predict_memory(spec, pretrain_step(args.precision), device.type)
 
 
 def summarize(steps: List[Tuple[Dict[str, float], float]], flops: Dict[str, float]) -> Dict:
@@ -309,9 +322,8 @@ def profile_run(args: argparse.Namespace) -> Dict:
     device = resolve_device(args.device)
     plan: Optional[Plan] = None
     if args.batch_size is None or args.grad_checkpointing is None:
-        plan = plan_batch(args.model, args.img_size, args.precision, _budget(args), batch=args.batch_size,
-                          grad_checkpointing=args.grad_checkpointing, headroom=args.headroom,
-                          mask_ratio=args.mask_ratio, device_type=device.type)
+        plan = plan_batch(memory_tracer(args, device.type), _budget(args), batch=args.batch_size,
+                          grad_checkpointing=args.grad_checkpointing, headroom=args.headroom)
         args.batch_size, args.grad_checkpointing = plan.batch_size, plan.grad_checkpointing
         print(plan.describe(), flush=True)
     model, runner, compiled = build_training(args, device)
@@ -424,14 +436,14 @@ def plot_phases(rec: Dict, path: str) -> None:
 def memory_report(args: argparse.Namespace) -> Dict:
     """Predictions for every (batch, checkpointing) asked for, or the plan for ``auto``; the JSON record."""
     device_type = "cpu" if args.device == "cpu" else "cuda"
-    tracer = StepTracer(args.model, args.img_size, args.precision, args.mask_ratio, device_type=device_type)
+    tracer = memory_tracer(args, device_type)
     plan = None
     if args.batch_sizes == [None] or args.checkpointings == [None]:
         if len(args.batch_sizes) > 1 or len(args.checkpointings) > 1 or len(args.memory_budget or []) > 1:
             raise ValueError("--batch-size auto / --grad-checkpointing auto take one value of each option "
                              "(and one --memory-budget)")
-        plan = plan_batch(args.model, args.img_size, args.precision, _budget(args), batch=args.batch_sizes[0],
-                          grad_checkpointing=args.checkpointings[0], headroom=args.headroom, tracer=tracer)
+        plan = plan_batch(tracer, _budget(args), batch=args.batch_sizes[0], grad_checkpointing=args.checkpointings[0],
+                          headroom=args.headroom)
         rows = [plan.prediction]
     else:
         rows = [tracer.predict(b, k) for b in args.batch_sizes for k in args.checkpointings]
@@ -505,6 +517,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--kernel-backend", default="auto", choices=KERNEL_BACKENDS,
                    help="fused ops (auto: Triton on CUDA after a self-test, else the PyTorch references)")
     p.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of patches removed")
+    p.add_argument("--activation-dtype", default="fp32", choices=sorted(ACTIVATION_DTYPES),
+                   help="residual stream between blocks, as mae-pretrain's (bf16 needs --precision bf16)")
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES,
                    help="where to run (with --memory: the device predicted for; auto = cuda)")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
@@ -535,6 +549,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error(f"--memory-budget must be > 0 GiB, got {args.memory_budget}")
     if not 0 <= args.headroom < 1:
         p.error(f"--headroom must be in [0, 1), got {args.headroom}")
+    if args.activation_dtype == "bf16" and args.precision != "bf16":
+        p.error("--activation-dtype bf16 needs --precision bf16 (the residual stream is kept in autocast's dtype)")
     if args.steps < 1 or args.warmup < 0:
         p.error(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
     if not args.memory:

@@ -38,17 +38,19 @@ import torch.nn as nn
 from torch._dynamo.utils import counters as dynamo_counters
 
 from mae_fast.attention import BACKEND_NAMES
-from mae_fast.bench.records import DefaultsHelpFormatter, nvidia_smi, record_header, utc_stamp, write_result
+from .records import DefaultsHelpFormatter, nvidia_smi, record_header, utc_stamp, write_result
 from mae_fast.compile import COMPILE_BACKENDS, COMPILE_MODES, apply_compile, resolve_compile_mode
 from mae_fast.device import (DEVICE_CHOICES, PRECISION_DTYPES, autocast_dtype, autocast_for, compute_dtype,
                              resolve_device, synchronize)
 from mae_fast.errors import DeviceError
 from mae_fast.flops import build_on_meta, count_flops
 from mae_fast.kernels import backend_choices
-from mae_fast.models_mae import ACTIVATION_DTYPES, MODELS, create_model
+from mae_fast.memory import StepFactory
+from mae_fast.model_spec import ModelSpec, build_model
+from mae_fast.models_mae import ACTIVATION_DTYPES, MODELS, MaskedAutoencoderViT
 from mae_fast.train.engine.distributed import DistInfo
 from mae_fast.train.engine.loop import StepRunner
-from mae_fast.train.engine.optim import build_adamw, param_groups_weight_decay, set_lr
+from mae_fast.train.engine.optim import build_adamw, fused_available, param_groups_weight_decay, set_lr
 
 LR, BETAS, WEIGHT_DECAY = 1.5e-4, (0.9, 0.95), 0.05  # the recipe's (lr is blr at batch 256)
 
@@ -113,9 +115,16 @@ def peak_tflops(device: torch.device) -> Optional[float]:
 # ------------------------------------------------------------------------------------ building
 def kernel_status(model: nn.Module, device: torch.device, precision: str) -> Dict[str, Any]:
     """Run the kernel self-test (``check_kernels``, in the dtype ``precision`` computes in) and say which ops
-    really run: "triton" or "torch", and whether the Triton kernels fell back (with the failing ops)."""
+    really run (``kernels_in_use``)."""
     requested = model.kernel_backend
-    after = model.check_kernels(dtype=compute_dtype(precision))
+    model.check_kernels(dtype=compute_dtype(precision))
+    return kernels_in_use(model, device, requested)
+
+
+def kernels_in_use(model: nn.Module, device: torch.device, requested: str) -> Dict[str, Any]:
+    """After the kernel self-test: which ops really run, "triton" or "torch", and whether the Triton kernels
+    fell back from ``requested`` (with the failing ops)."""
+    after = model.kernel_backend
     uses_triton = after == "triton" or (after == "auto" and device.type == "cuda")
     status: Dict[str, Any] = {"kernel_backend": requested, "kernels": "triton" if uses_triton else "torch",
                               "kernels_fell_back": requested == "auto" and after == "torch"}
@@ -124,32 +133,33 @@ def kernel_status(model: nn.Module, device: torch.device, precision: str) -> Dic
     return status
 
 
+def variant_spec(variant: Variant, args: argparse.Namespace, **overrides: Any) -> ModelSpec:
+    """The model configuration ``variant`` runs (norm-pix loss): the official code's (fp16 autocast, math
+    attention, no checkpointing, fp32 residual stream) or the command line's with the variant's overrides."""
+    if variant.kind == "official":
+        own = dict(precision="fp16", attn_backend="math", grad_checkpointing=0, activation_dtype="fp32")
+    else:
+        own = dict(grad_checkpointing=args.grad_checkpointing if variant.checkpointing else 0,
+                   activation_dtype=variant.activation_dtype or args.activation_dtype)
+    return ModelSpec.from_options(args, **{"norm_pix_loss": True, "kernel_backend": variant.kernels, **own,
+                                           **overrides})
+
+
 def build_mae(variant: Variant, args: argparse.Namespace, device: torch.device) -> Tuple[nn.Module, Dict[str, Any]]:
     """An mae-fast (or official-equivalent) model set up as ``variant`` asks, and what it runs."""
-    kw = dict(img_size=args.img_size, norm_pix_loss=True)
+    spec = variant_spec(variant, args)
+    cls = MaskedAutoencoderViT
     if variant.kind == "official":
-        from mae_fast.bench.official_mae import official_model
+        from .official_mae import OfficialMAE
 
-        with torch.device(device):  # initialized on the device: seconds, not minutes, for ViT-H
-            model = official_model(args.model, **kw)
-        precision, ckpt, act = "fp16", 0, "fp32"  # the official code: fp16 autocast, no checkpointing
-    else:
-        with torch.device(device):
-            model = create_model(args.model, **kw)
-        precision = args.precision
-        ckpt = args.grad_checkpointing if variant.checkpointing else 0
-        act = variant.activation_dtype or args.activation_dtype
-    model.set_kernel_backend(variant.kernels)
-    info = kernel_status(model, device, precision)
-    attn = "math" if variant.kind == "official" else args.attn_backend
-    model.set_attn_backend(attn, dtype=compute_dtype(precision), batch=args.batch_size, mask_ratio=args.mask_ratio)
-    model.set_grad_checkpointing(ckpt)
-    model.set_activation_dtype(act)
-    mode = variant.compile or args.compile
-    compiled = apply_compile(model, mode, device, backend=args.compile_backend)
-    info.update(precision=precision, attention=model.attn_choices, compile=compiled,
+        cls = OfficialMAE
+    # initialized on the device: seconds, not minutes, for ViT-H
+    model = build_model(spec, device, cls=cls, draw_on_device=True)
+    info = kernels_in_use(model, device, spec.kernel_backend)
+    compiled = apply_compile(model, variant.compile or args.compile, device, backend=args.compile_backend)
+    info.update(precision=spec.precision, attention=model.attn_choices, compile=compiled,
                 compile_backend=args.compile_backend if compiled != "off" else None,
-                grad_checkpointing=ckpt, activation_dtype=act)
+                grad_checkpointing=spec.grad_checkpointing, activation_dtype=spec.activation_dtype)
     return model, info
 
 
@@ -187,12 +197,17 @@ def loss_of(model: nn.Module, kind: str, mask_ratio: float) -> Callable[[torch.T
 StepFn = Callable[[torch.Tensor], torch.Tensor]
 
 
+def recipe_step(precision: str) -> StepFactory:
+    """The step mae-bench times, for a model on a device: mae-pretrain's StepRunner over the recipe's AdamW."""
+    return lambda model, device: StepRunner(model, build_adamw(model, LR, WEIGHT_DECAY, BETAS), precision, device,
+                                            DistInfo())
+
+
 def mae_fast_step(model: nn.Module, loss_fn: StepFn, precision: str, device: torch.device
                   ) -> Tuple[StepFn, str, Callable[[], None]]:
     """The training step mae-pretrain runs (StepRunner: fused AdamW, non-finite steps skipped on the
     device, no host sync); returns (step, description, check that raises if a step was non-finite)."""
-    opt = build_adamw(model, LR, WEIGHT_DECAY, BETAS)
-    runner = StepRunner(model, opt, precision, device, DistInfo())
+    runner = recipe_step(precision)(model, device)
 
     def step(imgs: torch.Tensor) -> torch.Tensor:
         with autocast_for(precision, device):
@@ -201,7 +216,7 @@ def mae_fast_step(model: nn.Module, loss_fn: StepFn, precision: str, device: tor
         runner.optimizer_step(0)
         return loss
 
-    fused = "fused" if opt.defaults.get("fused") else "foreach/for-loop"
+    fused = "fused" if fused_available(model) else "foreach/for-loop"  # as build_adamw chose
     return step, f"StepRunner: {fused} AdamW, GradScaler found-inf skip, no host sync", lambda: runner.check(None)
 
 
@@ -322,14 +337,12 @@ def time_steps(step: StepFn, imgs: torch.Tensor, steps: int, warmup: int,
 
 
 @functools.lru_cache(maxsize=16)
-def predicted_peak_gb(model: str, img_size: int, batch: int, precision: str, grad_checkpointing: int,
-                      mask_ratio: float) -> Optional[float]:
-    """Peak memory (GiB) that ``mae_fast.memory`` predicts for this step on CUDA, or None if it cannot."""
+def predicted_peak_gb(spec: ModelSpec) -> Optional[float]:
+    """Peak memory (GiB) that ``mae_fast.memory`` predicts for the step of ``spec`` on CUDA, or None if it cannot."""
     from mae_fast.memory import predict_memory
 
     try:
-        pred = predict_memory(model, img_size, batch, precision, int(grad_checkpointing or 0), device_type="cuda",
-                              mask_ratio=mask_ratio)
+        pred = predict_memory(spec, recipe_step(spec.precision), "cuda")
     except Exception as e:  # a prediction must never cost the measurement
         print(f"  memory prediction unavailable: {type(e).__name__}: {e}", flush=True)
         return None
@@ -394,8 +407,8 @@ def run_variant(name: str, args: argparse.Namespace, device: torch.device, flops
     if device.type == "cuda":
         row["clocks_after"] = {k: v for k, v in nvidia_smi(device.index or 0).items() if k != "driver"}
         if variant.kind not in ("hf", "official"):  # the measured peak beside mae_fast.memory's prediction
-            row["predicted_peak_gb"] = predicted_peak_gb(args.model, args.img_size, args.batch_size, row["precision"],
-                                                         row.get("grad_checkpointing", 0), args.mask_ratio)
+            ran = variant_spec(variant, args, kernel_backend=model.kernel_backend)  # after the kernel self-test
+            row["predicted_peak_gb"] = predicted_peak_gb(ran)
     if row.get("compile", "off") != "off" and first is not None:
         print(f"  {row['variant']}: first step {first:.1f} s (includes torch.compile {row['compile']})", flush=True)
     del model
@@ -586,13 +599,14 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 def resolve_batch(args: argparse.Namespace, model: str, device: torch.device) -> int:
     """``--batch-size auto``: the largest batch that ``mae_fast.memory.plan_batch`` predicts fits this GPU
     at ``--grad-checkpointing``; MemoryPlanError (one line) on a CPU or when nothing fits."""
-    from mae_fast.memory import plan_batch
+    from mae_fast.memory import StepTracer, plan_batch
     from mae_fast.errors import MemoryPlanError
 
     if device.type != "cuda":
         raise MemoryPlanError("--batch-size auto plans for a CUDA device's memory; on a CPU give a number")
-    plan = plan_batch(model, args.img_size, args.precision, grad_checkpointing=args.grad_checkpointing,
-                      device_type=device.type, mask_ratio=args.mask_ratio, norm_pix_loss=True)
+    spec = variant_spec(VARIANTS["fused"], args, model=model, batch_size=1)  # each trace sets its own batch
+    plan = plan_batch(StepTracer(spec, recipe_step(args.precision), device.type),
+                      grad_checkpointing=args.grad_checkpointing)
     print(f"--batch-size auto: {plan.describe()}", flush=True)
     return plan.batch_size
 

@@ -1,7 +1,9 @@
-"""Peak memory of one MAE training step, predicted before the run: the real step (forward under autocast,
-``StepRunner`` backward, fused AdamW ``build_adamw``) is run on fake tensors (``FakeTensorMode``: shapes and
-dtypes, no data, no compute), and a dispatch-level tracker adds up the bytes of the tensor storages alive
-after every op, by category. Seconds even for ViT-H/14 at 448 px and batch 256.
+"""Peak memory of one MAE training step, predicted before the run: the real step (the model of a
+``ModelSpec``, built by ``mae_fast.model_spec.build_model``, forward under autocast, then the caller's own step
+runner: mae-pretrain's ``StepRunner`` backward and fused AdamW) is run on fake tensors (``FakeTensorMode``:
+shapes and dtypes, no data, no compute), and a dispatch-level tracker adds up the bytes of the tensor storages
+alive after every op, by category. Seconds even for ViT-H/14 at 448 px and batch 256. The step runner comes
+from the caller (``StepFactory``): this package never imports ``mae_fast.train``.
 
 What the tracker sees is every tensor an aten op returns (parameters, gradients, optimizer state, the input
 batch, saved activations, backward temporaries, autocast's casted weights); what no dispatch-level tracker
@@ -17,8 +19,8 @@ from __future__ import annotations
 import contextlib
 import math
 import weakref
-from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
+from dataclasses import asdict, dataclass, field, replace
+from typing import Callable, Dict, Iterator, List, Optional, Protocol, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -27,8 +29,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from .device import PRECISION_DTYPES, autocast_for
-from .models_mae import MaskedAutoencoderViT, create_model
 from .errors import MemoryPlanError
+from .model_spec import ModelSpec, build_model
+from .models_mae import MaskedAutoencoderViT
 
 GiB = 2**30
 CUDA_BLOCK = 512  # the CUDA caching allocator rounds every allocation up to a multiple of 512 bytes
@@ -99,6 +102,14 @@ class LiveStorageTracker(TorchDispatchMode):
             self.current[category] += entry[0]
             entry[1] = category
 
+    def settle(self, category: str) -> None:
+        """Move every live storage but the parameters to ``category``: what outlived a step lives between steps."""
+        for entry in self._live.values():
+            if entry[1] not in ("parameters", category):
+                self.current[entry[1]] -= entry[0]
+                self.current[category] += entry[0]
+                entry[1] = category
+
     def set_phase(self, phase: str) -> None:
         self.phase = phase
         self.phase_peaks.setdefault(phase, self.total)
@@ -135,21 +146,6 @@ def gradients_tagged(tracker: LiveStorageTracker, model: nn.Module) -> Iterator[
             h.remove()
 
 
-def track_training_state(tracker: LiveStorageTracker, model: nn.Module, optimizer: torch.optim.Optimizer,
-                         extra: Iterable[torch.Tensor] = ()) -> None:
-    """Register what lives between steps: parameters, existing gradients, optimizer state, ``extra``."""
-    for p in model.parameters():
-        tracker.add(p, "parameters")
-        if p.grad is not None:
-            tracker.add(p.grad, "gradients")
-    for state in optimizer.state.values():
-        for v in state.values():
-            if isinstance(v, torch.Tensor):
-                tracker.add(v, "optimizer_state")
-    for t in extra:
-        tracker.add(t, "optimizer_state")
-
-
 # ----------------------------------------------------------------------------- the prediction
 @dataclass
 class MemoryPrediction:
@@ -165,6 +161,7 @@ class MemoryPrediction:
     traced_on: str
     kernel_backend: str
     attn_backend: str
+    activation_dtype: str
     peak_bytes: int
     peak_phase: str
     breakdown: Dict[str, int]
@@ -181,63 +178,86 @@ class MemoryPrediction:
         """One line: the configuration, the peak and its parts."""
         b = self.breakdown
         ckpt = f"every {self.grad_checkpointing} block(s)" if self.grad_checkpointing else "off"
+        residual = f", {self.activation_dtype} residual stream" if self.activation_dtype != "fp32" else ""
         parts = ", ".join(f"{name} {fmt_bytes(b[c])}" for name, c in (
             ("parameters", "parameters"), ("gradients", "gradients"), ("optimizer", "optimizer_state"),
             ("inputs", "inputs"), ("activations", "activations")))
-        return (f"{self.model} @ {self.img_size}px, batch {self.batch_size}, {self.precision}, grad checkpointing "
-                f"{ckpt}: predicted peak {fmt_bytes(self.peak_bytes)} (in {self.peak_phase}; {parts})")
+        return (f"{self.model} @ {self.img_size}px, batch {self.batch_size}, {self.precision}{residual}, grad "
+                f"checkpointing {ckpt}: predicted peak {fmt_bytes(self.peak_bytes)} (in {self.peak_phase}; {parts})")
+
+
+class TrainingStep(Protocol):
+    """What the trace calls after the forward: the public interface of mae-pretrain's step runner
+    (``mae_fast.train.engine.loop.StepRunner``)."""
+
+    def backward(self, loss: torch.Tensor, micro: int, images: int) -> None:
+        """Backward of ``loss``, micro-step ``micro`` of ``images`` images."""
+
+    def optimizer_step(self, step: int) -> None:
+        """Step the optimizer, zero the gradients."""
+
+
+#: the caller's optimizer and step runner for a model on a device: the run's own, passed in (mae_fast never
+#: imports the training code)
+StepFactory = Callable[[nn.Module, torch.device], TrainingStep]
+
+
+def traced_spec(spec: ModelSpec, emulated: bool) -> ModelSpec:
+    """``spec`` as the trace runs it: math attention, or SDPA for the fused kernels (those ``auto`` picks from
+    keep what SDPA keeps: the output and the log-sum-exp); the kernels' PyTorch references where fake CPU
+    tensors stand in for CUDA (``emulated``)."""
+    return replace(spec, attn_backend="math" if spec.attn_backend == "math" else "sdpa",
+                   kernel_backend="torch" if emulated else spec.kernel_backend)
 
 
 class StepTracer:
-    """The model, fused AdamW and ``StepRunner`` of one configuration, built once on fake tensors, so that
-    many (batch, checkpointing) pairs can be traced in a row (``plan_batch``)."""
+    """The model of ``spec`` and the caller's step (``make_step``), built once on fake tensors with the state a
+    run keeps between steps allocated, so that many (batch, checkpointing) pairs can be traced in a row
+    (``plan_batch``); each trace names its batch and checkpointing (``spec``'s are ``predict_memory``'s).
+    ``fake=False`` traces real tensors instead (to check the fake trace against)."""
 
-    def __init__(self, model_name: str, img_size: int = 224, precision: str = "bf16", mask_ratio: float = 0.75,
-                 device_type: str = "cuda", trace_device: Optional[str] = None, kernel_backend: Optional[str] = None,
-                 attn_backend: str = "sdpa", norm_pix_loss: bool = True, **model_kwargs):
-        from mae_fast.train.engine.distributed import DistInfo
-        from mae_fast.train.engine.loop import StepRunner
-        from mae_fast.train.engine.optim import build_adamw
-
-        if precision not in PRECISION_DTYPES:
-            raise ValueError(f"precision must be one of {list(PRECISION_DTYPES)}, got {precision!r}")
+    def __init__(self, spec: ModelSpec, make_step: StepFactory, device_type: str = "cuda",
+                 trace_device: Optional[str] = None, fake: bool = True):
+        if spec.precision not in PRECISION_DTYPES:
+            raise ValueError(f"precision must be one of {list(PRECISION_DTYPES)}, got {spec.precision!r}")
         if device_type not in ("cuda", "cpu"):
             raise ValueError(f"device_type must be 'cuda' or 'cpu', got {device_type!r}")
-        if attn_backend == "auto":  # "auto" times the backends on the device: name the one it picked
-            raise ValueError("attn_backend for a memory prediction must be concrete (sdpa | math | xformers), "
-                             "not 'auto'")
         if trace_device is None:
             trace_device = "cuda" if device_type == "cuda" and torch.cuda.is_available() else "cpu"
-        if kernel_backend is None:  # what the model would run on the target (auto); refs when emulated on CPU
-            kernel_backend = "auto" if trace_device == device_type else "torch"
-        self.model_name, self.img_size, self.precision, self.mask_ratio = model_name, img_size, precision, mask_ratio
+        self.spec = traced_spec(spec, emulated=trace_device != device_type)
         self.device_type, self.trace_device = device_type, trace_device
-        self.kernel_backend, self.attn_backend = kernel_backend, attn_backend
-        self.device = torch.device(trace_device)
-        self.fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-        default_dtype = torch.get_default_dtype()
-        with self.fake_mode, torch.device(self.device):
-            try:  # built in float64 for fp64: Module.to cannot swap fake parameters
-                torch.set_default_dtype(torch.float64 if precision == "fp64" else torch.float32)
-                model = create_model(model_name, img_size=img_size, norm_pix_loss=norm_pix_loss,
-                                     attn_backend=attn_backend, kernel_backend=kernel_backend, **model_kwargs)
-            finally:
-                torch.set_default_dtype(default_dtype)
-            model.train()
-            optimizer = build_adamw(model, lr=1e-4, weight_decay=0.05)
-            for p in model.parameters():  # allocate the optimizer state as after the first step
-                if p.requires_grad:
-                    p.grad = torch.zeros_like(p)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            self.runner = StepRunner(model, optimizer, precision, self.device, DistInfo())
-        self.model: MaskedAutoencoderViT = model
-        self.optimizer = optimizer
+        self.device, self.fake = torch.device(trace_device), fake
+        self.fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
+        self.tracker = LiveStorageTracker(CUDA_BLOCK if device_type == "cuda" else 1)
+        with self.fake_mode:
+            self.model: MaskedAutoencoderViT = build_model(self.spec, self.device, draw_on_device=True,
+                                                           self_test=False)
+            self.model.train()
+            self.step = self._start(make_step)
         self._cache: Dict[Tuple[int, int], MemoryPrediction] = {}
+
+    def _start(self, make_step: StepFactory) -> TrainingStep:
+        """The caller's step for the model, and what a run keeps between steps (AdamW's state, the GradScaler's
+        scale, the runner's counters), allocated by one step of it on a zero loss over every trainable
+        parameter: all of it counted, whatever the caller's step holds."""
+        for p in self.model.parameters():
+            self.tracker.add(p, "parameters")
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        with self.tracker:
+            step = make_step(self.model, self.device)
+            step.backward(sum(p.sum() for p in trainable) * 0.0, 0, 0)
+            step.optimizer_step(0)
+        self.tracker.settle("optimizer_state")
+        return step
 
     @property
     def depths(self) -> Tuple[int, int]:
         return len(self.model.blocks), len(self.model.decoder_blocks)
+
+    @property
+    def traces(self) -> int:
+        """How many (batch, checkpointing) pairs were traced so far."""
+        return len(self._cache)
 
     def assumptions(self) -> List[str]:
         out = ["steady state: AdamW state allocated (as from the second step on); one input batch on the device",
@@ -247,10 +267,10 @@ class StepTracer:
             out += [f"traced on fake {self.trace_device} tensors standing in for {self.device_type}: CPU autocast "
                     f"gives this model the same dtypes as CUDA autocast (the CUDA fp32-list ops it reaches, "
                     f"layer_norm / pow / sum, already get float32 inputs)",
-                    f"attention {self.attn_backend}: the CPU fused SDPA kernel keeps, like CUDA flash / "
+                    f"attention {self.spec.attn_backend}: the CPU fused SDPA kernel keeps, like CUDA flash / "
                     f"memory-efficient attention, only the output and the log-sum-exp per head",
-                    f"kernel_backend {self.kernel_backend!r}: the PyTorch references keep slightly more than the "
-                    f"Triton ops (about 1-2% of the peak), so the prediction errs high"]
+                    f"kernel_backend {self.spec.kernel_backend!r}: the PyTorch references keep slightly more than "
+                    f"the Triton ops (about 1-2% of the peak), so the prediction errs high"]
         if self.device_type == "cuda":
             out.append(f"allocations rounded up to {CUDA_BLOCK} bytes as the CUDA caching allocator does")
         return out
@@ -265,54 +285,47 @@ class StepTracer:
         return self._cache[key]
 
     def _trace(self, batch_size: int, grad_checkpointing: int) -> MemoryPrediction:
-        model = self.model
-        model.set_grad_checkpointing(grad_checkpointing)
-        c = model.config
-        dtype = torch.float64 if self.precision == "fp64" else torch.float32
+        spec, tracker = self.spec, self.tracker
+        self.model.set_grad_checkpointing(grad_checkpointing)
+        c = self.model.config
         with self.fake_mode:
-            imgs = torch.empty(batch_size, c.in_chans, c.img_size, c.img_size, dtype=dtype, device=self.device)
-            tracker = track_step(model, self.runner, imgs, self.precision, self.mask_ratio,
-                                 CUDA_BLOCK if self.device_type == "cuda" else 1)
+            imgs = torch.zeros(batch_size, c.in_chans, c.img_size, c.img_size, device=self.device,
+                               dtype=spec.weight_dtype or torch.float32)
+            tracker.add(imgs, "inputs")
+            tracker.reset_peak()
+            self._run_step(imgs)
             del imgs
-            between = tracker.total  # what lives from one step to the next
-        return MemoryPrediction(
-            model=self.model_name, img_size=self.img_size, batch_size=batch_size, precision=self.precision,
-            grad_checkpointing=grad_checkpointing, mask_ratio=self.mask_ratio, device_type=self.device_type,
-            traced_on=f"fake {self.trace_device} tensors", kernel_backend=self.kernel_backend,
-            attn_backend=self.attn_backend, peak_bytes=tracker.peak, peak_phase=tracker.peak_phase,
+        pred = MemoryPrediction(
+            model=spec.model, img_size=spec.img_size, batch_size=batch_size, precision=spec.precision,
+            grad_checkpointing=grad_checkpointing, mask_ratio=spec.mask_ratio, device_type=self.device_type,
+            traced_on=f"{'fake ' if self.fake else ''}{self.trace_device} tensors",
+            kernel_backend=spec.kernel_backend, attn_backend=spec.attn_backend,
+            activation_dtype=spec.activation_dtype, peak_bytes=tracker.peak, peak_phase=tracker.peak_phase,
             breakdown=dict(tracker.peak_breakdown), phase_peaks=dict(tracker.phase_peaks),
-            between_steps_bytes=between, assumptions=self.assumptions())
+            between_steps_bytes=tracker.total, assumptions=self.assumptions())
+        tracker.settle("optimizer_state")  # what the step leaves behind lives on to the next one
+        return pred
+
+    def _run_step(self, imgs: torch.Tensor) -> None:
+        """One training step on ``imgs`` under the tracker, as mae-pretrain runs it: forward under autocast, then
+        the caller's ``backward`` and ``optimizer_step``; gradients counted as such once accumulated."""
+        tracker = self.tracker
+        with tracker, gradients_tagged(tracker, self.model):
+            tracker.category = "activations"
+            tracker.set_phase("forward")
+            with autocast_for(self.spec.precision, self.device):
+                loss, _, _ = self.model(imgs, mask_ratio=self.spec.mask_ratio)
+            tracker.set_phase("backward")
+            self.step.backward(loss, 0, imgs.shape[0])
+            del loss
+            tracker.set_phase("optimizer")
+            tracker.category = "optimizer_state"
+            self.step.optimizer_step(0)
 
 
-def track_step(model: MaskedAutoencoderViT, runner, imgs: torch.Tensor, precision: str, mask_ratio: float,
-               round_to: int = 1) -> LiveStorageTracker:
-    """Run one training step as mae-pretrain does (forward under autocast, ``runner.backward``,
-    ``runner.optimizer_step``) under a tracker, on real or fake tensors; returns the tracker (``peak``,
-    ``peak_breakdown``, ``peak_phase``; ``total`` keeps counting what lives on after the step)."""
-    tracker = LiveStorageTracker(round_to)
-    scaler = [t for t in (runner.scaler._scale, runner.scaler._growth_tracker) if t is not None]
-    track_training_state(tracker, model, runner.optimizer,
-                         [runner.bad_steps, runner.last_bad, runner.loss_sum, runner.loss_count, *scaler])
-    tracker.add(imgs, "inputs")
-    tracker.reset_peak()
-    device = imgs.device
-    with tracker, gradients_tagged(tracker, model):
-        tracker.set_phase("forward")
-        with autocast_for(precision, device):
-            loss, _, _ = model(imgs, mask_ratio=mask_ratio)
-        tracker.set_phase("backward")
-        runner.backward(loss, 0, imgs.shape[0])
-        del loss
-        tracker.set_phase("optimizer")
-        tracker.category = "optimizer_state"
-        runner.optimizer_step(0)
-    return tracker
-
-
-def predict_memory(model_name: str, img_size: int = 224, batch_size: int = 64, precision: str = "bf16",
-                   grad_checkpointing: int = 0, **kwargs) -> MemoryPrediction:
-    """Predicted peak memory of one training step (see the module doc); ``kwargs`` go to ``StepTracer``."""
-    return StepTracer(model_name, img_size, precision, **kwargs).predict(batch_size, grad_checkpointing)
+def predict_memory(spec: ModelSpec, make_step: StepFactory, device_type: str = "cuda") -> MemoryPrediction:
+    """Predicted peak memory of one training step of ``spec`` at its batch and checkpointing (see the module doc)."""
+    return StepTracer(spec, make_step, device_type).predict(spec.batch_size, spec.grad_checkpointing)
 
 
 # ----------------------------------------------------------------------------- planning
@@ -408,20 +421,18 @@ def _largest_fitting(fits: Callable[[int], bool], peak_at: Callable[[int], int],
     return lo
 
 
-def plan_batch(model_name: str, img_size: int = 224, precision: str = "bf16", budget_bytes: Optional[int] = None,
-               batch: Optional[int] = None, grad_checkpointing: Optional[int] = None, headroom: float = 0.10,
-               max_batch: int = 8192, tracer: Optional[StepTracer] = None, **tracer_kwargs) -> Plan:
-    """Choose what ``None`` leaves open: the largest ``batch`` that fits ``budget_bytes`` less ``headroom``
-    (with ``grad_checkpointing`` as given, or every block when it is open too), then the least checkpointing
-    that fits at that batch. ``budget_bytes`` None: the CUDA device's total memory. Raises MemoryPlanError
-    when nothing fits; with both given it only predicts (see ``Plan.fits``)."""
+def plan_batch(tracer: StepTracer, budget_bytes: Optional[int] = None, batch: Optional[int] = None,
+               grad_checkpointing: Optional[int] = None, headroom: float = 0.10, max_batch: int = 8192) -> Plan:
+    """For the spec and step of ``tracer``, choose what ``None`` leaves open: the largest ``batch`` that fits
+    ``budget_bytes`` less ``headroom`` (with ``grad_checkpointing`` as given, or every block when it is open
+    too), then the least checkpointing that fits at that batch. ``budget_bytes`` None: the CUDA device's total
+    memory. Raises MemoryPlanError when nothing fits; with both given it only predicts (see ``Plan.fits``)."""
     if not 0.0 <= headroom < 1.0:
         raise ValueError(f"headroom must be in [0, 1), got {headroom}")
     budget = int(budget_bytes) if budget_bytes is not None else device_total_memory()
     limit = int(budget * (1 - headroom))
-    tracer = tracer or StepTracer(model_name, img_size, precision, **tracer_kwargs)
     choices = checkpointing_choices(*tracer.depths)
-    traces_before = len(tracer._cache)
+    traces_before = tracer.traces
 
     if batch is None:
         k = grad_checkpointing if grad_checkpointing is not None else 1
@@ -447,7 +458,7 @@ def plan_batch(model_name: str, img_size: int = 224, precision: str = "bf16", bu
         grad_checkpointing = choices[lo]
     pred = tracer.predict(batch, grad_checkpointing)
     return Plan(batch, grad_checkpointing, pred.peak_bytes, budget, headroom, pred,
-                traces=len(tracer._cache) - traces_before)
+                traces=tracer.traces - traces_before)
 
 
 # ----------------------------------------------------------------------------- out of memory
@@ -467,7 +478,8 @@ def oom_message(plan_or_prediction: Union[Plan, MemoryPrediction], budget_bytes:
     tries.append("--batch-size auto")
     if pred.precision in ("fp32", "fp64"):
         tries.append("--precision bf16")
-    plan_cmd = (f"mae-profile --memory --model {pred.model} --img-size {pred.img_size} --precision {pred.precision} "
-                f"--batch-size auto --grad-checkpointing auto"
+    residual = f" --activation-dtype {pred.activation_dtype}" if pred.activation_dtype != "fp32" else ""
+    plan_cmd = (f"mae-profile --memory --model {pred.model} --img-size {pred.img_size} --precision {pred.precision}"
+                f"{residual} --batch-size auto --grad-checkpointing auto"
                 + (f" --memory-budget {budget / GiB:.0f}" if budget else ""))
     return (f"out of memory{against}: {pred.describe()}; try {', '.join(tries)} (plan: {plan_cmd})")

@@ -1,8 +1,6 @@
 """Attention backends agree with the plain reference, forward and backward, at MAE's head sizes
 (64: ViT-B/L encoder, 80: ViT-H/14 encoder, 32: the 512-wide 16-head decoder); a forced SDPA kernel
 is that kernel or an error; ``auto`` on CUDA times the candidates at a site's real shape."""
-import argparse
-
 import pytest
 import torch
 import torch._dynamo
@@ -126,13 +124,12 @@ def test_auto_picks_per_site_on_cuda():
 
 
 @pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)])
-def test_commands_time_auto_attention_as_they_run(monkeypatch, precision, dtype):
-    """mae-pretrain, mae-bench and mae-profile ask ``auto`` for the dtype attention really runs in (fp32 without
-    autocast: flash attention, the usual bf16 winner, cannot run there), at their batch and mask ratio."""
-    from mae_fast.bench import profile, throughput
+def test_the_model_builder_times_auto_attention_as_the_run_computes(monkeypatch, precision, dtype):
+    """The one model builder (mae-pretrain, mae-bench, mae-profile and the memory planner build through it) asks
+    ``auto`` for the dtype attention really runs in (fp32 without autocast: flash attention, the usual bf16
+    winner, cannot run there), at the spec's batch and mask ratio."""
+    from mae_fast.model_spec import ModelSpec, build_model
     from mae_fast.models_mae import MaskedAutoencoderViT
-    from mae_fast.train.engine.config import parse_config
-    from mae_fast.train.pretrain import build_model
 
     asked = []
     real = MaskedAutoencoderViT.set_attn_backend
@@ -142,13 +139,7 @@ def test_commands_time_auto_attention_as_they_run(monkeypatch, precision, dtype)
         return real(self, attn_backend, dtype=dtype, batch=batch, mask_ratio=mask_ratio)
 
     monkeypatch.setattr(MaskedAutoencoderViT, "set_attn_backend", recording)
-    common = ["--model", "mae_vit_tiny_patch8", "--img-size", "32", "--batch-size", "6", "--precision", precision,
-              "--mask-ratio", "0.5"]
-    cpu = torch.device("cpu")
-    build_model(parse_config(["--demo", *common, "--attn-backend", "auto"]), cpu)
-    args = throughput.parse_args([*common, "--device", "cpu", "--compile", "off", "--variants", "fused"])
-    throughput.build_mae(throughput.VARIANTS["fused"], argparse.Namespace(**{**vars(args), "model": args.models[0]}),
-                         cpu)
-    profile.build_training(profile.parse_args([*common, "--device", "cpu", "--compile", "off"]), cpu)
-    explicit = [a for a in asked if a[0] == "auto" and (a[2], a[3]) != (64, 0.75)]  # not the constructor's call
-    assert explicit == [("auto", dtype, 6, 0.5)] * 3, asked
+    spec = ModelSpec("mae_vit_tiny_patch8", 32, precision=precision, attn_backend="auto", batch_size=6, mask_ratio=0.5)
+    model = build_model(spec, torch.device("cpu"))
+    assert asked == [("auto", dtype, 6, 0.5)]
+    assert set(model.attn_choices) == {"encoder", "decoder"}

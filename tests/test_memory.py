@@ -1,13 +1,16 @@
 """Peak-memory prediction (mae_fast.memory): the tracker's byte counts, the fake-tensor trace against the same
-tracker on a real CPU step, the batch / checkpointing planner and the out-of-memory message."""
+trace on real CPU tensors, the batch / checkpointing planner, the out-of-memory message, and mae-pretrain's
+``--batch-size auto`` planning the step it runs, as mae-profile --memory predicts it."""
 import dataclasses
+import json
 
 import pytest
 import torch
 
-from mae_fast import create_model
-from mae_fast.memory import (GiB, LiveStorageTracker, StepTracer, checkpointing_choices, device_total_memory, oom_message, plan_batch, predict_memory, track_step)
+from mae_fast.memory import (GiB, LiveStorageTracker, StepTracer, checkpointing_choices, device_total_memory,
+                             oom_message, plan_batch, predict_memory)
 from mae_fast.errors import MemoryPlanError
+from mae_fast.model_spec import ModelSpec
 from mae_fast.train.engine.distributed import DistInfo
 from mae_fast.train.engine.loop import StepRunner
 from mae_fast.train.engine.optim import build_adamw
@@ -15,10 +18,20 @@ from mae_fast.train.engine.optim import build_adamw
 TINY = "mae_vit_tiny_patch8"
 
 
+def pretrain_step(precision: str, made: list = None):
+    """mae-pretrain's step (fused AdamW under StepRunner) as a factory; each optimizer made is appended to ``made``."""
+    def make(model, device):
+        opt = build_adamw(model, lr=1e-4, weight_decay=0.05)
+        if made is not None:
+            made.append(opt)
+        return StepRunner(model, opt, precision, device, DistInfo())
+    return make
+
+
 @pytest.fixture(scope="module")
 def tracer():
     """One fake-tensor tiny model + AdamW + StepRunner (bf16, CPU target), shared: its traces are cached."""
-    return StepTracer(TINY, 64, "bf16", device_type="cpu")
+    return StepTracer(ModelSpec(TINY, 64, precision="bf16"), pretrain_step("bf16"), device_type="cpu")
 
 
 def test_tracker_counts_live_storages_views_once_and_sees_frees():
@@ -45,33 +58,20 @@ def test_tracker_rounds_like_the_cuda_allocator():
     del x
 
 
-def _real_tiny_step(precision: str, batch: int, k: int):
-    """The same tracker on a real CPU training step of the tiny model, optimizer state allocated first."""
-    torch.manual_seed(0)
-    model = create_model(TINY, norm_pix_loss=True).to(torch.float64 if precision == "fp64" else None)
-    model.set_grad_checkpointing(k)
-    model.train()
-    opt = build_adamw(model, lr=1e-4, weight_decay=0.05)
-    for p in model.parameters():
-        p.grad = torch.randn_like(p) if p.requires_grad else None
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    runner = StepRunner(model, opt, precision, torch.device("cpu"), DistInfo())
-    imgs = torch.randn(batch, 3, 64, 64, dtype=torch.float64 if precision == "fp64" else None)
-    tracker = track_step(model, runner, imgs, precision, 0.75)
-    return model, opt, tracker
-
-
 @pytest.mark.parametrize("precision,k", [("bf16", 0), ("fp32", 1), ("fp64", 0)])
 def test_fake_trace_predicts_the_tracked_real_step(precision, k, tracer):
-    model, opt, real = _real_tiny_step(precision, 8, k)
-    pred = (tracer.predict(8, k) if precision == "bf16" else
-            predict_memory(TINY, 64, 8, precision, k, device_type="cpu"))
-    assert pred.traced_on == "fake cpu tensors"
-    assert abs(pred.peak_bytes - real.peak) <= 0.02 * real.peak, (pred.peak_bytes, real.peak)
+    torch.manual_seed(0)
+    made = []
+    spec = ModelSpec(TINY, 64, precision=precision, batch_size=8, grad_checkpointing=k)
+    on_real = StepTracer(spec, pretrain_step(precision, made), device_type="cpu", fake=False)
+    real = on_real.predict(8, k)
+    model, (opt,) = on_real.model, made
+    pred = tracer.predict(8, k) if precision == "bf16" else predict_memory(spec, pretrain_step(precision), "cpu")
+    assert pred.traced_on == "fake cpu tensors" and real.traced_on == "cpu tensors"
+    assert abs(pred.peak_bytes - real.peak_bytes) <= 0.02 * real.peak_bytes, (pred.peak_bytes, real.peak_bytes)
     assert pred.peak_phase == real.peak_phase
     for cat in ("parameters", "optimizer_state", "inputs"):
-        assert pred.breakdown[cat] == real.peak_breakdown[cat], cat
+        assert pred.breakdown[cat] == real.breakdown[cat], cat
     # independent of the tracker: what lives between steps is exactly parameters + AdamW state (+ scalars)
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     state_bytes = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values())
@@ -93,7 +93,7 @@ def test_checkpointing_lowers_the_peak_and_batch_raises_it(tracer):
 def test_cuda_target_without_gpu_is_emulated_on_cpu_and_says_so(tracer):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: the trace runs on fake CUDA tensors")
-    pred = predict_memory(TINY, 64, 4, "bf16", 0, device_type="cuda")
+    pred = predict_memory(ModelSpec(TINY, 64, precision="bf16", batch_size=4), pretrain_step("bf16"), "cuda")
     assert pred.traced_on == "fake cpu tensors" and pred.kernel_backend == "torch"
     assert any("standing in for cuda" in a for a in pred.assumptions)
     assert pred.peak_bytes % 512 == 0
@@ -110,7 +110,7 @@ def test_checkpointing_choices_least_to_most():
 
 def test_plan_batch_finds_the_largest_batch_then_the_least_checkpointing(tracer):
     budget = int(tracer.predict(37, 1).peak_bytes / 0.9) + 1  # batch 37 with every block checkpointed fits
-    plan = plan_batch(TINY, 64, "bf16", budget, tracer=tracer)
+    plan = plan_batch(tracer, budget)
     limit = int(budget * 0.9)
     assert plan.fits and plan.predicted_bytes <= limit
     assert tracer.predict(plan.batch_size + 1, 1).peak_bytes > limit  # the largest batch ...
@@ -123,13 +123,13 @@ def test_plan_batch_finds_the_largest_batch_then_the_least_checkpointing(tracer)
 def test_plan_least_checkpointing_at_a_fixed_batch(tracer):
     off, full = tracer.predict(16, 0).peak_bytes, tracer.predict(16, 1).peak_bytes
     budget = int((off + full) / 2 / 0.9)
-    plan = plan_batch(TINY, 64, "bf16", budget, batch=16, tracer=tracer)
+    plan = plan_batch(tracer, budget, batch=16)
     assert plan.batch_size == 16 and plan.grad_checkpointing != 0 and plan.fits
 
 
 def test_nothing_fits_is_one_line_naming_the_prediction(tracer):
     with pytest.raises(MemoryPlanError) as e:
-        plan_batch(TINY, 64, "bf16", 2**20, tracer=tracer)  # 1 MiB: not even the parameters + AdamW state
+        plan_batch(tracer, 2**20)  # 1 MiB: not even the parameters + AdamW state
     msg = str(e.value)
     assert "\n" not in msg and "nothing fits 1.0 MiB" in msg and "batch 1" in msg
 
@@ -142,3 +142,67 @@ def test_oom_message(tracer):
     tries, plan_cmd = msg.split("(plan: ")
     assert "--precision" not in tries and "--memory-budget 80" in plan_cmd  # bf16 already
     assert "--precision bf16" in oom_message(dataclasses.replace(pred, precision="fp32"), 80 * GiB).split("(plan")[0]
+    assert "--activation-dtype" not in plan_cmd
+    bf16_residual = oom_message(dataclasses.replace(pred, activation_dtype="bf16"), 80 * GiB)
+    assert "bf16 residual stream" in bf16_residual and "--activation-dtype bf16 --batch-size auto" in bf16_residual
+
+
+def test_bf16_residual_stream_is_part_of_the_prediction(tracer):
+    spec = ModelSpec(TINY, 64, precision="bf16", activation_dtype="bf16")
+    bf16 = StepTracer(spec, pretrain_step("bf16"), device_type="cpu").predict(8, 0)
+    fp32 = tracer.predict(8, 0)
+    assert (bf16.activation_dtype, fp32.activation_dtype) == ("bf16", "fp32")
+    assert bf16.breakdown["activations"] < fp32.breakdown["activations"]  # the residual stream kept in bf16
+    assert bf16.between_steps_bytes == fp32.between_steps_bytes  # same parameters and optimizer state
+
+
+def test_a_trace_depends_on_nothing_traced_before(tracer):
+    """Each trace starts from the steady state (what the first step of a run leaves allocated), not from what
+    an earlier trace left; and tracing draws nothing from the global RNG (mae-pretrain plans before it draws
+    the weights)."""
+    rng = torch.get_rng_state()
+    fresh = StepTracer(ModelSpec(TINY, 64, precision="bf16"), pretrain_step("bf16"), device_type="cpu")
+    first = fresh.predict(8, 1)
+    assert torch.equal(rng, torch.get_rng_state())
+    again = StepTracer(ModelSpec(TINY, 64, precision="bf16"), pretrain_step("bf16"), device_type="cpu")
+    again.predict(4, 0)
+    assert again.predict(8, 1) == first == tracer.predict(8, 1)
+
+
+def test_pretrain_auto_batch_plans_the_step_it_runs_as_mae_profile_predicts_it(tmp_path):
+    """--batch-size auto with and without --activation-dtype bf16 (precision bf16): different predicted peaks,
+    each exactly mae-profile --memory's for the same flags."""
+    from mae_fast.bench import profile
+    from mae_fast.train.engine.config import parse_config
+    from mae_fast.train.pretrain import plan_memory
+
+    flags = ["--model", TINY, "--img-size", "32", "--precision", "bf16", "--batch-size", "auto", "--memory-budget",
+             "0.02"]
+    plans = {}
+    for act in ("fp32", "bf16"):
+        cfg = parse_config([*flags, "--activation-dtype", act])
+        plans[act] = plan_memory(cfg, torch.device("cpu"))
+        assert plans[act].prediction.activation_dtype == act and cfg.batch_size == plans[act].batch_size
+        out = tmp_path / f"{act}.json"
+        assert profile.main([*flags, "--activation-dtype", act, "--memory", "--device", "cpu", "--json", str(out)]) == 0
+        profiled = json.loads(out.read_text())["plan"]
+        assert (profiled["batch_size"], profiled["predicted_bytes"]) == (plans[act].batch_size,
+                                                                         plans[act].predicted_bytes)
+        assert profiled["prediction"] == plans[act].prediction.to_dict()
+    assert plans["bf16"].predicted_bytes != plans["fp32"].predicted_bytes
+    assert plans["bf16"].batch_size > plans["fp32"].batch_size  # less activation memory: a larger batch fits
+
+
+def test_the_library_never_imports_the_commands():
+    """Dependencies point down: nothing in mae_fast/ imports mae_fast.train or mae_fast.bench (the memory planner
+    traces the caller's step runner, passed in)."""
+    import ast
+    from pathlib import Path
+
+    import mae_fast
+
+    for path in sorted(Path(mae_fast.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     ["mae_fast." * node.level + (node.module or "")] if isinstance(node, ast.ImportFrom) else [])
+            assert not [n for n in names if n.split(".")[:2] in (["mae_fast", "train"], ["mae_fast", "bench"])], path

@@ -103,6 +103,9 @@ def test_bad_input_is_one_line(capsys):
     with pytest.raises(SystemExit):
         prof.main(TINY + ["--compile", "model"])  # the phases cannot be timed inside one compiled graph
     assert "invalid choice: 'model'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        prof.main(TINY + ["--memory", "--activation-dtype", "bf16", "--precision", "fp32"])
+    assert "--activation-dtype bf16 needs --precision bf16" in capsys.readouterr().err
     assert prof.main(TINY + ["--batch-size", "auto"]) == 1  # no GPU to read the budget from
     err = capsys.readouterr().err.strip()
     assert err.startswith("mae-profile: error:") and "--memory-budget" in err and "\n" not in err
