@@ -10,7 +10,7 @@ DALI = "nvidia-dali-cuda130; platform_system == 'Linux' and platform_machine == 
 # DALI's CPU pipeline runs without a GPU, so the tests compare it with the PIL loader
 # transformers: the Hugging Face ViTMAE interop tests; scikit-learn: the digits data of the probe tests
 HF = ["transformers>=4.40"]
-TEST = ["pytest>=7", "pytest-benchmark>=4", "scikit-learn", DALI, *HF]
+TEST = ["pytest>=7", "scikit-learn", DALI, *HF]
 GPU = ["xformers", DALI]
 
 setup(

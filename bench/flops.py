@@ -11,7 +11,7 @@ import json
 import sys
 from typing import List, Optional
 
-from mae_fast.bench.records import DefaultsHelpFormatter
+from .records import DefaultsHelpFormatter
 from mae_fast.flops import FlopsReport, count_flops
 from mae_fast.models_mae import MODELS
 

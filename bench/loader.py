@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from mae_fast.bench.records import record_header, write_result
+from .records import record_header, write_result
 from mae_fast.train.data.dali_loader import dali_available
 from mae_fast.train.data.loaders import KINDS, build_loader
 from mae_fast.train.data.sources import list_images

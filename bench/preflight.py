@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from mae_fast.bench.records import record_header, write_result
+from .records import record_header, write_result
 
 #: (patch size, encoder width, decoder width) of the models the suite benchmarks
 SHAPES: Dict[str, Tuple[int, int, int]] = {"vit_l16": (16, 1024, 512), "vit_h14": (14, 1280, 512)}

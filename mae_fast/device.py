@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import ContextManager
 
 import torch
@@ -10,6 +11,22 @@ from .errors import DeviceError
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
 
+
+@dataclasses.dataclass
+class DistInfo:
+    """This process's place under torchrun (rank 0 of 1 without it): which device it takes, what it saves."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
 
 
 def requested_device_type(requested: str) -> str:

@@ -111,7 +111,7 @@ def test_out_of_memory_is_one_line_with_the_prediction(tmp_path, monkeypatch, ca
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(pretrain, "run_steps", oom)
+    monkeypatch.setattr(pretrain, "fit", oom)
     assert pretrain.main(SMALL + ["--epochs", "1", "--output-dir", str(tmp_path / "run")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("mae-pretrain: error: out of memory"), err

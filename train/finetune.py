@@ -19,11 +19,12 @@ from typing import Any, ClassVar, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from mae_fast.train.evaluation.classifier import (ClassifierConfig, Task, create_classifier, eval_loader_for, labelled_images, load_encoder,
-                       parse_classifier_config, run_cli, seed_training)
-from mae_fast.train.engine.cli import opt
-from mae_fast.train.engine.distributed import DistInfo
-from mae_fast.train.engine.optim import fused_available
+from .evaluation.classifier import (ClassifierConfig, ClassifierJob, create_classifier, eval_loader_for, evaluate_only, labelled_images, load_encoder, parse_classifier_config, seed_training, start_classifier)
+from .engine.cli import run_main
+from .engine.loop import fit
+from .engine.cli import opt
+from mae_fast.device import DistInfo
+from .engine.optim import fused_available
 
 log = logging.getLogger("mae_fast.train")
 
@@ -87,13 +88,13 @@ def param_groups_lrd(model: nn.Module, weight_decay: float = 0.05, layer_decay: 
     return [groups[k] for k in sorted(groups)]
 
 
-def build_task(cfg: FinetuneConfig, info: DistInfo, device: torch.device) -> Task:
+def build_task(cfg: FinetuneConfig, info: DistInfo, device: torch.device) -> ClassifierJob:
     """Data, classifier (MAE weights loaded), AdamW with layer decay, mixup and criterion."""
     from timm.data import Mixup
     from timm.layers import trunc_normal_
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
-    from mae_fast.train.data.labelled import build_labelled_loader, train_transform
+    from .data.labelled import build_labelled_loader, train_transform
 
     train_images, eval_images = labelled_images(cfg, info)
     eval_loader = eval_loader_for(eval_images, cfg, info, device)
@@ -120,7 +121,8 @@ def build_task(cfg: FinetuneConfig, info: DistInfo, device: torch.device) -> Tas
         train_loader = build_labelled_loader(train_images, tf, cfg.batch_size, seed=cfg.seed, rank=info.rank,
                                              world_size=info.world_size, device=device, strict=cfg.strict_data,
                                              num_workers=cfg.num_workers, training=True)
-    return Task("finetune", model, optimizer, train_loader, eval_loader, criterion, base_lr, mixup, cfg.clip_grad)
+    return ClassifierJob("finetune", cfg, model, optimizer, train_loader, eval_loader, criterion, base_lr, info, device,
+                         mixup, cfg.clip_grad)
 
 
 def parse_config(argv: Optional[List[str]] = None) -> FinetuneConfig:
@@ -128,8 +130,16 @@ def parse_config(argv: Optional[List[str]] = None) -> FinetuneConfig:
                                    "as defaults; docs/semantics.md §8).", argv, RECIPE)
 
 
+def train(cfg: FinetuneConfig) -> Dict[str, Any]:
+    """Fine-tune as configured (or, with ``--eval``, evaluate the ``--resume`` checkpoint); returns the summary."""
+    info, device, out = start_classifier(cfg)
+    if cfg.eval:
+        return evaluate_only(cfg, build_task, info, device)
+    return fit(cfg, build_task(cfg, info, device), out)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    return run_cli("mae-finetune", argv, parse_config, build_task)
+    return run_main("mae-finetune", lambda: parse_config(argv), train)
 
 
 if __name__ == "__main__":

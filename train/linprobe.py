@@ -8,7 +8,7 @@
 tokens) after the encoder's final norm -> BatchNorm1d(affine=False, eps 1e-6) -> Linear (trunc-normal
 std 0.01); only that head trains, with LARS (momentum 0.9, no weight decay), lr = blr x batch / 256,
 10 warmup epochs then cosine; RandomResizedCrop(``--crop-scale``, 1) + flip (``--no-augment``: none).
-The loop is :func:`classify.fit`. Far below the recipe's batch (16384) the lr is tiny and the head barely
+The loop is :func:`mae_fast.train.engine.loop.fit`. Far below the recipe's batch (16384) the lr is tiny and the head barely
 moves: a one-line warning says so and how to reach the recipe.
 
 ``--method logistic`` (the feature probe): embed the training and evaluation images once with the frozen
@@ -34,11 +34,12 @@ import torch.nn as nn
 
 from mae_fast.checkpoint import save_checkpoint
 
-from mae_fast.train.evaluation.classifier import (ClassifierConfig, Task, create_classifier, eval_loader_for, labelled_images, load_encoder,
-                       parse_classifier_config, run_cli, seed_training)
-from mae_fast.train.engine.cli import opt
+from .evaluation.classifier import (ClassifierConfig, ClassifierJob, create_classifier, eval_loader_for, evaluate_only, labelled_images, load_encoder, parse_classifier_config, seed_training, start_classifier)
+from .engine.cli import run_main
+from .engine.loop import fit
+from .engine.cli import opt
 from mae_fast.errors import ConfigError
-from mae_fast.train.engine.distributed import DistInfo
+from mae_fast.device import DistInfo
 
 log = logging.getLogger("mae_fast.train")
 
@@ -135,10 +136,10 @@ def small_scale_warning(cfg: LinprobeConfig, eff_batch: int, steps_per_epoch: in
             f"probe to convergence with --method logistic")
 
 
-def build_task(cfg: LinprobeConfig, info: DistInfo, device: torch.device) -> Task:
+def build_task(cfg: LinprobeConfig, info: DistInfo, device: torch.device) -> ClassifierJob:
     """The LARS probe: frozen classifier, BatchNorm + Linear head, LARS, the probe's augmentation."""
-    from mae_fast.train.data.loaders import build_loader
-    from mae_fast.train.data.labelled import build_labelled_loader, eval_transform, require_labelled
+    from .data.loaders import build_loader
+    from .data.labelled import build_labelled_loader, eval_transform, require_labelled
 
     train_loader: Any = None
 
@@ -168,10 +169,9 @@ def build_task(cfg: LinprobeConfig, info: DistInfo, device: torch.device) -> Tas
                                       len(train_images))
         if warning:
             log.warning("mae-linprobe: %s", warning)
-    task = Task("linprobe", model, lars(model.head, base_lr, cfg.weight_decay),
-                train_loader if train_loader is not None else eval_loader, eval_loader, nn.CrossEntropyLoss(),
-                base_lr, extra_summary={"method": "lars", "pool": cfg.pool})
-    return task
+    return ClassifierJob("linprobe", cfg, model, lars(model.head, base_lr, cfg.weight_decay),
+                         train_loader if train_loader is not None else eval_loader, eval_loader, nn.CrossEntropyLoss(),
+                         base_lr, info, device, extra_summary={"method": "lars", "pool": cfg.pool})
 
 
 # ---------------------------------------------------------------- --method logistic
@@ -179,10 +179,10 @@ def train_logistic(cfg: LinprobeConfig, info: DistInfo, device: torch.device) ->
     """The feature probe (see the module doc); writes config.json, eval.csv, summary.json and the head."""
     from mae_fast.compile import apply_compile
 
-    from mae_fast.train.evaluation.features import FeatureExtractor, classifier_encoder
-    from mae_fast.train.data.labelled import eval_transform, probe_transform
-    from mae_fast.train.evaluation.logistic import features_home, fit_probe, scores_of
-    from mae_fast.train.run_state import RunLog, clear_run, write_json
+    from .evaluation.features import FeatureExtractor, classifier_encoder
+    from .data.labelled import eval_transform, probe_transform
+    from .evaluation.logistic import features_home, fit_probe, scores_of
+    from .run_state import RunLog, clear_run, write_json
 
     if cfg.resume:
         raise ConfigError("--resume continues a --method lars run; the feature probe runs in one go (rerun it, "
@@ -259,13 +259,15 @@ def train_logistic(cfg: LinprobeConfig, info: DistInfo, device: torch.device) ->
     return summary
 
 
-def train(cfg: LinprobeConfig, info: DistInfo, device: torch.device) -> Dict[str, Any]:
-    """--method lars: :func:`classify.fit` of :func:`build_task`; --method logistic: :func:`train_logistic`."""
-    from mae_fast.train.evaluation.classifier import fit
-
+def train(cfg: LinprobeConfig) -> Dict[str, Any]:
+    """--method lars: the one training loop (:func:`~mae_fast.train.engine.loop.fit`) of :func:`build_task`;
+    --method logistic: :func:`train_logistic`; --eval: the ``--resume`` checkpoint evaluated."""
+    info, device, out = start_classifier(cfg)
+    if cfg.eval:
+        return evaluate_only(cfg, build_task, info, device)
     if cfg.method == "logistic":
         return train_logistic(cfg, info, device)
-    return fit(cfg, build_task(cfg, info, device), info, device)
+    return fit(cfg, build_task(cfg, info, device), out)
 
 
 def parse_config(argv: Optional[List[str]] = None) -> LinprobeConfig:
@@ -278,7 +280,7 @@ def parse_config(argv: Optional[List[str]] = None) -> LinprobeConfig:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    return run_cli("mae-linprobe", argv, parse_config, build_task, train)
+    return run_main("mae-linprobe", lambda: parse_config(argv), train)
 
 
 if __name__ == "__main__":

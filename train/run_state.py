@@ -20,22 +20,20 @@ import re
 import shutil
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from mae_fast.checkpoint import (RUN_STATE, dcp_errors, is_sharded_checkpoint, read_checkpoint, read_sharded, save_checkpoint)
-from mae_fast.errors import CheckpointError
-from mae_fast.errors import ConfigError, NonFiniteLossError
+from mae_fast.checkpoint import (RUN_STATE, dcp_errors, is_sharded_checkpoint, read_checkpoint, read_sharded,
+                                 save_checkpoint)
+from mae_fast.errors import CheckpointError, ConfigError, NonFiniteLossError
 from mae_fast.files import fsync_dir, strict_json
 from mae_fast.kernels import backend_choices, restore_backend_choices
 
-if TYPE_CHECKING:  # annotations only: the engine imports this module, never the reverse
-    from mae_fast.train.engine.distributed import DistInfo
-    from mae_fast.train.engine.loop import StepRunner
+from mae_fast.device import DistInfo
 
 log = logging.getLogger("mae_fast.train")
 
@@ -101,6 +99,14 @@ def choose_run_dir(output_dir: str, default: str, resume: str, overwrite: bool) 
     if overwrite:
         return base
     return _numbered(base, n)
+
+
+def choose_shared_run_dir(output_dir: str, default: str, resume: str, overwrite: bool, info: DistInfo) -> Path:
+    """:func:`choose_run_dir` on every rank (each refuses alike), rank 0's choice shared with the others."""
+    choice = [str(choose_run_dir(output_dir, default, resume, overwrite))]
+    if info.enabled:
+        dist.broadcast_object_list(choice, src=0)
+    return Path(choice[0])
 
 
 def clear_run(folder: Path) -> None:
@@ -439,7 +445,7 @@ def rng_of_rank(saved: Any, rank: int) -> Dict[str, Any]:
 
 
 def open_run_checkpoints(cfg: Any, out: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                         runner: "StepRunner", loader: Any, info: DistInfo) -> "RunCheckpoints":
+                         runner: Any, loader: Any, info: DistInfo) -> "RunCheckpoints":
     """The run's checkpoints in ``out/checkpoints``, after the main process removed the old run's files
     (``--overwrite``) or the temp files a killed save left (``--resume``)."""
     if info.is_main and cfg.overwrite:
@@ -455,7 +461,7 @@ class RunCheckpoints:
     loader position, every rank's RNG state, the step runner and the config; atomic, newest k kept."""
 
     def __init__(self, folder: Path, keep: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 runner: StepRunner, loader: Any, info: DistInfo, config: Dict[str, Any],
+                 runner: Any, loader: Any, info: DistInfo, config: Dict[str, Any],
                  checkpoint_format: Optional[str] = None):
         self.manager = CheckpointManager(folder, keep=keep)
         self.model, self.optimizer, self.runner, self.loader = model, optimizer, runner, loader

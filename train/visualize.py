@@ -16,7 +16,7 @@ from mae_fast.models_mae import MODELS, MaskedAutoencoderViT, create_model
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from mae_fast.train.data.transforms import IMAGENET_MEAN, IMAGENET_STD, load_rgb, normalize
+from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, load_rgb, normalize
 from mae_fast.errors import ConfigError
 
 _MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
@@ -106,7 +106,7 @@ def model_from_checkpoint(path: str, model_name: Optional[str] = None, norm_pix_
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from mae_fast.train.engine.cli import Parser, run_main
+    from .engine.cli import Parser, run_main
 
     p = Parser(prog="mae-visualize", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, help="mae-fast or official MAE checkpoint with the decoder, "

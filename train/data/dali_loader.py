@@ -18,9 +18,9 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from mae_fast.train.data.transforms import IMAGENET_MEAN, IMAGENET_STD, SCALE, sample_params_batch
-from mae_fast.train.data.loader_base import Loader
-from mae_fast.train.data.sources import ImageList
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, SCALE, sample_params_batch
+from .loader_base import Loader
+from .sources import ImageList
 
 log = logging.getLogger("mae_fast.data")
 

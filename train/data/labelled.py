@@ -16,10 +16,10 @@ from typing import Any, Callable, Iterator, Optional, Tuple
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from mae_fast.train.data.transforms import IMAGENET_MEAN, IMAGENET_STD, load_rgb_or_reason
-from mae_fast.train.data.loader_base import EpochBatches, Loader, epoch_order, sample_seed, seeded_rngs, worker_init
-from mae_fast.train.data.shards import ShardSet, is_shard_source
-from mae_fast.train.data.sources import ImageList, scan_source
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, load_rgb_or_reason
+from .loader_base import EpochBatches, Loader, epoch_order, sample_seed, seeded_rngs, worker_init
+from .shards import ShardSet, is_shard_source
+from .sources import ImageList, scan_source
 
 log = logging.getLogger("mae_fast.data")
 
@@ -59,7 +59,7 @@ def split_sources(data: str, eval_data: str = "") -> Tuple[str, str]:
 def scan_labelled(source: str, strict: bool = False, rank: int = 0, world_size: int = 1) -> ImageList:
     """Scan a labelled source (unreadable files logged and left out); ValueError without labels."""
     if is_shard_source(source):  # tar shards with .cls labels (train/data/shard_loaders.py)
-        from mae_fast.train.data.shard_loaders import scan_labelled_shards
+        from .shard_loaders import scan_labelled_shards
 
         return scan_labelled_shards(source, strict, rank, world_size)  # type: ignore[return-value]
     require_labelled(source)
@@ -183,7 +183,7 @@ def build_labelled_loader(images: ImageList, transform: Transform, batch_size: i
                           ) -> LabelledLoader:
     """Training (shuffled, full batches) or evaluation (file order, every file once) loader."""
     if isinstance(images, ShardSet):
-        from mae_fast.train.data.shard_loaders import build_labelled_shard_loader
+        from .shard_loaders import build_labelled_shard_loader
 
         return build_labelled_shard_loader(images, transform, batch_size, seed=seed, rank=rank,  # type: ignore[return-value]
                                            world_size=world_size, device=device, strict=strict,

@@ -18,11 +18,11 @@ from typing import Iterator
 import torch
 from torch.utils.data import Dataset
 
-from mae_fast.train.data import dali_loader, nvjpeg_loader
-from mae_fast.train.data.transforms import SCALE, augment_pil, load_rgb_or_reason, normalize, sample_params
-from mae_fast.train.data.loader_base import EpochDataLoader, Loader, default_workers
-from mae_fast.train.data.shards import is_shard_source
-from mae_fast.train.data.sources import ImageList, scan_source
+from . import dali_loader, nvjpeg_loader
+from .transforms import SCALE, augment_pil, load_rgb_or_reason, normalize, sample_params
+from .loader_base import EpochDataLoader, Loader, default_workers
+from .shards import is_shard_source
+from .sources import ImageList, scan_source
 
 log = logging.getLogger("mae_fast.data")
 
@@ -183,7 +183,7 @@ def build_loader(source: str | os.PathLike | None = "demo", kind: str = "auto",
                          f"'demo')")
     workers = default_workers() if num_workers is None else num_workers
     if is_shard_source(source):
-        from mae_fast.train.data.shard_loaders import build_shard_loader
+        from .shard_loaders import build_shard_loader
 
         if kind == "nvjpeg" and requested == "auto":  # nvjpeg reads folders: shards go to PIL
             kind = "pil"

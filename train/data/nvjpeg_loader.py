@@ -24,9 +24,9 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.functional import pil_to_tensor
 
-from mae_fast.train.data.transforms import SCALE, load_rgb_or_reason, normalize, resized_crops, sample_params_batch
-from mae_fast.train.data.loader_base import Loader, prefetched
-from mae_fast.train.data.sources import ImageList
+from .transforms import SCALE, load_rgb_or_reason, normalize, resized_crops, sample_params_batch
+from .loader_base import Loader, prefetched
+from .sources import ImageList
 
 log = logging.getLogger("mae_fast.data")
 

@@ -25,9 +25,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from mae_fast.train.data.transforms import SCALE, augment_pil, normalize, sample_params
-from mae_fast.train.data.loader_base import EpochDataLoader, Loader, sample_seed, seeded_rngs
-from mae_fast.train.data.shards import (DEFAULT_BLOCK, Block, ShardSet, block_gids, decode_bytes, rank_streams, read_blocks, resolve_streams, scan_shards, skip_items, stream_blocks)
+from .transforms import SCALE, augment_pil, normalize, sample_params
+from .loader_base import EpochDataLoader, Loader, sample_seed, seeded_rngs
+from .shards import (DEFAULT_BLOCK, Block, ShardSet, block_gids, decode_bytes, rank_streams, read_blocks, resolve_streams, scan_shards, skip_items, stream_blocks)
 from mae_fast.errors import ShardError
 from mae_fast.errors import UnreadableImageError
 
@@ -238,7 +238,7 @@ class ShardDALILoader(_ShardLoader):
                  with_labels: bool = False, dtype: torch.dtype = torch.float32, shuffle: bool = True,
                  drop_last: bool = False, scale: tuple[float, float] = SCALE, streams: int = 0,
                  block: int = DEFAULT_BLOCK) -> None:
-        from mae_fast.train.data.dali_loader import require_dali
+        from .dali_loader import require_dali
 
         require_dali()
         super().__init__(shards, batch_size, seed=seed, rank=rank, world_size=world_size, device=device,
@@ -325,7 +325,7 @@ def _build_shard_pipeline(inputs: list[tuple[list[str], list[str], np.ndarray]],
     that row j * K + m of the output is item j of stream m."""
     from nvidia.dali import fn, pipeline_def
 
-    from mae_fast.train.data.dali_loader import _CropSource, decode_crop_normalize
+    from .dali_loader import _CropSource, decode_crop_normalize
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
                   seed=(seed * 7919 + epoch) % (2 ** 31), prefetch_queue_depth=2, exec_dynamic=True)

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from mae_fast.train.data.loader_base import epoch_order
+from .loader_base import epoch_order
 from mae_fast.errors import ShardError, UnreadableImageError
 
 log = logging.getLogger("mae_fast.data")
@@ -462,6 +462,6 @@ def read_blocks(ss: ShardSet, blocks: Iterator[Block] | Sequence[Block]
 
 def decode_bytes(data: bytes) -> Image.Image:
     """Decode image bytes to RGB with the folder loaders' conversions (CMYK, L, RGBA, P, ...)."""
-    from mae_fast.train.data.transforms import load_rgb
+    from .transforms import load_rgb
 
     return load_rgb(io.BytesIO(data))  # type: ignore[arg-type]

@@ -243,7 +243,7 @@ def setup_logging() -> None:
 def run_main(prog: str, parse: Callable[[], Any], run: Callable[[Any], Any]) -> int:
     """Shared ``main()``: parse (ConfigError → exit 2), run (a user error → exit 1), print the result as
     strict JSON on rank 0; every error is one line ``<prog>: error: ...``."""
-    from mae_fast.train.engine.distributed import shutdown_distributed
+    from .distributed import shutdown_distributed
 
     setup_logging()
     try:

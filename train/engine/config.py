@@ -14,11 +14,11 @@ from mae_fast.device import DEVICE_CHOICES, PRECISION_DTYPES
 from mae_fast.kernels import KERNEL_BACKENDS
 from mae_fast.models_mae import ACTIVATION_DTYPES, MODELS
 
-from mae_fast.train.engine.cli import add_config_flags, dataclass_parser, opt
+from .cli import add_config_flags, dataclass_parser, opt
 from mae_fast.errors import ConfigError
-from mae_fast.train.data.loader_base import default_workers
-from mae_fast.train.data.loaders import KINDS as LOADER_KINDS
-from mae_fast.train.engine.cli import parse_config as parse_dataclass_config
+from ..data.loader_base import default_workers
+from ..data.loaders import KINDS as LOADER_KINDS
+from .cli import parse_config as parse_dataclass_config
 
 
 @dataclass

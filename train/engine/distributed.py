@@ -1,32 +1,14 @@
 """torchrun / torch.distributed set-up shared by every training command: the process's place, the
-process group, DDP wrapping, and model + optimizer state gathered in full (valid for any world size)."""
+process group, and wrapping the model for it (DDP, or FSDP2 per block)."""
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-
-
-
-@dataclasses.dataclass
-class DistInfo:
-    """This process's place under torchrun (rank 0 of 1 without it)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
+from mae_fast.device import DistInfo
 
 
 def init_distributed(device_type: str) -> DistInfo:
@@ -51,6 +33,20 @@ def ddp_wrap(model: nn.Module, device: torch.device) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def wrap_model(model: nn.Module, mode: str, info: DistInfo, device: torch.device) -> nn.Module:
+    """Under torchrun: DDP (``mode`` "ddp"), or FSDP2 ``fully_shard`` per block of ``model.blocks`` and
+    ``model.decoder_blocks`` then the root ("fsdp"); the model itself in a single process."""
+    if not info.enabled:
+        return model
+    if mode == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for blk in [*model.blocks, *getattr(model, "decoder_blocks", [])]:
+            fully_shard(blk)
+        return fully_shard(model)
+    return ddp_wrap(model, device)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -1,11 +1,21 @@
-"""The training step shared by mae-pretrain, mae-finetune and mae-linprobe: gradient accumulation,
-loss scaling, non-finite handling and loss logging, with no host synchronization per step."""
+"""The one training loop of mae-pretrain, mae-finetune and mae-linprobe (:func:`fit`), its step read top to
+bottom as the official ``train_one_epoch``: per-iteration lr, micro-steps with gradient accumulation, loss
+scaling and non-finite handling (:class:`StepRunner`, no host synchronization per step), logging, evaluation
+and checkpoints. What differs between the commands is a :class:`Job`: how a batch becomes a loss, what is
+evaluated, what the summary holds.
+
+    mae-pretrain main -> run_main -> pretrain.train -> fit -> StepRunner.optimizer_step (scaler.step(optimizer))
+"""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
+import os
+import signal
 import time
-from typing import Any, Callable, Dict, Optional, Tuple
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -13,10 +23,21 @@ import torch.nn as nn
 
 
 from mae_fast.errors import NonFiniteLossError
-from mae_fast.train.engine.distributed import DistInfo
-from mae_fast.train.run_state import RunCheckpoints, RunLog, agree_kernel_choices
+from mae_fast.compile import apply_compile
+from mae_fast.device import requested_device_type, resolve_device
+from mae_fast.device import DistInfo
+
+from .distributed import init_distributed, wrap_model
+from .optim import lr_at, set_lr
+from ..run_state import (RunLog, agree_kernel_choices, choose_shared_run_dir, open_run_checkpoints,
+                                      use_progress_bar, write_json)
 
 log = logging.getLogger("mae_fast.train")
+
+# fault injection for the tests: the process kills itself at the start of this optimizer step / that step's
+# loss is made NaN (read once per run by :func:`fit`; every command honours them)
+FAULT_KILL_AT_STEP = "MAE_FAST_FAULT_KILL_AT_STEP"
+FAULT_NAN_AT_STEP = "MAE_FAST_FAULT_NAN_AT_STEP"
 
 
 class StepRunner:
@@ -143,60 +164,149 @@ def plan_steps(cfg: Any, batches_per_epoch: int) -> Tuple[int, int]:
     return steps_per_epoch, min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
 
 
-def run_steps(loader: Any, runner: StepRunner, ckpts: RunCheckpoints, *, step: int, total_steps: int,
-              steps_per_epoch: int, accum_iter: int, log_every: int, set_lr_for: Callable[[int], float],
-              compute_loss: Callable[[Any, int, int], Tuple[torch.Tensor, int]],
-              after_step: Callable[[int], None], runlog: RunLog, progress: Optional[str] = None
-              ) -> Tuple[int, float]:
-    """The loop every trainer shares, from ``step`` to ``total_steps`` optimizer steps.
+class Job:
+    """What one command trains, built by the command: the model (unwrapped), its data and lr, and the parts of
+    the loop that differ (the loss of a batch, evaluation, what a checkpoint and the summary add)."""
 
-    Each optimizer step is ``accum_iter`` micro-steps: ``compute_loss(batch, step, micro)`` returns
-    (loss, images) under the right gradient-sync context; an epoch's tail that does not fill an
-    accumulation is skipped. ``set_lr_for(step)`` sets and returns the lr at each step's start; the
-    loss is logged every ``log_every`` steps; ``after_step(step)`` evaluates / checkpoints.
-    ``progress``: the label of a tqdm bar on the main process (None: no bar).
-    Returns (step reached, last logged loss).
-    """
+    name = "job"  # the command's task: labels the progress bar, the log and the checkpoints
+    save_each_epoch = False  # also checkpoint at every epoch's end (classification evaluates there)
+    clip_grad: Optional[float] = None
+    max_skips = 0  # non-finite steps that may be skipped before the run stops
+
+    def __init__(self, cfg: Any, model: nn.Module, loader: Any, base_lr: float, info: DistInfo, device: torch.device):
+        self.cfg, self.model, self.loader, self.base_lr = cfg, model, loader, base_lr
+        self.info, self.device = info, device
+        self.wrapped: nn.Module = model  # set by fit: the module that computes (compiled, DDP / FSDP2)
+
+    def optimizer_for(self, wrapped: nn.Module) -> torch.optim.Optimizer:
+        """The optimizer over ``wrapped``'s parameters (built after wrapping: FSDP2 shards them)."""
+        raise NotImplementedError
+
+    def loss(self, batch: Any, step: int, micro: int) -> Tuple[torch.Tensor, int]:
+        """(loss, images) of one micro-batch, forward under autocast through ``self.wrapped``."""
+        raise NotImplementedError
+
+    def check_resumable(self, state: Dict[str, Any], source: str) -> None:
+        """Refuse, in one line, a checkpoint of another model before anything is loaded from it."""
+
+    def resumed(self, state: Dict[str, Any]) -> None:
+        """Take the job's own fields from a resumed checkpoint (e.g. the best accuracy so far)."""
+
+    def evaluate(self, step: int, steps_per_epoch: int, total_steps: int, runlog: RunLog) -> None:
+        """Evaluate when due after optimizer step ``step`` (k-NN monitor, top-1 each epoch); default none."""
+
+    def checkpoint_extra(self) -> Dict[str, Any]:
+        """Fields a checkpoint holds beside the run state."""
+        return {}
+
+    def summary(self) -> Dict[str, Any]:
+        """The job's fields of the run summary."""
+        return {}
+
+    def figures(self, out: Path) -> Dict[str, Any]:
+        """Draw the run's figures beside its logs (main process); their paths for the summary."""
+        from .plots import plot_run
+
+        return {"figures": [str(p) for p in plot_run(out)]}
+
+    def close(self) -> None:
+        """Release what the job holds open (loaders of an evaluation)."""
+
+
+def start(cfg: Any, default_dir: str) -> Tuple[DistInfo, torch.device, Path]:
+    """This process's place (torchrun), device and run folder (chosen on rank 0, see
+    :func:`run_state.choose_run_dir`); seeds the model init identically on every rank."""
+    info = init_distributed(requested_device_type(cfg.device))
+    device = resolve_device(cfg.device, info.local_rank)
+    out = choose_shared_run_dir(cfg.output_dir, default_dir, cfg.resume, cfg.overwrite, info)
+    if info.is_main:
+        log.info("run folder: %s", out)
+    torch.manual_seed(cfg.seed)
+    return info, device, out
+
+
+def fit(cfg: Any, job: Job, out: Path) -> Dict[str, Any]:
+    """Train ``job`` as configured from its newest state (``--resume``) to the last step; returns the summary
+    also written to ``summary.json``."""
+    info, device, loader = job.info, job.device, job.loader
+    steps_per_epoch, total_steps = plan_steps(cfg, len(loader))
+    compiled = apply_compile(job.model, cfg.compile, device)
+    model = job.wrapped = wrap_model(job.model, getattr(cfg, "distributed", "ddp"), info, device)
+    optimizer = job.optimizer_for(model)
+    runner = StepRunner(model, optimizer, cfg.precision, device, info, cfg.accum_iter, job.max_skips, job.clip_grad)
+    ckpts = open_run_checkpoints(cfg, out, model, optimizer, runner, loader, info)
+    state = ckpts.resume(cfg.resume, check=job.check_resumable)
+    step = int(state["step"]) if state else 0
+    if step >= total_steps:
+        log.info("already complete: step %d of %d (%s); nothing to do", step, total_steps, ckpts.last)
+        return {"steps": step, "steps_this_run": 0, "already_complete": True,
+                "last_checkpoint": str(ckpts.last) if ckpts.last else None}
+    if state:
+        job.resumed(state)
+    runlog = RunLog(out, info.is_main, cfg.tensorboard)
+    eff_batch = cfg.effective_batch * info.world_size
+    if info.is_main:
+        write_json(out / "config.json", dataclasses.asdict(cfg))
+        log.info("%s %s in %s: %d processes, effective batch %d, lr %.3g, %d steps/epoch, %d steps, device %s, "
+                 "compile %s", job.name, cfg.model, out, info.world_size, eff_batch, job.base_lr, steps_per_epoch,
+                 total_steps, device, compiled)
+    kill_at = int(os.environ.get(FAULT_KILL_AT_STEP, "-1"))
+    nan_at = int(os.environ.get(FAULT_NAN_AT_STEP, "-1"))
     bar = None
-    if progress and runner.info.is_main:
+    if info.is_main and use_progress_bar(cfg.progress):
         from tqdm import tqdm
-        bar = tqdm(total=total_steps, initial=step, desc=progress, dynamic_ncols=True)
+
+        bar = tqdm(total=total_steps, initial=step, desc=job.name, dynamic_ncols=True)
+    start_step, t_start, last_loss, lr = step, time.perf_counter(), float("nan"), 0.0
+    model.train()
     try:
-        return _run_steps(loader, runner, ckpts, step, total_steps, steps_per_epoch, accum_iter, log_every,
-                          set_lr_for, compute_loss, after_step, runlog, bar)
+        while step < total_steps:
+            loader.set_epoch(loader.epoch)
+            for batch in loader:
+                if loader.batch > steps_per_epoch * cfg.accum_iter:
+                    continue  # an epoch's tail that does not fill a whole accumulation
+                micro = (loader.batch - 1) % cfg.accum_iter
+                if micro == 0:  # per-iteration lr: linear warmup, then half-cycle cosine
+                    if step == kill_at:
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    lr = lr_at(step / steps_per_epoch, job.base_lr, cfg.warmup_epochs, cfg.epochs, cfg.min_lr)
+                    set_lr(optimizer, lr)
+                last_micro = micro == cfg.accum_iter - 1
+                with runner.sync_context(last_micro):  # gradients all-reduced on the last micro-step only
+                    loss, images = job.loss(batch, step, micro)
+                    if step == nan_at:
+                        loss = loss * float("nan")
+                    runner.backward(loss, micro, images)
+                if not last_micro:
+                    continue
+                runner.optimizer_step(step)  # skipped on the device when the gradients are not finite
+                step += 1
+                if step == start_step + 1:
+                    agree_kernel_choices(info)  # the first step timed the Triton ops on each rank
+                    if info.is_main and compiled != "off":
+                        log.info("first step took %.1f s (includes torch.compile %s)",
+                                 time.perf_counter() - t_start, compiled)
+                if bar is not None:
+                    bar.update(1)
+                if step % cfg.log_every == 0 or step == total_steps:
+                    runner.check(ckpts.last)
+                    last_loss = runner.log(step, steps_per_epoch, lr, runlog, bar, total_steps)
+                job.evaluate(step, steps_per_epoch, total_steps, runlog)
+                epoch_end = job.save_each_epoch and step % steps_per_epoch == 0
+                if step % cfg.save_every == 0 or epoch_end or step == total_steps:
+                    ckpts.save(step, **job.checkpoint_extra())
+                if step >= total_steps:
+                    break
     finally:
         if bar is not None:
             bar.close()
-
-
-def _run_steps(loader, runner, ckpts, step, total_steps, steps_per_epoch, accum_iter, log_every, set_lr_for,
-               compute_loss, after_step, runlog, bar) -> Tuple[int, float]:
-    last_loss, lr = float("nan"), 0.0
-    first_step = step
-    while step < total_steps:
-        loader.set_epoch(loader.epoch)
-        for batch in loader:
-            if loader.batch > steps_per_epoch * accum_iter:
-                continue  # an epoch's tail that does not fill a whole accumulation
-            micro = (loader.batch - 1) % accum_iter
-            if micro == 0:
-                lr = set_lr_for(step)
-            last_micro = micro == accum_iter - 1
-            with runner.sync_context(last_micro):
-                loss, images = compute_loss(batch, step, micro)
-                runner.backward(loss, micro, images)
-            if not last_micro:
-                continue
-            runner.optimizer_step(step)
-            step += 1
-            if step == first_step + 1:
-                agree_kernel_choices(runner.info)  # the first step timed the Triton ops on each rank
-            if bar is not None:
-                bar.update(1)
-            if step % log_every == 0 or step == total_steps:
-                runner.check(ckpts.last)
-                last_loss = runner.log(step, steps_per_epoch, lr, runlog, bar, total_steps)
-            after_step(step)
-            if step >= total_steps:
-                break
-    return step, last_loss
+    runlog.close()
+    job.close()
+    summary = {"run_dir": str(out), "steps": step, "steps_this_run": step - start_step, "final_loss": last_loss,
+               "skipped_nonfinite": runner.check(ckpts.last),
+               "last_checkpoint": str(ckpts.last) if ckpts.last else None, "world_size": info.world_size,
+               "effective_batch": eff_batch, "lr": job.base_lr, "compile": compiled, **job.summary()}
+    if info.is_main:
+        summary.update(job.figures(out))
+        write_json(out / "summary.json", summary)
+    return summary

@@ -63,7 +63,7 @@ def plot_run(run_dir: str | Path) -> List[Path]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from mae_fast.train.engine.cli import Parser, run_main
+    from .cli import Parser, run_main
     from mae_fast.errors import ConfigError
 
     p = Parser(prog="mae-plot", description=__doc__.split("\n")[0])

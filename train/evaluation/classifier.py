@@ -1,6 +1,6 @@
 """Classification on top of an MAE encoder, shared by ``mae-finetune`` and ``mae-linprobe``: the common
-options, the timm VisionTransformer classifier and how MAE weights load into it, the training loop
-(``fit``: torchrun DDP, bf16 autocast, exact resume, CSV/TensorBoard logs, curves), evaluation
+options, the timm VisionTransformer classifier and how MAE weights load into it, the job the one training
+loop runs for them (:class:`ClassifierJob`, trained by :func:`mae_fast.train.engine.loop.fit`), evaluation
 (top-1/top-5) and ``--eval`` of a checkpoint that knows its own model, image size and classes.
 """
 from __future__ import annotations
@@ -19,20 +19,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mae_fast.checkpoint import check_compatible, encoder_state_dict, extract_state_dict, read_checkpoint
-from mae_fast.errors import CheckpointError
 from mae_fast.compile import COMPILE_MODES
-from mae_fast.device import autocast_for, requested_device_type, resolve_device
+from mae_fast.device import DEVICE_CHOICES, PRECISION_DTYPES, autocast_for
+from mae_fast.errors import CheckpointError, ConfigError
 from mae_fast.pos_embed import resize_pos_embed
-
-from mae_fast.train.engine.cli import (dataclass_parser, add_config_flags, load_yaml, opt, parse_config as parse_dataclass_config)
-from mae_fast.errors import ConfigError
-from mae_fast.train.engine.cli import run_main
-from mae_fast.train.data.loader_base import default_workers
-from mae_fast.train.engine.distributed import DistInfo, ddp_wrap, init_distributed, unwrap
-from mae_fast.train.engine.loop import StepRunner, plan_steps, run_steps
-from mae_fast.train.run_state import find_resume_checkpoint, open_run_checkpoints
-from mae_fast.train.engine.optim import lr_at, set_lr
-from mae_fast.train.run_state import RunLog, choose_run_dir, use_progress_bar, write_json
+from ..data.loader_base import default_workers
+from ..engine.cli import add_config_flags, dataclass_parser, load_yaml, opt
+from ..engine.cli import parse_config as parse_dataclass_config
+from mae_fast.device import DistInfo
+from ..engine.loop import Job, start
+from ..run_state import RunLog, find_resume_checkpoint
 
 log = logging.getLogger("mae_fast.train")
 
@@ -66,8 +62,10 @@ class ClassifierConfig:
     weight_decay: float = opt("weight decay (not on norms, biases, pos_embed, cls_token)", 0.05, min=0)
     crop_pct: Optional[float] = opt("eval center-crop fraction (default 224/256 up to 224 px, else 1.0)",
                                     above=0, max=1)
-    precision: str = opt("bf16 (autocast) | fp16 (autocast + GradScaler) | fp32", "bf16", choices=["bf16", "fp16", "fp32"])
-    device: str = opt("auto | cpu | cuda", "auto", choices=["auto", "cpu", "cuda"])
+    precision: str = opt("bf16 (autocast) | fp16 (autocast, dynamic loss scaling) | fp32; a GradScaler steps in all three: "
+                         "outside fp16 its scale stays 1 and it only skips non-finite updates", "bf16",
+                         choices=[n for n in PRECISION_DTYPES if n != "fp64"])
+    device: str = opt(" | ".join(DEVICE_CHOICES) + " (auto: cuda when visible)", "auto", choices=list(DEVICE_CHOICES))
     compile: str = opt("torch.compile: auto (per-block on CUDA, off on CPU) | off | blocks | model", "auto",
                        choices=list(COMPILE_MODES))
     seed: int = opt("seed of data order, augmentation and init", 0, min=0)
@@ -125,14 +123,6 @@ def apply_recipe(cfg: ClassifierConfig, recipe: Dict[str, Dict[str, float]]) -> 
     if cfg.lr is not None and cfg.min_lr > cfg.lr:
         raise ConfigError(f"--min-lr {cfg.min_lr} is above --lr {cfg.lr}")
     return cfg
-
-
-def run_dir_for(cfg: ClassifierConfig, info: DistInfo) -> Path:
-    """The run folder (see :func:`run_folder.choose_run_dir`), chosen on rank 0 and shared with the others."""
-    choice = [str(choose_run_dir(cfg.output_dir, f"runs/{cfg.task}", cfg.resume, cfg.overwrite))]
-    if info.enabled:
-        dist.broadcast_object_list(choice, src=0)
-    return Path(choice[0])
 
 
 def adopt_checkpoint_config(cfg: ClassifierConfig, state: Dict[str, Any], source: str) -> None:
@@ -220,14 +210,6 @@ def load_trained(model: nn.Module, state_dict: Dict[str, torch.Tensor], source: 
 
 
 # ---------------------------------------------------------------- set-up
-def setup(cfg: ClassifierConfig) -> Tuple[DistInfo, torch.device]:
-    """Process group (under torchrun) and device; seeds the model init identically on every rank."""
-    info = init_distributed(requested_device_type(cfg.device))
-    device = resolve_device(cfg.device, info.local_rank)
-    torch.manual_seed(cfg.seed)
-    return info, device
-
-
 def seed_training(seed: int, info: DistInfo) -> None:
     """Per-rank seeds for what the step draws (drop path, mixup), as the official seed + rank."""
     import random
@@ -244,7 +226,7 @@ def labelled_images(cfg: ClassifierConfig, info: DistInfo, scan_train: Optional[
     """(training, evaluation) ImageLists of ``--data`` / ``--eval-data`` (under --eval: both the evaluation
     images), with ``cfg.nb_classes`` set from the class folders when not given or known from the checkpoint.
     ``scan_train(source)``, if given, scans the training source (e.g. by building its loader)."""
-    from mae_fast.train.data.labelled import check_classes, num_classes_of, scan_labelled, split_sources
+    from ..data.labelled import check_classes, num_classes_of, scan_labelled, split_sources
 
     train_src, eval_src = split_sources(cfg.data, cfg.eval_data)
     eval_images = scan_labelled(eval_src, cfg.strict_data, info.rank, info.world_size)
@@ -263,7 +245,7 @@ def labelled_images(cfg: ClassifierConfig, info: DistInfo, scan_train: Optional[
 
 def eval_loader_for(images: Any, cfg: ClassifierConfig, info: DistInfo, device: torch.device) -> Any:
     """The evaluation loader: every image once in file order, resize + center crop."""
-    from mae_fast.train.data.labelled import build_labelled_loader, eval_transform
+    from ..data.labelled import build_labelled_loader, eval_transform
 
     return build_labelled_loader(images, eval_transform(cfg.img_size, cfg.crop_pct), cfg.batch_size, seed=cfg.seed,
                                  rank=info.rank, world_size=info.world_size, device=device, strict=cfg.strict_data,
@@ -322,114 +304,75 @@ def eval_checkpoint_state(cfg: ClassifierConfig) -> Tuple[Path, Dict[str, Any]]:
 
 
 # ---------------------------------------------------------------- training
-@dataclass
-class Task:
-    """What differs between fine-tuning and linear probing; the loop in :func:`fit` is shared."""
+class ClassifierJob(Job):
+    """Fine-tuning or linear probing as a :class:`~mae_fast.train.engine.loop.Job`: cross-entropy (after mixup)
+    of the classifier's logits, top-1/top-5 after every epoch with the best kept, a checkpoint each epoch."""
 
-    name: str
-    model: nn.Module
-    optimizer: Optional[torch.optim.Optimizer]
-    train_loader: Any
-    eval_loader: Any
-    criterion: nn.Module
-    base_lr: float
-    mixup: Optional[Callable] = None
-    clip_grad: Optional[float] = None
-    extra_summary: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    save_each_epoch = True
 
+    def __init__(self, name: str, cfg: ClassifierConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 train_loader: Any, eval_loader: Any, criterion: nn.Module, base_lr: float, info: DistInfo,
+                 device: torch.device, mixup: Optional[Callable] = None, clip_grad: Optional[float] = None,
+                 extra_summary: Optional[Dict[str, Any]] = None):
+        super().__init__(cfg, model, train_loader, base_lr, info, device)
+        self.name, self.optimizer, self.eval_loader, self.criterion = name, optimizer, eval_loader, criterion
+        self.mixup, self.clip_grad, self.extra_summary = mixup, clip_grad, extra_summary or {}
+        self.best: Dict[str, Any] = {}
+        self.metrics: Dict[str, Any] = {}
 
-def fit(cfg: ClassifierConfig, task: Task, info: DistInfo, device: torch.device) -> Dict[str, Any]:
-    """Train ``task.model`` as configured, evaluating after every epoch; returns the summary."""
-    from mae_fast.train.engine.plots import plot_run
-    from mae_fast.compile import apply_compile
+    def optimizer_for(self, wrapped: nn.Module) -> torch.optim.Optimizer:
+        return self.optimizer
 
-    out = Path(cfg.output_dir)
-    model, optimizer, loader = task.model, task.optimizer, task.train_loader
-    steps_per_epoch, total_steps = plan_steps(cfg, len(loader))
-    compiled = apply_compile(model, cfg.compile, device)
-    wrapped = ddp_wrap(model, device) if info.enabled else model
-    runner = StepRunner(wrapped, optimizer, cfg.precision, device, info, cfg.accum_iter, max_skips=0,
-                        clip_grad=task.clip_grad)
-    ckpts = open_run_checkpoints(cfg, out, wrapped, optimizer, runner, loader, info)
-    state = ckpts.resume(cfg.resume, check=lambda st, source: load_trained(model, st["model"], source))
-    step, best, metrics = (int(state["step"]), dict(state.get("best") or {}), {}) if state else (0, {}, {})
-
-    def run_eval(step: int) -> None:
-        nonlocal best, metrics
-        metrics = evaluate(unwrap(wrapped), task.eval_loader, cfg, device, info)
-        if metrics["acc1"] >= best.get("acc1", -1.0):
-            best = {"acc1": metrics["acc1"], "acc5": metrics["acc5"], "step": step}
-        runlog.write_eval(step, step / steps_per_epoch, {k: metrics[k] for k in ("acc1", "acc5", "loss")})
-        if info.is_main:
-            log.info("epoch %d (step %d): top-1 %.2f%%, top-5 %.2f%% on %d images (best top-1 %.2f%%)",
-                     math.ceil(step / steps_per_epoch), step, metrics["acc1"], metrics["acc5"],
-                     metrics["images"], best["acc1"])
-
-    runlog = RunLog(out, info.is_main, cfg.tensorboard)
-    eff_batch = cfg.effective_batch * info.world_size
-    if info.is_main:
-        write_json(out / "config.json", dataclasses.asdict(cfg))
-        log.info("%s %s in %s: %d processes, effective batch %d, lr %.3g, %d steps/epoch, %d steps, device %s, "
-                 "compile %s", task.name, cfg.model, out, info.world_size, eff_batch, task.base_lr, steps_per_epoch,
-                 total_steps, device, compiled)
-
-    def set_lr_for(step: int) -> float:
-        lr = lr_at(step / steps_per_epoch, task.base_lr, cfg.warmup_epochs, cfg.epochs, cfg.min_lr)
-        set_lr(optimizer, lr)
-        return lr
-
-    def compute_loss(batch, step: int, micro: int):
+    def loss(self, batch: Any, step: int, micro: int) -> Tuple[torch.Tensor, int]:
         imgs, labels = batch
         targets = labels
-        if task.mixup is not None:
+        if self.mixup is not None:
             if imgs.shape[0] % 2:  # timm Mixup needs an even batch (an unreadable image was dropped)
                 imgs, labels = imgs[:-1], labels[:-1]
-            imgs, targets = task.mixup(imgs, labels)
-        with autocast_for(cfg.precision, device):
-            return task.criterion(wrapped(imgs), targets), imgs.shape[0]
+            imgs, targets = self.mixup(imgs, labels)
+        with autocast_for(self.cfg.precision, self.device):
+            return self.criterion(self.wrapped(imgs), targets), imgs.shape[0]
 
-    def after_step(step: int) -> None:
-        epoch_end = step % steps_per_epoch == 0
-        if epoch_end or step == total_steps:
-            run_eval(step)
-        if step % cfg.save_every == 0 or epoch_end or step == total_steps:
-            ckpts.save(step, best=best, task=task.name)
+    def check_resumable(self, state: Dict[str, Any], source: str) -> None:
+        load_trained(self.model, state["model"], source)
 
-    wrapped.train()
-    start_step = step
-    step, last_loss = run_steps(loader, runner, ckpts, step=step, total_steps=total_steps,
-                                steps_per_epoch=steps_per_epoch, accum_iter=cfg.accum_iter, log_every=cfg.log_every,
-                                set_lr_for=set_lr_for, compute_loss=compute_loss, after_step=after_step,
-                                runlog=runlog, progress=task.name if use_progress_bar(cfg.progress) else None)
-    runlog.close()
-    summary = {"task": task.name, "run_dir": str(out), "steps": step, "steps_this_run": step - start_step,
-               "final_loss": last_loss, "acc1": metrics.get("acc1"), "acc5": metrics.get("acc5"),
-               "best_acc1": best.get("acc1"), "last_checkpoint": str(ckpts.last) if ckpts.last else None,
-               "world_size": info.world_size, "effective_batch": eff_batch, "lr": task.base_lr,
-               "compile": compiled, **task.extra_summary}
-    if info.is_main:
-        summary["figures"] = [str(p) for p in plot_run(out)]
-        write_json(out / "summary.json", summary)
-    return summary
+    def resumed(self, state: Dict[str, Any]) -> None:
+        self.best = dict(state.get("best") or {})
+
+    def evaluate(self, step: int, steps_per_epoch: int, total_steps: int, runlog: RunLog) -> None:
+        if step % steps_per_epoch and step != total_steps:
+            return
+        self.metrics = metrics = evaluate(self.model, self.eval_loader, self.cfg, self.device, self.info)
+        if metrics["acc1"] >= self.best.get("acc1", -1.0):
+            self.best = {"acc1": metrics["acc1"], "acc5": metrics["acc5"], "step": step}
+        runlog.write_eval(step, step / steps_per_epoch, {k: metrics[k] for k in ("acc1", "acc5", "loss")})
+        if self.info.is_main:
+            log.info("epoch %d (step %d): top-1 %.2f%%, top-5 %.2f%% on %d images (best top-1 %.2f%%)",
+                     math.ceil(step / steps_per_epoch), step, metrics["acc1"], metrics["acc5"],
+                     metrics["images"], self.best["acc1"])
+
+    def checkpoint_extra(self) -> Dict[str, Any]:
+        return {"best": self.best, "task": self.name}
+
+    def summary(self) -> Dict[str, Any]:
+        return {"task": self.name, "acc1": self.metrics.get("acc1"), "acc5": self.metrics.get("acc5"),
+                "best_acc1": self.best.get("acc1"), **self.extra_summary}
 
 
 # ---------------------------------------------------------------- command
-Build = Callable[[Any, DistInfo, torch.device], Task]
+Build = Callable[[Any, DistInfo, torch.device], ClassifierJob]
 
 
-def run_cli(prog: str, argv: Optional[List[str]], parse: Callable[[Optional[List[str]]], ClassifierConfig],
-            build: Build, train: Optional[Callable[[Any, DistInfo, torch.device], Dict[str, Any]]] = None) -> int:
-    """Shared main(): parse, choose the run folder, build, train (``train``, default: build then
-    :func:`fit`) or ``--eval``; prints the summary JSON; errors as one line."""
-    def run(cfg: ClassifierConfig) -> Dict[str, Any]:
-        info, device = setup(cfg)
-        cfg.output_dir = str(run_dir_for(cfg, info))
-        if cfg.eval:
-            path, state = eval_checkpoint_state(cfg)
-            task = build(cfg, info, device)
-            return evaluate_checkpoint(cfg, task.model, task.eval_loader, info, device, path, state)
-        if train is not None:
-            return train(cfg, info, device)
-        return fit(cfg, build(cfg, info, device), info, device)
+def start_classifier(cfg: ClassifierConfig) -> Tuple[DistInfo, torch.device, Path]:
+    """:func:`~mae_fast.train.engine.loop.start` with the run folder ``runs/<task>[-N]``, kept in
+    ``cfg.output_dir`` (``--eval --resume auto`` looks there)."""
+    info, device, out = start(cfg, f"runs/{cfg.task}")
+    cfg.output_dir = str(out)
+    return info, device, out
 
-    return run_main(prog, lambda: parse(argv), run)
+
+def evaluate_only(cfg: ClassifierConfig, build: Build, info: DistInfo, device: torch.device) -> Dict[str, float]:
+    """``--eval``: the ``--resume`` checkpoint's model options adopted, its weights evaluated."""
+    path, state = eval_checkpoint_state(cfg)
+    job = build(cfg, info, device)
+    return evaluate_checkpoint(cfg, job.model, job.eval_loader, info, device, path, state)

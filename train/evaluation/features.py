@@ -18,10 +18,10 @@ import torch.nn as nn
 
 from mae_fast.device import autocast_for
 
-from mae_fast.train.engine.distributed import DistInfo
-from mae_fast.train.data.labelled import LabelledSamples, Transform, collate_labelled
-from mae_fast.train.data.loader_base import EpochDataLoader
-from mae_fast.train.data.sources import ImageList
+from mae_fast.device import DistInfo
+from ..data.labelled import LabelledSamples, Transform, collate_labelled
+from ..data.loader_base import EpochDataLoader
+from ..data.sources import ImageList
 
 log = logging.getLogger("mae_fast.data")
 

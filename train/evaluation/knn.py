@@ -19,9 +19,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mae_fast.train.run_state import rng_state, set_rng_state
-from mae_fast.train.engine.distributed import DistInfo
-from mae_fast.train.evaluation.features import POOLS, FeatureExtractor, mae_encoder
+from ..run_state import rng_state, set_rng_state
+from mae_fast.device import DistInfo
+from .features import POOLS, FeatureExtractor, mae_encoder
 
 log = logging.getLogger("mae_fast.train")
 
@@ -46,7 +46,7 @@ def knn_accuracy(train_feats: torch.Tensor, train_labels: torch.Tensor, val_feat
                  val_labels: torch.Tensor, num_classes: int, k: int = 20, temperature: float = 0.07
                  ) -> Dict[str, float]:
     """Weighted k-NN top-1 / top-5 (%) of the validation features."""
-    from mae_fast.train.evaluation.classifier import topk_hits
+    from .classifier import topk_hits
 
     scores = knn_scores(train_feats, train_labels, val_feats, num_classes, k, temperature)
     hits1, hits5 = topk_hits(scores, val_labels)
@@ -88,7 +88,7 @@ class KnnMonitor:
     def __init__(self, data: str, img_size: int, info: DistInfo, device: torch.device, *, every: int = 1,
                  k: int = 20, temperature: float = 0.07, pool: str = "cls", batch_size: int = 256,
                  num_workers: int = 0, precision: str = "fp32", strict: bool = False) -> None:
-        from mae_fast.train.data.labelled import check_classes, eval_transform, num_classes_of, scan_labelled
+        from ..data.labelled import check_classes, eval_transform, num_classes_of, scan_labelled
 
         root = Path(data).expanduser()
         if not ((root / "train").is_dir() and (root / "val").is_dir()):

@@ -134,7 +134,7 @@ def features_home(nbytes: int, device: torch.device, free_bytes: Optional[int] =
 @torch.no_grad()
 def scores_of(logits: torch.Tensor, labels: torch.Tensor) -> Dict[str, float]:
     """Top-1 / top-5 (%) and mean cross-entropy of ``logits``."""
-    from mae_fast.train.evaluation.classifier import topk_hits
+    from .classifier import topk_hits
 
     hits1, hits5 = topk_hits(logits, labels)
     n = max(1, labels.shape[0])
