@@ -99,6 +99,7 @@ def test_transformers_imports_beside_mae_fast_kernels_from_the_repository_root()
     assert out.returncode == 0, out.stderr
 
 
+@pytest.mark.slow
 def test_second_editable_install_succeeds():
     """``pip install --no-deps --no-build-isolation -e .`` into this (already installed) environment, from the
     root: setup.py runs with the root on sys.path while pip loads other distributions' entry points
