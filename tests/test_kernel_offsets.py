@@ -101,6 +101,7 @@ def check_unshuffle_mask_tokens(tmp: Path) -> dict:
     return {"forward and backward": [rel(out, ref), rel(grad_x, ref_x.grad), rel(part.sum(0), ref_mt.grad.reshape(-1))]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("op", ["patch_embed_gather", "masked_loss", "unshuffle_mask_tokens"])
 def test_samples_past_2_to_the_31_elements(op, tmp_path):
     code = (f"import json, sys; from pathlib import Path; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
