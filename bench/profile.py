@@ -37,9 +37,10 @@ from mae_fast.device import DEVICE_CHOICES, PRECISION_DTYPES, autocast_for, reso
 from mae_fast.errors import DeviceError
 from mae_fast.flops import FlopsReport, count_flops
 from mae_fast.kernels import KERNEL_BACKENDS
-from mae_fast.memory import (GiB, MemoryPrediction, Plan, StepFactory, StepTracer, fmt_bytes, oom_message, plan_batch,
+from mae_fast.memory import (GiB, MemoryPrediction, Plan, StepTracer, fmt_bytes, oom_message, plan_batch,
                              predict_memory)
 from mae_fast.model_spec import ModelSpec, build_model
+from mae_fast.train.engine.loop import adamw_step
 from mae_fast.errors import MemoryPlanError
 from mae_fast.models_mae import ACTIVATION_DTYPES, MODELS, MaskedAutoencoderViT
 
@@ -220,22 +221,10 @@ def model_spec(args: argparse.Namespace, **overrides) -> ModelSpec:
     return ModelSpec.from_options(args, norm_pix_loss=True, **overrides)
 
 
-def pretrain_step(precision: str) -> StepFactory:
-    """mae-pretrain's step for one process, for a model on a device: fused AdamW under ``StepRunner`` (what is
-    timed, and what the memory prediction traces)."""
-    from mae_fast.train.engine.distributed import DistInfo
-    from mae_fast.train.engine.loop import StepRunner
-    from mae_fast.train.engine.optim import build_adamw
-
-    def make_step(model: torch.nn.Module, device: torch.device) -> StepRunner:
-        return StepRunner(model, build_adamw(model, lr=1.5e-4, weight_decay=0.05), precision, device, DistInfo())
-    return make_step
-
-
 def memory_tracer(args: argparse.Namespace, device_type: str) -> StepTracer:
     """The memory planner's tracer of the command line's model and mae-pretrain's step (each trace sets its own
     batch and checkpointing)."""
-    return StepTracer(model_spec(args, batch_size=1, grad_checkpointing=0), pretrain_step(args.precision),
+    return StepTracer(model_spec(args, batch_size=1, grad_checkpointing=0), adamw_step(args.precision),
                       device_type)
 
 
@@ -244,7 +233,7 @@ def build_training(args: argparse.Namespace, device: torch.device):
     torch.manual_seed(0)
     model = build_model(model_spec(args), device)
     compiled = apply_compile(model, args.compile, device)
-    return model, pretrain_step(args.precision)(model, device), compiled
+    return model, adamw_step(args.precision)(model, device), compiled
 
 
 def batch_source(args: argparse.Namespace, device: torch.device) -> Callable[[], torch.Tensor]:
@@ -275,7 +264,7 @@ def batch_source(args: argparse.Namespace, device: torch.device) -> Callable[[],
 def predict_for(args: argparse.Namespace, model: MaskedAutoencoderViT, device: torch.device) -> MemoryPrediction:
     """The prediction for the run about to be timed: its spec, with the attention and kernels its model resolved."""
     spec = model_spec(args, attn_backend=model.blocks[0].attn.attn_backend, kernel_backend=model.kernel_backend)
-    return predict_memory(spec, pretrain_step(args.precision), device.type)
+    return predict_memory(spec, adamw_step(args.precision), device.type)
 
 
 def summarize(steps: List[Tuple[Dict[str, float], float]], flops: Dict[str, float]) -> Dict:

@@ -40,17 +40,14 @@ from torch._dynamo.utils import counters as dynamo_counters
 from mae_fast.attention import BACKEND_NAMES
 from .records import DefaultsHelpFormatter, nvidia_smi, record_header, utc_stamp, write_result
 from mae_fast.compile import COMPILE_BACKENDS, COMPILE_MODES, apply_compile, resolve_compile_mode
-from mae_fast.device import (DEVICE_CHOICES, PRECISION_DTYPES, autocast_dtype, autocast_for, compute_dtype,
-                             resolve_device, synchronize)
+from mae_fast.device import (DEVICE_CHOICES, PRECISION_DTYPES, autocast_dtype, autocast_for, resolve_device, synchronize)
 from mae_fast.errors import DeviceError
 from mae_fast.flops import build_on_meta, count_flops
 from mae_fast.kernels import backend_choices
-from mae_fast.memory import StepFactory
 from mae_fast.model_spec import ModelSpec, build_model
 from mae_fast.models_mae import ACTIVATION_DTYPES, MODELS, MaskedAutoencoderViT
-from mae_fast.train.engine.distributed import DistInfo
-from mae_fast.train.engine.loop import StepRunner
-from mae_fast.train.engine.optim import build_adamw, fused_available, param_groups_weight_decay, set_lr
+from mae_fast.train.engine.loop import adamw_step
+from mae_fast.train.engine.optim import fused_available, param_groups_weight_decay, set_lr
 
 LR, BETAS, WEIGHT_DECAY = 1.5e-4, (0.9, 0.95), 0.05  # the recipe's (lr is blr at batch 256)
 
@@ -113,14 +110,6 @@ def peak_tflops(device: torch.device) -> Optional[float]:
 
 
 # ------------------------------------------------------------------------------------ building
-def kernel_status(model: nn.Module, device: torch.device, precision: str) -> Dict[str, Any]:
-    """Run the kernel self-test (``check_kernels``, in the dtype ``precision`` computes in) and say which ops
-    really run (``kernels_in_use``)."""
-    requested = model.kernel_backend
-    model.check_kernels(dtype=compute_dtype(precision))
-    return kernels_in_use(model, device, requested)
-
-
 def kernels_in_use(model: nn.Module, device: torch.device, requested: str) -> Dict[str, Any]:
     """After the kernel self-test: which ops really run, "triton" or "torch", and whether the Triton kernels
     fell back from ``requested`` (with the failing ops)."""
@@ -197,17 +186,11 @@ def loss_of(model: nn.Module, kind: str, mask_ratio: float) -> Callable[[torch.T
 StepFn = Callable[[torch.Tensor], torch.Tensor]
 
 
-def recipe_step(precision: str) -> StepFactory:
-    """The step mae-bench times, for a model on a device: mae-pretrain's StepRunner over the recipe's AdamW."""
-    return lambda model, device: StepRunner(model, build_adamw(model, LR, WEIGHT_DECAY, BETAS), precision, device,
-                                            DistInfo())
-
-
 def mae_fast_step(model: nn.Module, loss_fn: StepFn, precision: str, device: torch.device
                   ) -> Tuple[StepFn, str, Callable[[], None]]:
     """The training step mae-pretrain runs (StepRunner: fused AdamW, non-finite steps skipped on the
     device, no host sync); returns (step, description, check that raises if a step was non-finite)."""
-    runner = recipe_step(precision)(model, device)
+    runner = adamw_step(precision, LR, WEIGHT_DECAY)(model, device)
 
     def step(imgs: torch.Tensor) -> torch.Tensor:
         with autocast_for(precision, device):
@@ -342,7 +325,7 @@ def predicted_peak_gb(spec: ModelSpec) -> Optional[float]:
     from mae_fast.memory import predict_memory
 
     try:
-        pred = predict_memory(spec, recipe_step(spec.precision), "cuda")
+        pred = predict_memory(spec, adamw_step(spec.precision, LR, WEIGHT_DECAY), "cuda")
     except Exception as e:  # a prediction must never cost the measurement
         print(f"  memory prediction unavailable: {type(e).__name__}: {e}", flush=True)
         return None
@@ -605,7 +588,7 @@ def resolve_batch(args: argparse.Namespace, model: str, device: torch.device) ->
     if device.type != "cuda":
         raise MemoryPlanError("--batch-size auto plans for a CUDA device's memory; on a CPU give a number")
     spec = variant_spec(VARIANTS["fused"], args, model=model, batch_size=1)  # each trace sets its own batch
-    plan = plan_batch(StepTracer(spec, recipe_step(args.precision), device.type),
+    plan = plan_batch(StepTracer(spec, adamw_step(args.precision, LR, WEIGHT_DECAY), device.type),
                       grad_checkpointing=args.grad_checkpointing)
     print(f"--batch-size auto: {plan.describe()}", flush=True)
     return plan.batch_size

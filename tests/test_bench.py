@@ -15,7 +15,7 @@ from mae_fast import create_model, mae_vit_tiny_patch8
 from mae_fast.attention import AttentionSite, pick_attention_backend
 from mae_fast.bench import records, throughput
 from mae_fast.bench.official_mae import official_forward, official_model
-from mae_fast.bench.throughput import PEAK_TFLOPS, add_ratios, kernel_status, main as bench_main
+from mae_fast.bench.throughput import PEAK_TFLOPS, add_ratios, kernels_in_use, main as bench_main
 
 
 def test_official_variant_computes_the_official_way():
@@ -153,7 +153,8 @@ def test_fallen_back_row_is_labelled_and_gets_no_ratio(monkeypatch):
     asked = []
     monkeypatch.setattr(st, "selftest", lambda *a: asked.append(a[-1]) or {"masked_loss": "AssertionError: differs",
                                                                            "unshuffle": None})
-    status = kernel_status(m, torch.device("cpu"), "fp32")
+    m.check_kernels(dtype=torch.float32)  # as the model builder does, in the dtype fp32 computes in
+    status = kernels_in_use(m, torch.device("cpu"), "auto")
     assert asked == [torch.float32]  # self-tested in the dtype the run computes in
     assert status["kernels_fell_back"] and status["kernels"] == "torch"
     assert status["kernel_failures"] == {"masked_loss": "AssertionError: differs"}

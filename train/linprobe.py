@@ -35,6 +35,7 @@ import torch.nn as nn
 from mae_fast.checkpoint import save_checkpoint
 
 from .evaluation.classifier import (ClassifierConfig, ClassifierJob, create_classifier, eval_loader_for, evaluate_only, labelled_images, load_encoder, parse_classifier_config, seed_training, start_classifier)
+from .data.loaders import KINDS as LOADER_KINDS
 from .engine.cli import run_main
 from .engine.loop import fit
 from .engine.cli import opt
@@ -56,6 +57,7 @@ RECIPE_BATCH = 16384  # the paper's effective batch for linear probing
 #: (measured on digits: README "Fine-tuning and linear probing"); --method lars keeps the paper's cls token
 LOGISTIC_POOL = "avg"
 PROBE_FILE = "probe.pth"  # the feature probe's head, in the run's checkpoints/ folder
+LABELLED_LOADERS = tuple(k for k in LOADER_KINDS if k != "synthetic")  # synthetic images have no labels
 
 
 @dataclass
@@ -71,8 +73,8 @@ class LinprobeConfig(ClassifierConfig):
     warmup_epochs: float = opt("linear lr warmup, in epochs (set per iteration)", 10.0, min=0)
     min_lr: float = opt("lr at the end of the cosine", 0.0, min=0)
     weight_decay: float = opt("LARS weight decay", 0.0, min=0)
-    loader: str = opt("training loader: auto (GPU decoding when available) | dali | nvjpeg | pil", "auto",
-                      choices=["auto", "dali", "nvjpeg", "pil"])
+    loader: str = opt("training loader: " + " | ".join(LABELLED_LOADERS) + " (auto: GPU decoding when available)",
+                      "auto", choices=list(LABELLED_LOADERS))
     augment: bool = opt("random resized crop + flip of the training images (--no-augment: the eval view)", True)
     crop_scale: float = opt("smallest area fraction of the random resized crop", 0.08, above=0, max=1)
     views: int = opt("logistic: augmented views embedded per training image (0: one clean view)", 0, min=0)

@@ -26,7 +26,7 @@ from mae_fast.models_mae import MaskedAutoencoderViT
 from .engine.cli import AUTO, run_main
 from .engine.config import PretrainConfig, parse_config
 from mae_fast.device import DistInfo
-from .engine.loop import Job, fit, start
+from .engine.loop import Job, adamw_step, fit, start
 from .engine.optim import build_adamw
 from .evaluation.knn import KnnMonitor
 from .run_state import RunLog
@@ -48,12 +48,8 @@ def memory_tracer(cfg: PretrainConfig, device: torch.device) -> Any:
     """The memory planner's ``StepTracer`` for this run: its model spec (``auto`` batch or checkpointing left to
     each trace) and its step, fused AdamW under ``StepRunner``, on fake tensors standing in for ``device``."""
     from mae_fast.memory import StepTracer
-    from mae_fast.train.engine.loop import StepRunner
 
-    def make_step(model: torch.nn.Module, on: torch.device) -> StepRunner:  # the lr changes no allocation
-        return StepRunner(model, build_adamw(model, cfg.blr, cfg.weight_decay), cfg.precision, on, DistInfo(),
-                          cfg.accum_iter, cfg.skip_nonfinite)
-
+    make_step = adamw_step(cfg.precision, cfg.blr, cfg.weight_decay, cfg.accum_iter, cfg.skip_nonfinite)
     planned = {k: v for k, v in (("batch_size", 1), ("grad_checkpointing", 0)) if getattr(cfg, k) == AUTO}
     return StepTracer(ModelSpec.from_options(cfg, **planned), make_step, device.type)
 
