@@ -61,7 +61,7 @@ setup(
             "mae-plot=mae_fast.train.engine.plots:main",
             "mae-profile=mae_fast.bench.profile:main",
             "mae-convert=mae_fast.convert:main",
-            "mae-make-shards=mae_fast.train.data.make_shards:main",
+            "mae-make-shards=mae_fast.train.make_shards:main",
         ],
     },
 )

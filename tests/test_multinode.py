@@ -15,7 +15,7 @@ import torch
 
 from conftest import free_port, needs_webdataset
 
-from mae_fast.train.data.make_shards import MakeShardsConfig, make_shards
+from mae_fast.train.make_shards import MakeShardsConfig, make_shards
 from mae_fast.train.data.sources import demo_dir
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"

@@ -52,7 +52,7 @@ def assert_same_state(a: dict, b: dict) -> None:
 @pytest.mark.slow
 @needs_webdataset
 def test_fsdp2_sharded_kill_and_resume_is_bit_exact(tmp_path):
-    from mae_fast.train.data.make_shards import MakeShardsConfig, make_shards
+    from mae_fast.train.make_shards import MakeShardsConfig, make_shards
     from mae_fast.train.data.sources import demo_dir
 
     data = tmp_path / "shards"

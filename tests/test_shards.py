@@ -15,7 +15,7 @@ wds = pytest.importorskip("webdataset", reason="tar shards need webdataset (not 
 
 from mae_fast.train.data.transforms import augment_pil, load_rgb, normalize, sample_params
 from mae_fast.train.data.dali_loader import dali_available
-from mae_fast.train.data.make_shards import MakeShardsConfig, make_shards, parse, parse_size
+from mae_fast.train.make_shards import MakeShardsConfig, make_shards, parse, parse_size
 from mae_fast.errors import ConfigError
 from mae_fast.train.data.shard_loaders import build_labelled_shard_loader, build_shard_loader
 from mae_fast.train.data.shards import is_shard_source, list_shards, rank_rows, scan_shards, stream_blocks
@@ -68,7 +68,7 @@ def test_make_shards_writes_labels_and_reports(tree, shards, tmp_path, capsys):
         assert s["jpg"] == source_image(tree, s["__key__"]).read_bytes()  # copied byte for byte
     assert [s["__key__"] for s in samples] != sorted(s["__key__"] for s in samples)  # shuffled
     # by size: a new shard once one reaches 200 kB; the command line reports counts
-    from mae_fast.train.data.make_shards import main
+    from mae_fast.train.make_shards import main
 
     assert main([str(tree), str(tmp_path / "by_size"), "--shard-size", "200kB", "--no-progress"]) == 0
     err = capsys.readouterr().err
