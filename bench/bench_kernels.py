@@ -33,8 +33,6 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
-
-from .records import record_header, utc_stamp, write_result
 from mae_fast.kernels import (
     backend_choices,
     masked_loss,
@@ -45,6 +43,8 @@ from mae_fast.kernels import (
     unshuffle_mask_tokens_reference,
 )
 from mae_fast.kernels._utils import masking_reference
+
+from .records import record_header, utc_stamp, write_result
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

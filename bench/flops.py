@@ -11,9 +11,10 @@ import json
 import sys
 from typing import List, Optional
 
-from .records import DefaultsHelpFormatter
 from mae_fast.flops import FlopsReport, count_flops
 from mae_fast.models_mae import MODELS
+
+from .records import DefaultsHelpFormatter
 
 DEFAULT_MODELS = ["mae_vit_base_patch16", "mae_vit_large_patch16", "mae_vit_huge_patch14"]
 

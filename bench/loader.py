@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from .records import record_header, write_result
 from mae_fast.train.data.dali_loader import dali_available
 from mae_fast.train.data.loaders import KINDS, build_loader
 from mae_fast.train.data.sources import list_images
+
+from .records import record_header, write_result
 
 
 def write_repeated_list(data: str, repeat: int, path: str | os.PathLike) -> str:

@@ -35,19 +35,20 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+from mae_fast.kernels import backend_choices
+from mae_fast.train.engine.loop import adamw_step
+from mae_fast.train.engine.optim import fused_available, param_groups_weight_decay, set_lr
 from torch._dynamo.utils import counters as dynamo_counters
 
 from mae_fast.attention import BACKEND_NAMES
-from .records import DefaultsHelpFormatter, nvidia_smi, record_header, utc_stamp, write_result
 from mae_fast.compile import COMPILE_BACKENDS, COMPILE_MODES, apply_compile, resolve_compile_mode
-from mae_fast.device import (DEVICE_CHOICES, PRECISION_DTYPES, autocast_dtype, autocast_for, resolve_device, synchronize)
+from mae_fast.device import DEVICE_CHOICES, PRECISION_DTYPES, autocast_dtype, autocast_for, resolve_device, synchronize
 from mae_fast.errors import DeviceError
 from mae_fast.flops import build_on_meta, count_flops
-from mae_fast.kernels import backend_choices
 from mae_fast.model_spec import ModelSpec, build_model
 from mae_fast.models_mae import ACTIVATION_DTYPES, MODELS, MaskedAutoencoderViT
-from mae_fast.train.engine.loop import adamw_step
-from mae_fast.train.engine.optim import fused_available, param_groups_weight_decay, set_lr
+
+from .records import DefaultsHelpFormatter, nvidia_smi, record_header, utc_stamp, write_result
 
 LR, BETAS, WEIGHT_DECAY = 1.5e-4, (0.9, 0.95), 0.05  # the recipe's (lr is blr at batch 256)
 
@@ -582,8 +583,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 def resolve_batch(args: argparse.Namespace, model: str, device: torch.device) -> int:
     """``--batch-size auto``: the largest batch that ``mae_fast.memory.plan_batch`` predicts fits this GPU
     at ``--grad-checkpointing``; MemoryPlanError (one line) on a CPU or when nothing fits."""
-    from mae_fast.memory import StepTracer, plan_batch
     from mae_fast.errors import MemoryPlanError
+    from mae_fast.memory import StepTracer, plan_batch
 
     if device.type != "cuda":
         raise MemoryPlanError("--batch-size auto plans for a CUDA device's memory; on a CPU give a number")

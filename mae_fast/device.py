@@ -6,6 +6,7 @@ import dataclasses
 from typing import ContextManager
 
 import torch
+
 from .errors import DeviceError
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")

@@ -33,14 +33,24 @@ import torch
 import torch.nn as nn
 
 from mae_fast.checkpoint import save_checkpoint
-
-from .evaluation.classifier import (ClassifierConfig, ClassifierJob, create_classifier, eval_loader_for, evaluate_only, labelled_images, load_encoder, parse_classifier_config, seed_training, start_classifier)
-from .data.loaders import KINDS as LOADER_KINDS
-from .engine.cli import run_main
-from .engine.loop import fit
-from .engine.cli import opt
-from mae_fast.errors import ConfigError
 from mae_fast.device import DistInfo
+from mae_fast.errors import ConfigError
+
+from .data.loaders import KINDS as LOADER_KINDS
+from .engine.cli import opt, run_main
+from .engine.loop import fit
+from .evaluation.classifier import (
+    ClassifierConfig,
+    ClassifierJob,
+    create_classifier,
+    eval_loader_for,
+    evaluate_only,
+    labelled_images,
+    load_encoder,
+    parse_classifier_config,
+    seed_training,
+    start_classifier,
+)
 
 log = logging.getLogger("mae_fast.train")
 
@@ -140,8 +150,8 @@ def small_scale_warning(cfg: LinprobeConfig, eff_batch: int, steps_per_epoch: in
 
 def build_task(cfg: LinprobeConfig, info: DistInfo, device: torch.device) -> ClassifierJob:
     """The LARS probe: frozen classifier, BatchNorm + Linear head, LARS, the probe's augmentation."""
-    from .data.loaders import build_loader
     from .data.labelled import build_labelled_loader, eval_transform, require_labelled
+    from .data.loaders import build_loader
 
     train_loader: Any = None
 
@@ -181,8 +191,8 @@ def train_logistic(cfg: LinprobeConfig, info: DistInfo, device: torch.device) ->
     """The feature probe (see the module doc); writes config.json, eval.csv, summary.json and the head."""
     from mae_fast.compile import apply_compile
 
-    from .evaluation.features import FeatureExtractor, classifier_encoder
     from .data.labelled import eval_transform, probe_transform
+    from .evaluation.features import FeatureExtractor, classifier_encoder
     from .evaluation.logistic import features_home, fit_probe, scores_of
     from .run_state import RunLog, clear_run, write_json
 

@@ -24,10 +24,11 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 from PIL import Image
 
-from .engine.cli import dataclass_parser, opt, parse_config, run_main
 from mae_fast.errors import ConfigError
+
 from .data.shards import CLASSES_FILE, IMAGE_EXTS, webdataset_module
 from .data.sources import ImageList, scan_images
+from .engine.cli import dataclass_parser, opt, parse_config, run_main
 
 log = logging.getLogger("mae_fast.train")
 

@@ -20,12 +20,13 @@ import numpy as np
 import torch
 
 from mae_fast.checkpoint import load_mae_checkpoint
-from mae_fast.device import autocast_for
-from mae_fast.model_spec import ModelSpec, build_model as build_from_spec
+from mae_fast.device import DistInfo, autocast_for
+from mae_fast.model_spec import ModelSpec
+from mae_fast.model_spec import build_model as build_from_spec
 from mae_fast.models_mae import MaskedAutoencoderViT
+
 from .engine.cli import AUTO, run_main
 from .engine.config import PretrainConfig, parse_config
-from mae_fast.device import DistInfo
 from .engine.loop import Job, adamw_step, fit, start
 from .engine.optim import build_adamw
 from .evaluation.knn import KnnMonitor
@@ -168,8 +169,8 @@ def check_resumable(model: MaskedAutoencoderViT, state: Dict[str, Any], source: 
 
 def write_figures(cfg: PretrainConfig, model: MaskedAutoencoderViT, out: Path) -> Dict[str, str]:
     """Loss curve (always) and reconstruction (``--visualize``, demo data) beside the logs; their paths."""
-    from .engine.plots import plot_run
     from .data.sources import demo_dir
+    from .engine.plots import plot_run
 
     figures = {"loss_figure": str(p) for p in plot_run(out)[:1]}
     if cfg.visualize and cfg.data == "demo":

@@ -9,15 +9,14 @@ from typing import List, Optional
 
 import numpy as np
 import torch
-
-from mae_fast.checkpoint import extract_state_dict, load_mae_checkpoint, read_checkpoint
-from mae_fast.models_mae import MODELS, MaskedAutoencoderViT, create_model
-
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, load_rgb, normalize
+from mae_fast.checkpoint import extract_state_dict, load_mae_checkpoint, read_checkpoint
 from mae_fast.errors import ConfigError
+from mae_fast.models_mae import MODELS, MaskedAutoencoderViT, create_model
+
+from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, load_rgb, normalize
 
 _MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 _STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)

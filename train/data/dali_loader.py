@@ -18,9 +18,9 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, SCALE, sample_params_batch
 from .loader_base import Loader
 from .sources import ImageList
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, SCALE, sample_params_batch
 
 log = logging.getLogger("mae_fast.data")
 

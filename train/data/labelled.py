@@ -16,10 +16,10 @@ from typing import Any, Callable, Iterator, Optional, Tuple
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, load_rgb_or_reason
 from .loader_base import EpochBatches, Loader, epoch_order, sample_seed, seeded_rngs, worker_init
 from .shards import ShardSet, is_shard_source
 from .sources import ImageList, scan_source
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, load_rgb_or_reason
 
 log = logging.getLogger("mae_fast.data")
 

@@ -19,10 +19,10 @@ import torch
 from torch.utils.data import Dataset
 
 from . import dali_loader, nvjpeg_loader
-from .transforms import SCALE, augment_pil, load_rgb_or_reason, normalize, sample_params
 from .loader_base import EpochDataLoader, Loader, default_workers
 from .shards import is_shard_source
 from .sources import ImageList, scan_source
+from .transforms import SCALE, augment_pil, load_rgb_or_reason, normalize, sample_params
 
 log = logging.getLogger("mae_fast.data")
 

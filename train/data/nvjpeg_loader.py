@@ -24,9 +24,9 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.functional import pil_to_tensor
 
-from .transforms import SCALE, load_rgb_or_reason, normalize, resized_crops, sample_params_batch
 from .loader_base import Loader, prefetched
 from .sources import ImageList
+from .transforms import SCALE, load_rgb_or_reason, normalize, resized_crops, sample_params_batch
 
 log = logging.getLogger("mae_fast.data")
 

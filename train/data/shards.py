@@ -31,8 +31,9 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .loader_base import epoch_order
 from mae_fast.errors import ShardError, UnreadableImageError
+
+from .loader_base import epoch_order
 
 log = logging.getLogger("mae_fast.data")
 

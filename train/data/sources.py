@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from PIL import Image, UnidentifiedImageError
+
 from mae_fast.errors import NoReadableImagesError, UnreadableImageError
 
 log = logging.getLogger("mae_fast.data")

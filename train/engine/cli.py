@@ -222,9 +222,7 @@ def parse_config(cls: type, parser: argparse.ArgumentParser, argv: Optional[List
 # ------------------------------------------------------------------ running
 def user_errors() -> tuple:
     """Exceptions that are the user's to fix: printed as one line, no traceback."""
-    from mae_fast.errors import CheckpointError
-
-    from mae_fast.errors import UnreadableImageError
+    from mae_fast.errors import CheckpointError, UnreadableImageError
 
     errors = [ValueError, FileNotFoundError, NotADirectoryError, PermissionError, ImportError, MemoryError,
               NonFiniteLossError,

@@ -8,16 +8,17 @@ import argparse
 from dataclasses import dataclass
 from typing import Any, ClassVar, Dict, List, Optional
 
+from mae_fast.kernels import KERNEL_BACKENDS
+
 from mae_fast.attention import ATTENTION_BACKENDS, BACKEND_NAMES
 from mae_fast.compile import COMPILE_MODES
 from mae_fast.device import DEVICE_CHOICES, PRECISION_DTYPES
-from mae_fast.kernels import KERNEL_BACKENDS
+from mae_fast.errors import ConfigError
 from mae_fast.models_mae import ACTIVATION_DTYPES, MODELS
 
-from .cli import add_config_flags, dataclass_parser, opt
-from mae_fast.errors import ConfigError
 from ..data.loader_base import default_workers
 from ..data.loaders import KINDS as LOADER_KINDS
+from .cli import add_config_flags, dataclass_parser, opt
 from .cli import parse_config as parse_dataclass_config
 
 

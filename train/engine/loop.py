@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import time
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -21,16 +22,20 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-
-from mae_fast.errors import NonFiniteLossError
 from mae_fast.compile import apply_compile
-from mae_fast.device import requested_device_type, resolve_device
-from mae_fast.device import DistInfo
+from mae_fast.device import DistInfo, requested_device_type, resolve_device
+from mae_fast.errors import NonFiniteLossError
 
+from ..run_state import (
+    RunLog,
+    agree_kernel_choices,
+    choose_shared_run_dir,
+    open_run_checkpoints,
+    use_progress_bar,
+    write_json,
+)
 from .distributed import init_distributed, wrap_model
 from .optim import build_adamw, lr_at, set_lr
-from ..run_state import (RunLog, agree_kernel_choices, choose_shared_run_dir, open_run_checkpoints,
-                                      use_progress_bar, write_json)
 
 log = logging.getLogger("mae_fast.train")
 
@@ -174,7 +179,7 @@ def plan_steps(cfg: Any, batches_per_epoch: int) -> Tuple[int, int]:
     return steps_per_epoch, min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
 
 
-class Job:
+class Job(ABC):
     """What one command trains, built by the command: the model (unwrapped), its data and lr, and the parts of
     the loop that differ (the loss of a batch, evaluation, what a checkpoint and the summary add)."""
 
@@ -188,13 +193,13 @@ class Job:
         self.info, self.device = info, device
         self.wrapped: nn.Module = model  # set by fit: the module that computes (compiled, DDP / FSDP2)
 
+    @abstractmethod
     def optimizer_for(self, wrapped: nn.Module) -> torch.optim.Optimizer:
         """The optimizer over ``wrapped``'s parameters (built after wrapping: FSDP2 shards them)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def loss(self, batch: Any, step: int, micro: int) -> Tuple[torch.Tensor, int]:
         """(loss, images) of one micro-batch, forward under autocast through ``self.wrapped``."""
-        raise NotImplementedError
 
     def check_resumable(self, state: Dict[str, Any], source: str) -> None:
         """Refuse, in one line, a checkpoint of another model before anything is loaded from it."""

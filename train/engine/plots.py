@@ -63,8 +63,9 @@ def plot_run(run_dir: str | Path) -> List[Path]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from .cli import Parser, run_main
     from mae_fast.errors import ConfigError
+
+    from .cli import Parser, run_main
 
     p = Parser(prog="mae-plot", description=__doc__.split("\n")[0])
     p.add_argument("run_dir", help="a run folder (holds log.csv; eval.csv for fine-tuning / linear probing)")

@@ -20,13 +20,13 @@ import torch.nn.functional as F
 
 from mae_fast.checkpoint import check_compatible, encoder_state_dict, extract_state_dict, read_checkpoint
 from mae_fast.compile import COMPILE_MODES
-from mae_fast.device import DEVICE_CHOICES, PRECISION_DTYPES, autocast_for
+from mae_fast.device import DEVICE_CHOICES, PRECISION_DTYPES, DistInfo, autocast_for
 from mae_fast.errors import CheckpointError, ConfigError
 from mae_fast.pos_embed import resize_pos_embed
+
 from ..data.loader_base import default_workers
 from ..engine.cli import add_config_flags, dataclass_parser, load_yaml, opt
 from ..engine.cli import parse_config as parse_dataclass_config
-from mae_fast.device import DistInfo
 from ..engine.loop import Job, start
 from ..run_state import RunLog, find_resume_checkpoint
 

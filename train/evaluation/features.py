@@ -16,9 +16,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from mae_fast.device import autocast_for
+from mae_fast.device import DistInfo, autocast_for
 
-from mae_fast.device import DistInfo
 from ..data.labelled import LabelledSamples, Transform, collate_labelled
 from ..data.loader_base import EpochDataLoader
 from ..data.sources import ImageList

@@ -19,8 +19,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..run_state import rng_state, set_rng_state
 from mae_fast.device import DistInfo
+
+from ..run_state import rng_state, set_rng_state
 from .features import POOLS, FeatureExtractor, mae_encoder
 
 log = logging.getLogger("mae_fast.train")
