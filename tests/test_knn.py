@@ -131,7 +131,8 @@ def monitor_runs(digits_data, tmp_path_factory) -> Path:
     every epoch, and "cut", the same as "knn" stopped at step 7 then resumed ("resumed": its summary).
     The k-NN run is the reference of both the monitor test and the resume test."""
     root = tmp_path_factory.mktemp("monitor")
-    knn = ["--knn-data", str(digits_data), "--knn-every", "1"]
+    few = labelled_subset(digits_data, 10)  # 100 training images to search: what is held here is exactness
+    knn = ["--knn-data", str(few), "--knn-every", "1"]
     runs = {"plain": _pretrain(root, "plain", digits_data), "knn": _pretrain(root, "knn", digits_data, *knn)}
     _pretrain(root, "cut", digits_data, *knn, "--max-steps", "7")
     runs["resumed"] = _pretrain(root, "cut", digits_data, *knn, "--resume", "auto")

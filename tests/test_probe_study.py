@@ -1,4 +1,4 @@
-"""python -m mae_fast.bench.probe_study: a tiny run (one seed, one pretraining epoch at 32 px) writes a record
+"""python -m mae_fast.bench.probe_study: a tiny run (one seed, one pretraining epoch at 16 px) writes a record
 whose gaps are the probes' own summaries; bad options are refused in one line."""
 import json
 
@@ -10,7 +10,7 @@ from mae_fast.bench import probe_study
 @pytest.mark.slow
 def test_tiny_study_records_each_probe_per_seed(tmp_path, capsys):
     out = tmp_path / "study"
-    assert probe_study.main(["--out", str(out), "--seeds", "0", "--img-size", "32", "--epochs", "1",
+    assert probe_study.main(["--out", str(out), "--seeds", "0", "--img-size", "16", "--epochs", "1",
                              "--per-class", "5", "--lars-epochs", "1"]) == 0
     printed = capsys.readouterr().out
     record = json.loads(next(out.glob("probe_study-*.json")).read_text())
@@ -25,10 +25,10 @@ def test_tiny_study_records_each_probe_per_seed(tmp_path, capsys):
     assert row["logistic_all_labels"]["pool"] == "avg" and row["lars"]["pool"] == "cls"
     assert row["logistic_5_per_class"]["train_images"] == 50
     # a second study in the same folder reuses the pretraining and rewrites the probes
-    mtime = (out / "pretrain-32px" / "mae-seed0-ep1" / "summary.json").stat().st_mtime
-    assert probe_study.main(["--out", str(out), "--seeds", "0", "--img-size", "32", "--epochs", "1",
+    mtime = (out / "pretrain-16px" / "mae-seed0-ep1" / "summary.json").stat().st_mtime
+    assert probe_study.main(["--out", str(out), "--seeds", "0", "--img-size", "16", "--epochs", "1",
                              "--per-class", "0"]) == 0
-    assert (out / "pretrain-32px" / "mae-seed0-ep1" / "summary.json").stat().st_mtime == mtime
+    assert (out / "pretrain-16px" / "mae-seed0-ep1" / "summary.json").stat().st_mtime == mtime
 
 
 @pytest.mark.parametrize("flag,value,message", [("--img-size", "36", "--img-size 36: must be a positive multiple of 8"),

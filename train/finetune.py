@@ -24,18 +24,9 @@ from mae_fast.device import DistInfo
 from .engine.cli import opt, run_main
 from .engine.loop import fit
 from .engine.optim import fused_available
-from .evaluation.classifier import (
-    ClassifierConfig,
-    ClassifierJob,
-    create_classifier,
-    eval_loader_for,
-    evaluate_only,
-    labelled_images,
-    load_encoder,
-    parse_classifier_config,
-    seed_training,
-    start_classifier,
-)
+from .evaluation.classifier import (ClassifierConfig, ClassifierJob, create_classifier, eval_loader_for, evaluate_only,
+                                    labelled_images, load_encoder, parse_classifier_config, seed_training,
+                                    start_classifier)
 
 log = logging.getLogger("mae_fast.train")
 

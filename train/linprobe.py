@@ -39,18 +39,9 @@ from mae_fast.errors import ConfigError
 from .data.loaders import KINDS as LOADER_KINDS
 from .engine.cli import opt, run_main
 from .engine.loop import fit
-from .evaluation.classifier import (
-    ClassifierConfig,
-    ClassifierJob,
-    create_classifier,
-    eval_loader_for,
-    evaluate_only,
-    labelled_images,
-    load_encoder,
-    parse_classifier_config,
-    seed_training,
-    start_classifier,
-)
+from .evaluation.classifier import (ClassifierConfig, ClassifierJob, create_classifier, eval_loader_for, evaluate_only,
+                                    labelled_images, load_encoder, parse_classifier_config, seed_training,
+                                    start_classifier)
 
 log = logging.getLogger("mae_fast.train")
 

@@ -28,14 +28,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from mae_fast.kernels import backend_choices, restore_backend_choices
 
-from mae_fast.checkpoint import (
-    RUN_STATE,
-    dcp_errors,
-    is_sharded_checkpoint,
-    read_checkpoint,
-    read_sharded,
-    save_checkpoint,
-)
+from mae_fast.checkpoint import (RUN_STATE, dcp_errors, is_sharded_checkpoint, read_checkpoint, read_sharded,
+                                 save_checkpoint)
 from mae_fast.device import DistInfo
 from mae_fast.errors import CheckpointError, ConfigError, NonFiniteLossError
 from mae_fast.files import fsync_dir, strict_json

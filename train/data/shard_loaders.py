@@ -28,19 +28,8 @@ from torch.utils.data import Dataset
 from mae_fast.errors import ShardError, UnreadableImageError
 
 from .loader_base import EpochDataLoader, Loader, sample_seed, seeded_rngs
-from .shards import (
-    DEFAULT_BLOCK,
-    Block,
-    ShardSet,
-    block_gids,
-    decode_bytes,
-    rank_streams,
-    read_blocks,
-    resolve_streams,
-    scan_shards,
-    skip_items,
-    stream_blocks,
-)
+from .shards import (DEFAULT_BLOCK, Block, ShardSet, block_gids, decode_bytes, rank_streams, read_blocks,
+                     resolve_streams, scan_shards, skip_items, stream_blocks)
 from .transforms import SCALE, augment_pil, normalize, sample_params
 
 log = logging.getLogger("mae_fast.data")

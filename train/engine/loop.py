@@ -26,14 +26,8 @@ from mae_fast.compile import apply_compile
 from mae_fast.device import DistInfo, requested_device_type, resolve_device
 from mae_fast.errors import NonFiniteLossError
 
-from ..run_state import (
-    RunLog,
-    agree_kernel_choices,
-    choose_shared_run_dir,
-    open_run_checkpoints,
-    use_progress_bar,
-    write_json,
-)
+from ..run_state import (RunLog, agree_kernel_choices, choose_shared_run_dir, open_run_checkpoints, use_progress_bar,
+                         write_json)
 from .distributed import init_distributed, wrap_model
 from .optim import build_adamw, lr_at, set_lr
 
