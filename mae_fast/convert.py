@@ -18,7 +18,8 @@ from typing import List, Mapping, Optional, Sequence
 
 import torch
 
-from .checkpoint import (PathLike, StateDict, _summarize_keys, check_state_dict, encoder_state_dict, extract_state_dict, is_decoder_key, is_sharded_checkpoint, read_checkpoint, save_checkpoint)
+from .checkpoint import (PathLike, StateDict, _summarize_keys, check_state_dict, encoder_state_dict, extract_state_dict,
+                         is_decoder_key, is_sharded_checkpoint, read_checkpoint, save_checkpoint)
 
 from .errors import CheckpointError, ConvertError
 from .hf import (CONFIG_FILE, DEFAULT_MASK_RATIO, ENCODER, PRETRAINING, factory_name, read_hf_folder,

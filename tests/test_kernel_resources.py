@@ -26,6 +26,7 @@ def _run_script(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # builds every kernel for sm_90 at the ViT-B/L/H shapes
 def test_no_spills_at_headline_shapes():
     """Every kernel of a training step (and the image-gradient scatter), bf16, as launched at ViT-B/16,
     L/16, H/14 at 224 px and H/14 at 448 px: no register spills, within the register file and the
@@ -45,6 +46,7 @@ def test_no_spills_at_headline_shapes():
     assert proc.stderr == ""
 
 
+@pytest.mark.slow  # builds every kernel for sm_90 in each dtype
 @pytest.mark.parametrize("dtype", ["fp16", "fp32", "fp64"])
 def test_every_compute_dtype_builds_without_spills(dtype):
     """A run without bf16 autocast builds other kernels (fp32 / fp64: other patch-embedding tiles and sums):

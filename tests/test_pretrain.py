@@ -59,6 +59,16 @@ def test_demo_loss_goes_down(tmp_path):
     assert (tmp_path / "run" / "summary.json").exists() and (tmp_path / "run" / "config.json").exists()
 
 
+def test_demo_with_a_bf16_residual_stream_draws_its_reconstruction(tmp_path):
+    """The demo's figure is drawn as the model trained (under bf16 autocast): a bf16 residual stream between blocks
+    met fp32 weights outside autocast ("mat1 and mat2 must have the same dtype") and the run failed at its end."""
+    out = tmp_path / "demo"
+    summary = train(parse_config(["--demo", "--img-size", "32", "--max-steps", "2", "--precision", "bf16",
+                                  "--activation-dtype", "bf16", "--no-progress", "--no-tensorboard",
+                                  "--output-dir", str(out)]))
+    assert summary["figure"] == str(out / "reconstruction.png") and (out / "reconstruction.png").stat().st_size > 0
+
+
 @pytest.mark.slow
 def test_kill_and_resume_is_bit_exact(tmp_path):
     args = SMALL + ["--batch-size", "4", "--accum-iter", "2", "--epochs", "4", "--save-every", "1",

@@ -177,8 +177,9 @@ def write_figures(cfg: PretrainConfig, model: MaskedAutoencoderViT, out: Path) -
         from .visualize import reconstruction_figure
 
         first = sorted(Path(demo_dir()).glob("*.jpg"))[0]
-        fig = reconstruction_figure(model, str(first), out / "reconstruction.png", mask_ratio=cfg.mask_ratio,
-                                    seed=cfg.seed)
+        with autocast_for(cfg.precision, next(model.parameters()).device):  # as trained: a bf16 residual needs it
+            fig = reconstruction_figure(model, str(first), out / "reconstruction.png", mask_ratio=cfg.mask_ratio,
+                                        seed=cfg.seed)
         figures["figure"] = str(fig)
         log.info("reconstruction figure: %s", fig)
     return figures
