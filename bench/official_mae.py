@@ -18,8 +18,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from mae_fast.kernels._utils import masking_reference, patchify_reference
 
+from mae_fast.kernels._utils import masking_reference, patchify_reference
 from mae_fast.models_mae import MaskedAutoencoderViT, create_model
 
 LN_EPS = 1e-6  # the official models' LayerNorm eps (partial(nn.LayerNorm, eps=1e-6))
