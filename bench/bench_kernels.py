@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
+
 from mae_fast.kernels import (backend_choices, masked_loss, masked_loss_reference, patch_embed_gather,
                               patch_embed_gather_reference, unshuffle_mask_tokens, unshuffle_mask_tokens_reference)
 from mae_fast.kernels._utils import masking_reference

@@ -28,9 +28,9 @@ import tempfile
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-from mae_fast.kernels._utils import Launch, compile_launch, interpreting, launch_signature, recording_launches
 
 from mae_fast.device import PRECISION_DTYPES
+from mae_fast.kernels._utils import Launch, compile_launch, interpreting, launch_signature, recording_launches
 from mae_fast.models_mae import MODEL_CONFIGS, MAEConfig
 
 # the op modules (their names are shadowed by the functions mae_fast.kernels exports)

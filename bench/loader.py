@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from mae_fast.train.data.dali_loader import dali_available
 from mae_fast.train.data.loaders import KINDS, build_loader
 from mae_fast.train.data.sources import list_images

@@ -29,17 +29,17 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from mae_fast.kernels import KERNEL_BACKENDS
-from mae_fast.train.engine.loop import adamw_step
 
 from mae_fast.attention import BACKEND_NAMES
 from mae_fast.compile import COMPILE_MODES, apply_compile
 from mae_fast.device import DEVICE_CHOICES, PRECISION_DTYPES, autocast_for, resolve_device
 from mae_fast.errors import DeviceError, MemoryPlanError
 from mae_fast.flops import FlopsReport, count_flops
+from mae_fast.kernels import KERNEL_BACKENDS
 from mae_fast.memory import GiB, MemoryPrediction, Plan, StepTracer, fmt_bytes, oom_message, plan_batch, predict_memory
 from mae_fast.model_spec import ModelSpec, build_model
 from mae_fast.models_mae import ACTIVATION_DTYPES, MODELS, MaskedAutoencoderViT
+from mae_fast.train.engine.loop import adamw_step
 
 from .records import DefaultsHelpFormatter, record_header, write_result
 

@@ -35,9 +35,6 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
-from mae_fast.kernels import backend_choices
-from mae_fast.train.engine.loop import adamw_step
-from mae_fast.train.engine.optim import fused_available, param_groups_weight_decay, set_lr
 from torch._dynamo.utils import counters as dynamo_counters
 
 from mae_fast.attention import BACKEND_NAMES
@@ -45,8 +42,11 @@ from mae_fast.compile import COMPILE_BACKENDS, COMPILE_MODES, apply_compile, res
 from mae_fast.device import DEVICE_CHOICES, PRECISION_DTYPES, autocast_dtype, autocast_for, resolve_device, synchronize
 from mae_fast.errors import DeviceError
 from mae_fast.flops import build_on_meta, count_flops
+from mae_fast.kernels import backend_choices
 from mae_fast.model_spec import ModelSpec, build_model
 from mae_fast.models_mae import ACTIVATION_DTYPES, MODELS, MaskedAutoencoderViT
+from mae_fast.train.engine.loop import adamw_step
+from mae_fast.train.engine.optim import fused_available, param_groups_weight_decay, set_lr
 
 from .records import DefaultsHelpFormatter, nvidia_smi, record_header, utc_stamp, write_result
 

@@ -8,12 +8,12 @@ from typing import Any
 import pytest
 import torch
 import torch.nn as nn
-from mae_fast.train.data.loader_base import Loader
-from mae_fast.train.engine.loop import FAULT_NAN_AT_STEP, Job, fit, plan_steps
-from mae_fast.train.engine.optim import lr_at
 
 from mae_fast.device import DistInfo
 from mae_fast.errors import NonFiniteLossError
+from mae_fast.train.data.loader_base import Loader
+from mae_fast.train.engine.loop import FAULT_NAN_AT_STEP, Job, fit, plan_steps
+from mae_fast.train.engine.optim import lr_at
 
 IN, OUT = 5, 3
 

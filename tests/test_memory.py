@@ -7,24 +7,25 @@ import json
 import pytest
 import torch
 
+from mae_fast.errors import MemoryPlanError
 from mae_fast.memory import (GiB, LiveStorageTracker, StepTracer, checkpointing_choices, device_total_memory,
                              oom_message, plan_batch, predict_memory)
-from mae_fast.errors import MemoryPlanError
 from mae_fast.model_spec import ModelSpec
-from mae_fast.train.engine.distributed import DistInfo
-from mae_fast.train.engine.loop import StepRunner
-from mae_fast.train.engine.optim import build_adamw
+from mae_fast.train.engine.loop import adamw_step
 
 TINY = "mae_vit_tiny_patch8"
 
 
 def pretrain_step(precision: str, made: list = None):
-    """mae-pretrain's step (fused AdamW under StepRunner) as a factory; each optimizer made is appended to ``made``."""
+    """mae-pretrain's step (``adamw_step``: fused AdamW under StepRunner); each optimizer made is appended to
+    ``made``."""
+    make_step = adamw_step(precision, lr=1e-4, weight_decay=0.05)
+
     def make(model, device):
-        opt = build_adamw(model, lr=1e-4, weight_decay=0.05)
+        runner = make_step(model, device)
         if made is not None:
-            made.append(opt)
-        return StepRunner(model, opt, precision, device, DistInfo())
+            made.append(runner.optimizer)
+        return runner
     return make
 
 

@@ -26,13 +26,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from mae_fast.kernels import backend_choices, restore_backend_choices
 
 from mae_fast.checkpoint import (RUN_STATE, dcp_errors, is_sharded_checkpoint, read_checkpoint, read_sharded,
                                  save_checkpoint)
 from mae_fast.device import DistInfo
 from mae_fast.errors import CheckpointError, ConfigError, NonFiniteLossError
 from mae_fast.files import fsync_dir, strict_json
+from mae_fast.kernels import backend_choices, restore_backend_choices
 
 log = logging.getLogger("mae_fast.train")
 

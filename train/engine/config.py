@@ -8,12 +8,11 @@ import argparse
 from dataclasses import dataclass
 from typing import Any, ClassVar, Dict, List, Optional
 
-from mae_fast.kernels import KERNEL_BACKENDS
-
 from mae_fast.attention import ATTENTION_BACKENDS, BACKEND_NAMES
 from mae_fast.compile import COMPILE_MODES
 from mae_fast.device import DEVICE_CHOICES, PRECISION_DTYPES
 from mae_fast.errors import ConfigError
+from mae_fast.kernels import KERNEL_BACKENDS
 from mae_fast.models_mae import ACTIVATION_DTYPES, MODELS
 
 from ..data.loader_base import default_workers
