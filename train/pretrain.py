@@ -103,7 +103,7 @@ class PretrainJob(Job):
                  device: torch.device):
         base_lr = cfg.lr if cfg.lr is not None else cfg.blr * cfg.effective_batch * info.world_size / 256
         super().__init__(cfg, model, loader, base_lr, info, device)
-        self.max_skips = cfg.skip_nonfinite
+        self.max_skips, self.distributed = cfg.skip_nonfinite, cfg.distributed
         self.knn = KnnMonitor.from_config(cfg, info, device)  # --knn-data: checked and scanned before training
 
     def optimizer_for(self, wrapped: torch.nn.Module) -> torch.optim.Optimizer:

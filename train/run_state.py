@@ -117,9 +117,10 @@ def clear_run(folder: Path) -> None:
             shutil.rmtree(folder / name)
 
 
-def remove_stale_temp(folder: Path) -> int:
-    """Delete checkpoint temp files a killed save left in ``folder/checkpoints``; returns how many."""
-    ckpts = Path(folder) / "checkpoints"
+def remove_stale_temp(ckpts: Path) -> int:
+    """Delete the temp files and folders a killed save (full or sharded) left in the checkpoint folder ``ckpts``;
+    returns how many."""
+    ckpts = Path(ckpts)
     if not ckpts.is_dir():
         return 0
     stale = [p for p in ckpts.iterdir() if CHECKPOINT_TMP.match(p.name)]
@@ -335,13 +336,6 @@ class ShardedCheckpoints:
         """(step, folder) of every complete sharded checkpoint, oldest first."""
         return _checkpoints_in(self.folder, sharded=True)
 
-    def remove_stale_temp(self) -> None:
-        """Delete temp folders of saves a crash interrupted (main rank, before training)."""
-        if self.folder.is_dir():
-            for p in self.folder.iterdir():
-                if CHECKPOINT_TMP.match(p.name) and p.is_dir():
-                    shutil.rmtree(p, ignore_errors=True)
-
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
              run_state: Dict[str, Any]) -> Path:
         """Collective: every rank writes its shards; rank 0 writes ``run_state`` and publishes the
@@ -450,7 +444,7 @@ def open_run_checkpoints(cfg: Any, out: Path, model: nn.Module, optimizer: torch
     if info.is_main and cfg.overwrite:
         clear_run(out)
     if info.is_main and cfg.resume:
-        remove_stale_temp(out)
+        remove_stale_temp(out / "checkpoints")
     return RunCheckpoints(out / "checkpoints", cfg.keep_checkpoints, model, optimizer, runner, loader, info,
                           dataclasses.asdict(cfg))
 
@@ -497,9 +491,7 @@ class RunCheckpoints:
         """(folder, run state) of a sharded checkpoint, its weights loaded; None for other resumes."""
         if resume and resume != "auto" and is_sharded_checkpoint(resume):
             return Path(resume), self.sharded_store.load(Path(resume), self.model, self.optimizer, check)
-        if resume == "auto" and self.sharded:
-            if self.info.is_main:
-                self.sharded_store.remove_stale_temp()
+        if resume == "auto" and self.sharded:  # temp folders of a killed save: removed by open_run_checkpoints
             return self.sharded_store.load_latest(self.model, self.optimizer, check)
         return None
 

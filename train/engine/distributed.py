@@ -43,7 +43,7 @@ def wrap_model(model: nn.Module, mode: str, info: DistInfo, device: torch.device
     if mode == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        for blk in [*model.blocks, *getattr(model, "decoder_blocks", [])]:
+        for blk in [*model.blocks, *model.decoder_blocks]:
             fully_shard(blk)
         return fully_shard(model)
     return ddp_wrap(model, device)

@@ -181,6 +181,7 @@ class Job(ABC):
     save_each_epoch = False  # also checkpoint at every epoch's end (classification evaluates there)
     clip_grad: Optional[float] = None
     max_skips = 0  # non-finite steps that may be skipped before the run stops
+    distributed = "ddp"  # how the model is wrapped under torchrun: "ddp" or "fsdp" (FSDP2 per block)
 
     def __init__(self, cfg: Any, model: nn.Module, loader: Any, base_lr: float, info: DistInfo, device: torch.device):
         self.cfg, self.model, self.loader, self.base_lr = cfg, model, loader, base_lr
@@ -240,7 +241,7 @@ def fit(cfg: Any, job: Job, out: Path) -> Dict[str, Any]:
     info, device, loader = job.info, job.device, job.loader
     steps_per_epoch, total_steps = plan_steps(cfg, len(loader))
     compiled = apply_compile(job.model, cfg.compile, device)
-    model = job.wrapped = wrap_model(job.model, getattr(cfg, "distributed", "ddp"), info, device)
+    model = job.wrapped = wrap_model(job.model, job.distributed, info, device)
     optimizer = job.optimizer_for(model)
     runner = StepRunner(model, optimizer, cfg.precision, device, info, cfg.accum_iter, job.max_skips, job.clip_grad)
     ckpts = open_run_checkpoints(cfg, out, model, optimizer, runner, loader, info)
