@@ -6,8 +6,8 @@ import sys
 import pytest
 
 COMMANDS = ["mae_fast.train.pretrain", "mae_fast.train.finetune", "mae_fast.train.linprobe",
-            "mae_fast.train.visualize", "mae_fast.train.engine.plots", "mae_fast.train.make_shards", "mae_fast.bench.throughput",
-            "mae_fast.bench.profile", "mae_fast.bench.flops", "mae_fast.convert"]
+            "mae_fast.train.visualize", "mae_fast.train.engine.plots", "mae_fast.train.make_shards",
+            "mae_fast.bench.throughput", "mae_fast.bench.profile", "mae_fast.bench.flops", "mae_fast.convert"]
 
 
 def option_entries(text: str):

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from mae_fast.train.evaluation.logistic import L2_GRID, Standardizer, features_home, fit_multinomial, fit_probe, holdout_split
+from mae_fast.train.evaluation.logistic import (L2_GRID, Standardizer, features_home, fit_multinomial, fit_probe,
+                                                holdout_split)
 
 CPU = torch.device("cpu")
 

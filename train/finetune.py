@@ -6,8 +6,9 @@
 
 The official recipe (docs/semantics.md §8) is the default: global average pooling + fc_norm, layer-wise lr
 decay, drop path, RandAugment, random erasing, mixup/cutmix with label smoothing, 5 warmup epochs then
-cosine, evaluation (top-1/top-5) after every epoch. The loop and the rest are shared with ``mae-linprobe``
-(:mod:`mae_fast.train.evaluation.classifier`): torchrun DDP, bf16 autocast, exact resume (``--resume auto``), logs, curves.
+cosine, evaluation (top-1/top-5) after every epoch. The loop (:func:`mae_fast.train.engine.loop.fit`) and the rest
+are shared with ``mae-linprobe`` (:mod:`mae_fast.train.evaluation.classifier`): torchrun DDP, bf16 autocast, exact
+resume (``--resume auto``), logs, curves.
 """
 from __future__ import annotations
 

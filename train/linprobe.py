@@ -8,8 +8,8 @@
 tokens) after the encoder's final norm -> BatchNorm1d(affine=False, eps 1e-6) -> Linear (trunc-normal
 std 0.01); only that head trains, with LARS (momentum 0.9, no weight decay), lr = blr x batch / 256,
 10 warmup epochs then cosine; RandomResizedCrop(``--crop-scale``, 1) + flip (``--no-augment``: none).
-The loop is :func:`mae_fast.train.engine.loop.fit`. Far below the recipe's batch (16384) the lr is tiny and the head barely
-moves: a one-line warning says so and how to reach the recipe.
+The loop is :func:`mae_fast.train.engine.loop.fit`. Far below the recipe's batch (16384) the lr is tiny and the
+head barely moves: a one-line warning says so and how to reach the recipe.
 
 ``--method logistic`` (the feature probe): embed the training and evaluation images once with the frozen
 encoder (the mean of the patch tokens unless ``--pool cls``; clean views, or ``--views K`` augmented views of

@@ -1,1 +1,2 @@
-"""The engine under the three training commands: options and CLI, the training loop, optimizer, torchrun set-up, plots."""
+"""The engine under the three training commands: options and CLI, the one training loop, optimizer, torchrun
+set-up, plots."""

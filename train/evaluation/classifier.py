@@ -62,8 +62,8 @@ class ClassifierConfig:
     weight_decay: float = opt("weight decay (not on norms, biases, pos_embed, cls_token)", 0.05, min=0)
     crop_pct: Optional[float] = opt("eval center-crop fraction (default 224/256 up to 224 px, else 1.0)",
                                     above=0, max=1)
-    precision: str = opt("bf16 (autocast) | fp16 (autocast, dynamic loss scaling) | fp32; a GradScaler steps in all three: "
-                         "outside fp16 its scale stays 1 and it only skips non-finite updates", "bf16",
+    precision: str = opt("bf16 (autocast) | fp16 (autocast, dynamic loss scaling) | fp32; a GradScaler steps in all "
+                         "three: outside fp16 its scale stays 1 and it only skips non-finite updates", "bf16",
                          choices=[n for n in PRECISION_DTYPES if n != "fp64"])
     device: str = opt(" | ".join(DEVICE_CHOICES) + " (auto: cuda when visible)", "auto", choices=list(DEVICE_CHOICES))
     compile: str = opt("torch.compile: auto (per-block on CUDA, off on CPU) | off | blocks | model", "auto",
@@ -283,26 +283,6 @@ def evaluate(model: nn.Module, loader: Any, cfg: ClassifierConfig, device: torch
             "images": int(stats[3].item())}
 
 
-def evaluate_checkpoint(cfg: ClassifierConfig, model: nn.Module, eval_loader: Any, info: DistInfo,
-                        device: torch.device, path: Path, state: Dict[str, Any]) -> Dict[str, float]:
-    """``--eval``: load the checkpoint's model weights and report accuracy only."""
-    load_trained(model, extract_state_dict(state, str(path)), str(path))
-    metrics = evaluate(model, eval_loader, cfg, device, info)
-    if info.is_main:
-        log.info("%s: top-1 %.2f%%, top-5 %.2f%% on %d images", path, metrics["acc1"], metrics["acc5"],
-                 metrics["images"])
-    return metrics
-
-
-def eval_checkpoint_state(cfg: ClassifierConfig) -> Tuple[Path, Dict[str, Any]]:
-    """(path, state) of the ``--eval --resume`` checkpoint, its model options adopted into ``cfg``."""
-    found = find_resume_checkpoint(cfg.resume, Path(cfg.output_dir) / "checkpoints")
-    if found is None:
-        raise FileNotFoundError(f"--resume auto: no checkpoint in {Path(cfg.output_dir) / 'checkpoints'}")
-    adopt_checkpoint_config(cfg, found[1], str(found[0]))
-    return found
-
-
 # ---------------------------------------------------------------- training
 class ClassifierJob(Job):
     """Fine-tuning or linear probing as a :class:`~mae_fast.train.engine.loop.Job`: cross-entropy (after mixup)
@@ -372,7 +352,18 @@ def start_classifier(cfg: ClassifierConfig) -> Tuple[DistInfo, torch.device, Pat
 
 
 def evaluate_only(cfg: ClassifierConfig, build: Build, info: DistInfo, device: torch.device) -> Dict[str, float]:
-    """``--eval``: the ``--resume`` checkpoint's model options adopted, its weights evaluated."""
-    path, state = eval_checkpoint_state(cfg)
+    """``--eval``: the ``--resume`` checkpoint's model options adopted into ``cfg``, the job built for them, the
+    checkpoint's weights loaded exactly and evaluated (top-1 / top-5, no training)."""
+    folder = Path(cfg.output_dir) / "checkpoints"
+    found = find_resume_checkpoint(cfg.resume, folder)
+    if found is None:
+        raise FileNotFoundError(f"--resume auto: no checkpoint in {folder}")
+    path, state = found
+    adopt_checkpoint_config(cfg, state, str(path))
     job = build(cfg, info, device)
-    return evaluate_checkpoint(cfg, job.model, job.eval_loader, info, device, path, state)
+    load_trained(job.model, extract_state_dict(state, str(path)), str(path))
+    metrics = evaluate(job.model, job.eval_loader, cfg, device, info)
+    if info.is_main:
+        log.info("%s: top-1 %.2f%%, top-5 %.2f%% on %d images", path, metrics["acc1"], metrics["acc5"],
+                 metrics["images"])
+    return metrics
