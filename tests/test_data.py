@@ -15,7 +15,7 @@ from mae_fast.train.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, load_rg
                                     sample_params, sample_params_batch)
 from mae_fast.train.data.dali_loader import dali_available
 from mae_fast.train.data.loaders import build_loader
-from mae_fast.train.data.loader_base import epoch_order
+from mae_fast.train.data.loader_base import epoch_order, sample_seed, seeded_rngs
 from mae_fast.train.data.sources import demo_dir, list_images, scan_images
 from mae_fast.errors import NoReadableImagesError, UnreadableImageError
 
@@ -197,6 +197,24 @@ def test_iterating_draws_nothing_from_the_global_rngs(kind, workers):
     assert np.array_equal(np.random.get_state()[1], before[1]) and random.getstate() == before[2]
     if hasattr(ld, "close"):
         ld.close()
+
+
+def test_sample_seeding_repeats_and_touches_only_the_cpu_generator(monkeypatch):
+    """seeded_rngs (each labelled or shard sample's augmentation) gives the same draws for a seed, puts the CPU
+    state back and never reseeds a CUDA generator (torch.manual_seed would: the model's drop path draws there)."""
+    import random
+
+    def cuda_seeded(seed):
+        raise AssertionError(f"a sample's seeding reseeded the CUDA generators ({seed})")
+
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", cuda_seeded)
+    before = torch.get_rng_state(), random.getstate()
+    draws = []
+    for _ in range(2):
+        with seeded_rngs(sample_seed(3, 1, 17)):
+            draws.append((torch.rand(4), random.random(), np.random.rand()))
+    assert torch.equal(draws[0][0], draws[1][0]) and draws[0][1:] == draws[1][1:]
+    assert torch.equal(torch.get_rng_state(), before[0]) and random.getstate() == before[1]
 
 
 def test_pil_workers_break_and_continue():
