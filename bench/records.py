@@ -24,8 +24,9 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 RESULTS_ENV = "MAE_RESULTS_DIR"
 
 
-class DefaultsHelpFormatter(argparse.HelpFormatter):
-    """Shows "(default: X)" once: not when the help already says its default, nor for a default of None."""
+class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows "(default: X)" once: not when the help already says its default, nor for a default of None; the
+    description and epilog keep their lines."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         help_ = action.help or ""

@@ -1,23 +1,18 @@
 """``mae-bench``: full MAE training steps per second, MFU and peak memory, side by side with peers.
 
-Variants, same model, batch and synthetic images, in one run (``--variants``; see VARIANTS):
-  official  what the official code does on today's torch: every patch embedded, explicit softmax
-            attention, fp16 autocast + GradScaler (unscale, grad norm), torch AdamW (default foreach)
-            over the official param groups, loss.item() + synchronize per step. The baseline of ratios.
-  fused     mae-fast as it trains by default: Triton kernels (after their self-test), attention chosen
-            per site, --compile auto (per-block on CUDA), --precision, the StepRunner step
-  eager     fused with --compile off           torch    fused with the PyTorch ops, no Triton kernels
-  compile   fused with --compile model         bf16act  fused with a bf16 residual stream
-  graphs    fused with the whole step (forward, backward, fused capturable AdamW) in one CUDA graph
-  no_ckpt   fused without activation checkpointing (where the preset checkpoints)
-  hf        Hugging Face ViTMAEForPreTraining (SDPA), the StepRunner step
+Variants (``--variants``; each explained in one line by VARIANTS, ``--help`` and under the table) run the same
+model, batch and synthetic images in one run. After its warm-up steps, each is timed in ``--rounds`` rounds of
+``--steps`` steps, the variants interleaved (A B C, A B C, ...) so that a drift of the machine touches them all
+alike; each row reports the median and quartiles of its step time, each ratio to the official-equivalent row its
+range over the rounds, and a ratio whose range includes 1.0 (or whose rows' step-time quartiles overlap) is marked
+within noise (``~`` in the table, ``within_noise`` in the record).
 
     mae-bench --preset vit_l16_224
     mae-bench --device cpu --model mae_vit_tiny_patch8 --img-size 32 --batch-size 8 --steps 3
 
 Every row records what actually ran (kernels after the self-test, attention per site, compile mode,
 precision, optimizer, clocks after timing); a row whose kernels fell back is labelled so and gets no
-ratio. Records are written after every row, to bench/results/ on a GPU and to $MAE_RESULTS_DIR.
+ratio. Records are written after every row and round, to bench/results/ on a GPU and to $MAE_RESULTS_DIR.
 """
 from __future__ import annotations
 
@@ -29,7 +24,7 @@ import math
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -67,13 +62,15 @@ class Variant:
 
 
 VARIANTS: Dict[str, Variant] = {
-    "official": Variant("official-equivalent: embed all, math attention, fp16 + GradScaler, foreach AdamW",
+    "official": Variant("the official code on today's torch (all patches embedded, math attention, fp16 + GradScaler, "
+                        "foreach AdamW, a host sync per step): the baseline of every ratio",
                         kind="official", kernels="torch", compile="off"),
-    "fused": Variant("mae-fast default: Triton kernels, attention per site, --compile, fused AdamW"),
-    "eager": Variant("fused, compile off", compile="off"),
+    "fused": Variant("mae-fast as mae-pretrain trains: Triton kernels, attention chosen per site, --compile, "
+                     "fused AdamW"),
+    "eager": Variant("fused with --compile off", compile="off"),
     "torch": Variant("fused with the PyTorch ops instead of the Triton kernels", kernels="torch"),
-    "compile": Variant("fused, whole model compiled", compile="model"),
-    "bf16act": Variant("fused, bf16 residual stream", activation_dtype="bf16"),
+    "compile": Variant("fused with the whole model compiled (--compile model)", compile="model"),
+    "bf16act": Variant("fused with a bf16 residual stream between blocks", activation_dtype="bf16"),
     "graphs": Variant("fused, whole step captured in one CUDA graph (capturable fused AdamW)", graphs=True),
     "no_ckpt": Variant("fused without activation checkpointing", checkpointing=False),
     "hf": Variant("Hugging Face ViTMAEForPreTraining, SDPA", kind="hf", kernels="torch", compile="off"),
@@ -283,41 +280,50 @@ def graphed_step(model: nn.Module, loss_fn: StepFn, precision: str, imgs: torch.
 
 
 # ------------------------------------------------------------------------------------ timing
-def time_steps(step: StepFn, imgs: torch.Tensor, steps: int, warmup: int,
-               next_batch: Optional[Callable[[], torch.Tensor]] = None) -> Dict[str, Any]:
-    """Seconds of the first step (compile, autotune), of each timed step (CUDA events, no host sync
-    between steps), and the wall time of all timed steps; raises if the last loss is not finite."""
+Clock = Callable[[], float]
+
+
+def time_steps(step: StepFn, imgs: torch.Tensor, steps: int, next_batch: Optional[Callable[[], torch.Tensor]] = None,
+               clock: Clock = time.perf_counter) -> Dict[str, Any]:
+    """Seconds of each of ``steps`` steps (CUDA events on a GPU, no host sync between steps; ``clock`` on a CPU)
+    and the wall time of all of them; raises if the last loss is not finite."""
     device = imgs.device
-    first = None
-    for i in range(warmup):
-        t0 = time.perf_counter()
-        step(next_batch() if next_batch else imgs)
-        synchronize(device)
-        if i == 0:
-            first = time.perf_counter() - t0
     cuda = device.type == "cuda"
     marks: List[Any] = []
     synchronize(device)
-    t0 = time.perf_counter()
+    t0 = clock()
     for _ in range(steps):
         if cuda:
             marks.append(torch.cuda.Event(enable_timing=True))
             marks[-1].record()
         else:
-            marks.append(time.perf_counter())
+            marks.append(clock())
         loss = step(next_batch() if next_batch else imgs)
     if cuda:
         marks.append(torch.cuda.Event(enable_timing=True))
         marks[-1].record()
     synchronize(device)
-    wall = time.perf_counter() - t0
+    wall = clock() - t0
     if not cuda:
         marks.append(t0 + wall)
     times = [(a.elapsed_time(b) / 1e3) if cuda else (b - a) for a, b in zip(marks, marks[1:])]
     last = float(loss.detach())
     if not math.isfinite(last):
         raise RuntimeError(f"non-finite loss {last}")
-    return {"first_step_s": first, "times": times, "wall_s": wall, "last_loss": last}
+    return {"times": times, "wall_s": wall, "last_loss": last}
+
+
+def warm_up(step: StepFn, imgs: torch.Tensor, warmup: int, next_batch: Optional[Callable[[], torch.Tensor]] = None
+            ) -> float:
+    """Run ``warmup`` untimed steps (compile, autotune, allocator); returns the first one's seconds."""
+    first = 0.0
+    for i in range(warmup):
+        t0 = time.perf_counter()
+        step(next_batch() if next_batch else imgs)
+        synchronize(imgs.device)
+        if i == 0:
+            first = time.perf_counter() - t0
+    return first
 
 
 @functools.lru_cache(maxsize=16)
@@ -333,15 +339,30 @@ def predicted_peak_gb(spec: ModelSpec) -> Optional[float]:
     return pred.peak_bytes / 2**30
 
 
-def run_variant(name: str, args: argparse.Namespace, device: torch.device, flops_per_image: float,
-                peak: Optional[float], data_loader=None) -> Dict[str, Any]:
-    """Benchmark one variant; a variant that cannot run reports why instead of numbers."""
+@dataclass
+class Ready:
+    """A variant built and warmed up, waiting for its timed rounds; ``rounds`` holds what each round measured."""
+
+    row: Dict[str, Any]
+    step: StepFn
+    imgs: torch.Tensor
+    next_batch: Optional[Callable[[], torch.Tensor]]
+    check: Callable[[], None]
+    rounds: List[Dict[str, Any]] = field(default_factory=list)
+
+
+def prepare_variant(name: str, args: argparse.Namespace, device: torch.device, data_loader=None
+                    ) -> Tuple[Dict[str, Any], Optional[Ready]]:
+    """Build one variant and run its warm-up steps: (its row, the variant ready to time), or (a row saying why
+    it cannot run, None). The row's memory peak is its own: memory other variants hold is subtracted."""
     variant = VARIANTS[name]
     row: Dict[str, Any] = {"variant": name + ("+data" if data_loader is not None else ""), "what": variant.what,
                            "batch_size": args.batch_size}
     gc.collect()
+    held = 0
     if device.type == "cuda":
         torch.cuda.empty_cache()
+        held = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
     dynamo_counters.clear()  # this row's graphs and graph breaks only
     try:
@@ -365,38 +386,75 @@ def run_variant(name: str, args: argparse.Namespace, device: torch.device, flops
         setup_s = time.perf_counter() - t_setup
         row.update(step=how, cuda_graphs=variant.graphs)
         next_batch = _loader_batches(data_loader, device) if data_loader is not None else None
-        timing = time_steps(step, imgs, args.steps, args.warmup, next_batch)
-        check()
+        first = warm_up(step, imgs, args.warmup, next_batch)
     except VariantUnavailable as e:
-        return {**row, "unavailable": str(e)}
+        return {**row, "unavailable": str(e)}, None
     except Exception as e:  # report, keep benchmarking the others
-        msg = str(e).strip().splitlines()
-        return {**row, "error": f"{type(e).__name__}: {msg[0] if msg else ''}"[:300]}
-    times = timing["times"]
-    ips = args.batch_size * len(times) / timing["wall_s"]
-    first = timing["first_step_s"]
-    if variant.graphs:
-        first = setup_s  # warm-up + capture
-    row.update(compiled=compiled_what_ran())
+        return {**row, "error": one_line(e)}, None
+    row.update(compiled=compiled_what_ran(), first_step_s=setup_s if variant.graphs else first,  # graphs: + capture
+               peak_mem_gb=((torch.cuda.max_memory_allocated(device) - held) / 2**30) if device.type == "cuda"
+               else None)
     if row.get("kernels") == "triton":  # the implementation each op timed its way to (patch embedding: fused | gemm)
         row["kernel_choices"] = backend_choices()
-    row.update(images_per_s=ips, step_ms_mean=timing["wall_s"] / len(times) * 1e3,
-               step_ms_median=statistics.median(times) * 1e3, step_ms_min=min(times) * 1e3,
-               step_ms_max=max(times) * 1e3,
-               step_ms_stdev=(statistics.stdev(times) * 1e3) if len(times) > 1 else 0.0,
-               first_step_s=first, last_loss=timing["last_loss"],
-               tflops=ips * flops_per_image / 1e12,
-               mfu=(ips * flops_per_image / (peak * 1e12)) if peak else None,
-               peak_mem_gb=(torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else None)
-    if device.type == "cuda":
-        row["clocks_after"] = {k: v for k, v in nvidia_smi(device.index or 0).items() if k != "driver"}
-        if variant.kind not in ("hf", "official"):  # the measured peak beside mae_fast.memory's prediction
-            ran = variant_spec(variant, args, kernel_backend=model.kernel_backend)  # after the kernel self-test
-            row["predicted_peak_gb"] = predicted_peak_gb(ran)
-    if row.get("compile", "off") != "off" and first is not None:
-        print(f"  {row['variant']}: first step {first:.1f} s (includes torch.compile {row['compile']})", flush=True)
-    del model
-    return row
+    if device.type == "cuda" and variant.kind not in ("hf", "official"):  # the measured peak beside the prediction
+        row["predicted_peak_gb"] = predicted_peak_gb(variant_spec(variant, args, kernel_backend=model.kernel_backend))
+    if row.get("compile", "off") != "off":
+        print(f"  {row['variant']}: first step {row['first_step_s']:.1f} s (includes torch.compile {row['compile']})",
+              flush=True)
+    return row, Ready(row, step, imgs, next_batch, check)
+
+
+def one_line(e: BaseException) -> str:
+    """``Type: first line of the message``, at most 300 characters."""
+    msg = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {msg[0] if msg else ''}"[:300]
+
+
+def time_round(ready: List[Ready], steps: int, clock: Clock = time.perf_counter) -> List[Ready]:
+    """One round: each variant's ``steps`` timed steps in turn (A B C ...); returns the variants still running
+    (one that fails gets an error row and leaves the rounds)."""
+    running = []
+    for r in ready:
+        try:
+            r.rounds.append(time_steps(r.step, r.imgs, steps, r.next_batch, clock))
+            running.append(r)
+        except Exception as e:
+            r.row.update(error=one_line(e))
+    return running
+
+
+def check_each(ready: List[Ready]) -> None:
+    """Each variant's own end-of-run check (a non-finite step skipped on the device); a failure marks its row."""
+    for r in ready:
+        try:
+            r.check()
+        except Exception as e:
+            r.row.update(error=one_line(e))
+
+
+def quartiles(values: List[float]) -> Tuple[float, float]:
+    """(first, third) quartile of ``values`` (inclusive method; a single value is its own quartiles)."""
+    if len(values) < 2:
+        return values[0], values[0]
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[0], q[2]
+
+
+def summarize(r: Ready, flops_per_image: float, peak: Optional[float]) -> None:
+    """The row's figures over the rounds timed so far: images/s over all of them and per round, the median and
+    quartiles (and min, max) of its step times."""
+    times = [t for rnd in r.rounds for t in rnd["times"]]
+    batch = r.row["batch_size"]
+    ips = batch * len(times) / sum(rnd["wall_s"] for rnd in r.rounds)
+    q1, q3 = quartiles(times)
+    r.row.update(images_per_s=ips, images_per_s_rounds=[batch * len(rnd["times"]) / rnd["wall_s"] for rnd in r.rounds],
+                 rounds=len(r.rounds), steps_per_round=len(r.rounds[0]["times"]),
+                 step_ms_mean=1e3 * sum(rnd["wall_s"] for rnd in r.rounds) / len(times),
+                 step_ms_median=statistics.median(times) * 1e3, step_ms_q1=q1 * 1e3, step_ms_q3=q3 * 1e3,
+                 step_ms_min=min(times) * 1e3, step_ms_max=max(times) * 1e3,
+                 step_ms_stdev=(statistics.stdev(times) * 1e3) if len(times) > 1 else 0.0,
+                 last_loss=r.rounds[-1]["last_loss"], tflops=ips * flops_per_image / 1e12,
+                 mfu=(ips * flops_per_image / (peak * 1e12)) if peak else None)
 
 
 def compiled_what_ran() -> Dict[str, Any]:
@@ -420,25 +478,48 @@ def _loader_batches(loader, device: torch.device) -> Callable[[], torch.Tensor]:
 
 
 def usable_for_ratio(row: Dict[str, Any]) -> bool:
-    """A measured row whose kernels are the ones it claims (no fallback)."""
-    return "images_per_s" in row and not row.get("kernels_fell_back", False)
+    """A measured row whose kernels are the ones it claims (no fallback) and that did not fail later."""
+    return "images_per_s" in row and "error" not in row and not row.get("kernels_fell_back", False)
+
+
+def within_noise(row: Dict[str, Any], base: Dict[str, Any], ratios: List[float]) -> bool:
+    """A ratio is within noise when its range over the rounds includes 1.0, or when the two rows' step-time
+    quartile ranges overlap."""
+    if ratios and min(ratios) <= 1.0 <= max(ratios):
+        return True
+    if "step_ms_q1" not in row or "step_ms_q1" not in base:
+        return False
+    return row["step_ms_q1"] <= base["step_ms_q3"] and base["step_ms_q1"] <= row["step_ms_q3"]
 
 
 def add_ratios(rows: List[Dict[str, Any]]) -> None:
-    """vs_official on every usable row, when the official row was measured; labels fallbacks."""
+    """vs_official on every usable row when the official row was measured, with its range over the rounds
+    (the ratio of each round's images/s) and whether it is within noise; labels fallbacks and graph breaks."""
     base = next((r for r in rows if r["variant"] == "official" and usable_for_ratio(r)), None)
     for r in rows:
         breaks = sum(r.get("compiled", {}).get("graph_breaks", {}).values())
         r["label"] = (r["variant"] + (" [kernels fell back to torch]" if r.get("kernels_fell_back") else "")
                       + (f" [{breaks} graph breaks]" if breaks else ""))
-        r.pop("vs_official", None)
+        for key in ("vs_official", "vs_official_range", "within_noise"):
+            r.pop(key, None)
         if base and usable_for_ratio(r):
             r["vs_official"] = r["images_per_s"] / base["images_per_s"]
+            if r is base:
+                continue
+            mine, theirs = r.get("images_per_s_rounds", []), base.get("images_per_s_rounds", [])
+            ratios = [a / b for a, b in zip(mine, theirs)]
+            if ratios:
+                r["vs_official_range"] = [min(ratios), max(ratios)]
+            r["within_noise"] = within_noise(r, base, ratios)
 
 
 def benchmark(args: argparse.Namespace, device: torch.device,
-              emit: Callable[[Dict[str, Any]], None] = lambda rec: None) -> Dict[str, Any]:
-    """Run every requested variant for one (model, img_size, batch); ``emit(record)`` after each row."""
+              emit: Callable[[Dict[str, Any]], None] = lambda rec: None, clock: Clock = time.perf_counter
+              ) -> Dict[str, Any]:
+    """Run every requested variant for one (model, img_size, batch): build and warm up each, then time them
+    interleaved, ``args.rounds`` rounds of ``args.steps`` steps each (A B C A B C ...); one round runs each
+    variant to the end and frees it before the next (one model in memory at a time). ``emit(record)`` after
+    each row is built and after each round."""
     if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):  # past the limit a compiled block would
         torch._dynamo.config.fail_on_recompile_limit_hit = True  # run eager unnoticed: make that row an error
     report = count_flops(args.model, args.mask_ratio, img_size=args.img_size, norm_pix_loss=True)
@@ -451,7 +532,8 @@ def benchmark(args: argparse.Namespace, device: torch.device,
         "mask_ratio": args.mask_ratio, "grad_checkpointing": args.grad_checkpointing,
         "attn_backend": args.attn_backend, "compile": args.compile,
         "compile_resolved": resolve_compile_mode(args.compile, device), "activation_dtype": args.activation_dtype,
-        "steps": args.steps, "warmup": args.warmup, "train_gflops_per_image": flops / 1e9, "peak_tflops": peak,
+        "steps": args.steps, "rounds": args.rounds, "interleaved": args.rounds > 1, "warmup": args.warmup,
+        "train_gflops_per_image": flops / 1e9, "peak_tflops": peak,
         "mfu_flops": "mae-flops training FLOPs (2 per multiply-add, visible patches only, no recompute)",
         "results": [],
     }
@@ -463,34 +545,92 @@ def benchmark(args: argparse.Namespace, device: torch.device,
         loader = build_loader(args.data, batch_size=args.batch_size, img_size=args.img_size, device=device,
                               drop_last=True, dtype=torch.float32)
         jobs.append(("fused", loader))
-    for name, loader in jobs:
-        rows.append(run_variant(name, args, device, flops, peak, data_loader=loader))
+
+    def finish(ready: List[Ready]) -> None:
+        for r in ready:
+            if r.rounds:
+                summarize(r, flops, peak)
         add_ratios(rows)
         emit(record)
+
+    ready: List[Ready] = []
+    for name, loader in jobs:
+        row, r = prepare_variant(name, args, device, data_loader=loader)
+        rows.append(row)
+        if r is not None and args.rounds == 1:  # not interleaved: time it now, then free it
+            check_each(time_round([r], args.steps, clock))
+            finish([r])
+            r = None
+        elif r is not None:
+            ready.append(r)
+        add_ratios(rows)
+        emit(record)
+    for _ in range(args.rounds if ready else 0):
+        ready = time_round(ready, args.steps, clock)
+        finish(ready)
+    check_each(ready)
+    add_ratios(rows)
+    if device.type == "cuda":
+        clocks = {k: v for k, v in nvidia_smi(device.index or 0).items() if k != "driver"}
+        for row in rows:
+            if "images_per_s" in row:
+                row["clocks_after"] = clocks
+    emit(record)
     return record
 
 
+def variant_notes(names: List[str]) -> List[str]:
+    """One line per variant name: what it runs."""
+    width = max(len(n) for n in names)
+    return [f"  {n:<{width}}  {VARIANTS[n.split('+')[0]].what}" + (" (fed by the real loader)" if "+" in n else "")
+            for n in names]
+
+
 def format_table(rec: Dict[str, Any]) -> str:
-    lines = [f"{rec['model']} @ {rec['img_size']}px, batch {rec['batch_size']}, {rec['device']}, "
-             f"{rec['train_gflops_per_image']:.1f} GFLOPs/img (train), peak {rec['peak_tflops'] or 'n/a'} TFLOP/s",
-             f"{'variant':<16}{'img/s':>10}{'step ms (min-max)':>24}{'MFU':>7}{'mem GB':>12}{'vs off.':>9}"
-             "   (mem: measured peak / predicted by mae_fast.memory, GiB)"
-             f"  kernels  compile  attention enc/dec"]
+    """The record as an aligned table, the notes that explain it below."""
+    head = ["variant", "img/s", "step ms median [q1-q3]", "MFU", "mem GB", "vs official [rounds]", "kernels",
+            "compile", "attention enc/dec"]
+    table, failed = [], []
     for r in rec["results"]:
         label = r.get("label", r["variant"])
-        if "images_per_s" not in r:
+        if "images_per_s" not in r or "error" in r:
             why = r.get("unavailable") or r.get("error")
-            lines.append(f"{label:<16}  {'unavailable' if 'unavailable' in r else 'FAILED'}: {why}")
+            failed.append(f"{label}: {'unavailable' if 'unavailable' in r else 'FAILED'}: {why}")
             continue
-        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
         mem = f"{r['peak_mem_gb']:.1f}" if r["peak_mem_gb"] is not None else "n/a"
         if r.get("predicted_peak_gb") is not None:
             mem += f"/{r['predicted_peak_gb']:.1f}"  # measured / predicted
-        vs = f"{r['vs_official']:.2f}x" if "vs_official" in r else "-"
-        span = f"{r['step_ms_median']:.1f} ({r['step_ms_min']:.1f}-{r['step_ms_max']:.1f})"
-        attn = "/".join(str(s.get("backend")) for s in r.get("attention", {}).values())
-        lines.append(f"{label:<16}{r['images_per_s']:>10.1f}{span:>24}{mfu:>7}{mem:>12}{vs:>9}"
-                     f"  {r['kernels']:<7}  {r['compile']:<7}  {attn}")
+        vs = "-"
+        if "vs_official" in r:
+            vs = f"{r['vs_official']:.2f}x"
+            if "vs_official_range" in r:
+                lo, hi = r["vs_official_range"]
+                vs += f" [{lo:.2f}-{hi:.2f}]"
+            if r.get("within_noise"):
+                vs += " ~"
+        table.append([label, f"{r['images_per_s']:.1f}",
+                      f"{r['step_ms_median']:.1f} [{r['step_ms_q1']:.1f}-{r['step_ms_q3']:.1f}]",
+                      f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a", mem, vs, r["kernels"], r["compile"],
+                      "/".join(str(s.get("backend")) for s in r.get("attention", {}).values())])
+    widths = [max(len(c) for c in col) for col in zip(head, *table)]
+    right = {1, 2, 3, 4, 5}  # numbers right-aligned
+
+    def line(cells: List[str]) -> str:
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    rounds, steps = rec.get("rounds", 1), rec["steps"]
+    lines = [line(head), *map(line, table), *failed, "",
+             f"{rec['model']} @ {rec['img_size']} px, batch {rec['batch_size']}, {rec['device']}, "
+             f"{rec['train_gflops_per_image']:.3g} GFLOPs per image (training), peak "
+             f"{rec['peak_tflops'] or 'n/a'} TFLOP/s.",
+             (f"Timed {rounds} rounds of {steps} steps per variant, variants interleaved (A B C, A B C, ...) after "
+              f"{rec['warmup']} warm-up steps each." if rounds > 1 else
+              f"Timed {steps} steps per variant, one variant after another (--rounds 1), after {rec['warmup']} "
+              "warm-up steps each."),
+             "vs official: images/s over the official row's, over all rounds [lowest-highest of the rounds' own "
+             "ratios]; ~ within noise: that range includes 1.0 or the two rows' step-time quartiles overlap.",
+             "mem: measured peak / peak predicted by mae_fast.memory, GiB.",
+             "Variants:", *variant_notes([r["variant"] for r in rec["results"]])]
     return "\n".join(lines)
 
 
@@ -521,7 +661,8 @@ def plot(records: List[Dict[str, Any]], path: str) -> None:
 # ------------------------------------------------------------------------------------ command line
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="mae-bench", description=__doc__.split("\n")[0],
-                                formatter_class=DefaultsHelpFormatter)
+                                formatter_class=DefaultsHelpFormatter,
+                                epilog="variants:\n" + "\n".join(variant_notes(list(VARIANTS))))
     p.add_argument("--preset", choices=sorted(PRESETS), help="a headline configuration (model, size, batch, "
                    "checkpointing): " + "; ".join(f"{k}: {v['what']}" for k, v in PRESETS.items()))
     p.add_argument("--model", action="append", choices=sorted(MODELS), help="model; repeat to sweep models")
@@ -529,9 +670,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--batch-size", default=None, help="images per step (default 64, or the preset's); auto: the "
                    "largest that fits the CUDA device's memory, predicted")
     p.add_argument("--sweep-batch", default="", help="comma-separated batch sizes to sweep, e.g. 64,128,256")
-    p.add_argument("--steps", type=int, default=20, help="timed steps")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compile, autotune)")
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {list(VARIANTS)}")
+    p.add_argument("--steps", type=int, default=10, help="timed steps of each variant in each round")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of timed steps, the variants interleaved in each "
+                   "(A B C, A B C, ...): each row reports its spread and each ratio its range over the rounds; 1: "
+                   "each variant timed alone and freed before the next (one model in memory at a time)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps of each variant first (compile, autotune)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of the variants below")
     p.add_argument("--precision", choices=[n for n in PRECISION_DTYPES if n != "fp64"], default="bf16",
                    help="every variant but official (always fp16): bf16 / fp16 autocast or fp32, stepped as "
                         "mae-pretrain does (a GradScaler, dynamic under fp16, else at scale 1: it only skips "
@@ -567,8 +711,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         args.grad_checkpointing = preset.get("grad_checkpointing", 0)
     if args.grad_checkpointing < 0:
         p.error(f"--grad-checkpointing must be >= 0, got {args.grad_checkpointing}")
-    if args.steps < 1 or args.warmup < 1:
-        p.error(f"--steps and --warmup must be >= 1, got {args.steps} and {args.warmup}")
+    if args.steps < 1 or args.warmup < 1 or args.rounds < 1:
+        p.error(f"--steps, --rounds and --warmup must be >= 1, got {args.steps}, {args.rounds} and {args.warmup}")
     if args.activation_dtype == "bf16" and args.precision != "bf16":
         p.error("--activation-dtype bf16 needs --precision bf16 (the residual stream is kept in autocast's dtype)")
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]

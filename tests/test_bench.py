@@ -109,17 +109,32 @@ def test_mae_bench_cpu_rows_record_what_ran(tmp_path, monkeypatch, capsys):
     before = set(records.RESULTS_DIR.glob("*")) if records.RESULTS_DIR.exists() else set()
     out = tmp_path / "b.json"
     rc = bench_main(["--device", "cpu", "--model", "mae_vit_tiny_patch8", "--img-size", "32", "--batch-size", "4",
-                     "--steps", "2", "--warmup", "1", "--variants", "official,fused,torch,graphs,no_ckpt,hf",
-                     "--data", "demo", "--json", str(out), "--plot", str(tmp_path / "b.png")])
+                     "--steps", "2", "--rounds", "2", "--warmup", "1", "--variants",
+                     "official,fused,torch,graphs,no_ckpt,hf", "--data", "demo", "--json", str(out),
+                     "--plot", str(tmp_path / "b.png")])
     assert rc == 0
     text = capsys.readouterr().out
-    assert "img/s" in text and "vs off." in text and "graphs" in text
+    table, notes = text.split("\n\n", 1)[0].splitlines(), text.split("\n\n", 1)[1]
+    header = next(i for i, line in enumerate(table) if line.startswith("variant"))
+    measured = [line for line in table[header + 1:] if ":" not in line]
+    kernels_at = table[header].index("kernels")
+    assert len(measured) == 5 and all(line[kernels_at:].startswith("torch ") for line in measured)  # columns line up
+    assert "graphs: unavailable: needs CUDA" in table
+    assert "Timed 2 rounds of 2 steps per variant, variants interleaved" in notes and "~ within noise" in notes
+    for v in ("official", "fused", "torch", "graphs", "no_ckpt", "hf"):  # every variant explained under the table
+        assert f"  {v}  " in notes.replace("hf       ", "hf  ")
     rec = json.loads(out.read_text())[0]
     assert {"device", "date", "commit", "command", "torch", "triton", "cuda", "results"} <= set(rec)
+    assert rec["rounds"] == 2 and rec["steps"] == 2 and rec["interleaved"] is True
     rows = {r["variant"]: r for r in rec["results"]}
     for v in ("official", "fused", "torch"):
         r = rows[v]
         assert r["images_per_s"] > 0 and r["step_ms_median"] > 0 and r["first_step_s"] > 0, r
+        assert r["rounds"] == 2 and len(r["images_per_s_rounds"]) == 2 and r["steps_per_round"] == 2
+        assert r["step_ms_min"] <= r["step_ms_q1"] <= r["step_ms_median"] <= r["step_ms_q3"] <= r["step_ms_max"]
+        if v != "official":
+            lo, hi = r["vs_official_range"]
+            assert lo <= hi and isinstance(r["within_noise"], bool)
         assert r["kernels"] == "torch" and r["kernels_fell_back"] is False  # a CPU runs the references
         assert r["compile"] == "off" and r["batch_size"] == 4 and r["label"] == v
         assert set(r["attention"]) == {"encoder", "decoder"}
@@ -166,6 +181,54 @@ def test_fallen_back_row_is_labelled_and_gets_no_ratio(monkeypatch):
     rows[0]["kernels_fell_back"] = True  # a baseline that is not what it claims gives no ratios at all
     add_ratios(rows)
     assert not any("vs_official" in r for r in rows)
+
+
+class FakeClock:
+    """A clock that only the fake steps move."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def fake_ready(name: str, clock: FakeClock, ms_per_round: list) -> throughput.Ready:
+    """A variant whose steps take the given milliseconds on ``clock``, round after round."""
+    durations = iter([ms / 1e3 for rnd in ms_per_round for ms in rnd])
+
+    def step(imgs):
+        clock.now += next(durations)
+        return torch.ones(())
+
+    return throughput.Ready({"variant": name, "batch_size": 8}, step, torch.zeros(1), None, lambda: None)
+
+
+def fake_bench(official: list, fused: list) -> dict:
+    """The fused row after interleaved rounds on a fake clock (official's step times, fused's)."""
+    clock = FakeClock()
+    ready = [fake_ready("official", clock, official), fake_ready("fused", clock, fused)]
+    for _ in official:
+        ready = throughput.time_round(ready, len(official[0]), clock)
+    for r in ready:
+        throughput.summarize(r, 1e9, None)
+    rows = [r.row for r in ready]
+    add_ratios(rows)
+    return rows[1]
+
+
+def test_a_difference_within_the_spread_is_within_noise_and_a_clear_one_is_not():
+    official = [[10, 14, 8], [12, 9, 13], [11, 10, 12]]
+    close = fake_bench(official, [[11, 9, 13], [10, 14, 9], [12, 11, 10]])  # 2% apart, steps spread +-30%
+    assert close["within_noise"] is True
+    lo, hi = close["vs_official_range"]
+    assert lo < 1.0 < hi
+    twice = fake_bench(official, [[5, 7, 4], [6, 4.5, 6.5], [5.5, 5, 6]])  # twice as fast in every round
+    assert twice["within_noise"] is False and twice["vs_official_range"][0] > 1.5
+    assert twice["vs_official"] == pytest.approx(2.0) and twice["rounds"] == 3 and twice["steps_per_round"] == 3
+    # every round's ratio above 1.0, but the step times' quartiles overlap: still within noise
+    overlap = fake_bench([[10, 10, 30]] * 3, [[20, 20, 5]] * 3)
+    assert overlap["vs_official_range"][0] > 1.0 and overlap["within_noise"] is True
 
 
 def test_device_cuda_without_gpu_is_one_line(tmp_path):
