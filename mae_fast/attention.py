@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .device import is_main_process
+
 AttentionFn = Callable[[torch.Tensor], torch.Tensor]
 log = logging.getLogger(__name__)
 
@@ -152,13 +154,37 @@ def _relative_error(fn: AttentionFn, qkv: torch.Tensor) -> float:
     return float((got - ref).norm() / ref.norm().clamp_min(1e-12))
 
 
+#: short names of the dtypes ``auto`` times in, for its log line
+_DTYPE_WORDS = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float64": "fp64"}
+
+
+def describe_choice(choice: AttentionChoice, site_name: Optional[str] = None) -> str:
+    """``auto``'s choice for one site in words: the shape, dtype and device, the backend, and why (the timings,
+    the candidates rejected and their reasons, or that a CPU times nothing)."""
+    where = f" for the {site_name}" if site_name else ""
+    s = choice.site
+    shape = f"batch {s.batch} x {s.tokens} tokens x {s.heads} heads x {s.head_dim} dims"
+    dtype = _DTYPE_WORDS.get(choice.dtype, choice.dtype)
+    if not choice.device.startswith("cuda"):
+        why = "no CUDA device, nothing timed"
+    else:
+        timed = ", ".join(f"{n} {t:.3f} ms" for n, t in choice.timings_ms.items())
+        parts = [f"forward + backward timed: {timed}" if timed else "no candidate ran, plain sdpa"]
+        if choice.rejected:
+            parts.append("not usable: " + ", ".join(f"{n} ({r})" for n, r in choice.rejected.items()))
+        why = "; ".join(parts)
+    return f"attention (auto){where}, {shape}, {dtype} on {choice.device}: {choice.backend} ({why})"
+
+
 def pick_attention_backend(device: torch.device, dtype: torch.dtype, site: AttentionSite,
-                           candidates: Optional[Sequence[str]] = None) -> AttentionChoice:
+                           candidates: Optional[Sequence[str]] = None,
+                           site_name: Optional[str] = None) -> AttentionChoice:
     """The fastest backend whose forward + backward runs, and agrees with ``math``, at ``site``.
 
     CPU: plain ``sdpa``, nothing timed. CUDA: each candidate (default :data:`AUTO_CANDIDATES`,
     xformers only when installed) is timed on random inputs of the site's shape; the choice is cached
-    per (device, dtype, shape) and logged once.
+    per (device, dtype, shape) and logged once, by the main process only (``site_name``, e.g. "encoder",
+    names the site in that line).
     """
     device = torch.device(device)
     key = (str(device), torch.cuda.get_device_name(device) if device.type == "cuda" else "", dtype, site)
@@ -189,7 +215,6 @@ def pick_attention_backend(device: torch.device, dtype: torch.dtype, site: Atten
         if choice.timings_ms:
             choice.backend = min(choice.timings_ms, key=choice.timings_ms.get)
     _AUTO_CHOICE[key] = choice
-    why = ", ".join([f"{n} {t:.3f} ms" for n, t in choice.timings_ms.items()] +
-                    [f"{n} out ({r})" for n, r in choice.rejected.items()])
-    log.info("attn_backend auto on %s %s at %s: %s (%s)", device, dname, site.describe(), choice.backend, why)
+    if is_main_process():
+        log.info("%s", describe_choice(choice, site_name))
     return choice

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from typing import ContextManager
 
 import torch
@@ -28,6 +29,16 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def is_main_process() -> bool:
+    """Rank 0 of the process group, or of torchrun's ``RANK`` before the group exists; True in one process: the
+    process that logs what every rank would log alike."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return os.environ.get("RANK", "0") in ("", "0")
 
 
 def requested_device_type(requested: str) -> str:

@@ -276,7 +276,7 @@ class MaskedAutoencoderViT(nn.Module):
         self.attn_choices: Dict[str, dict] = {}
         for name, (blocks, site) in self.attention_sites(batch, mask_ratio).items():
             if attn_backend == "auto":
-                choice = pick_attention_backend(device, dtype, site).to_dict()
+                choice = pick_attention_backend(device, dtype, site, site_name=name).to_dict()
             else:
                 choice = {"backend": attn_backend, "tokens": site.tokens, "heads": site.heads,
                           "head_dim": site.head_dim, "forced": True}

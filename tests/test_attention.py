@@ -1,6 +1,8 @@
 """Attention backends agree with the plain reference, forward and backward, at MAE's head sizes
 (64: ViT-B/L encoder, 80: ViT-H/14 encoder, 32: the 512-wide 16-head decoder); a forced SDPA kernel
 is that kernel or an error; ``auto`` on CUDA times the candidates at a site's real shape."""
+import logging
+
 import pytest
 import torch
 import torch._dynamo
@@ -8,8 +10,8 @@ from torch._dynamo.utils import counters
 
 import mae_fast.attention as attention
 from mae_fast import mae_vit_tiny_patch8
-from mae_fast.attention import ATTENTION_BACKENDS, BACKEND_NAMES, AttentionSite, get_attention, math_attention, \
-    pick_attention_backend, xformers_available
+from mae_fast.attention import ATTENTION_BACKENDS, BACKEND_NAMES, AttentionChoice, AttentionSite, describe_choice, \
+    get_attention, math_attention, pick_attention_backend, xformers_available
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 #: SDPA kernels with CPU implementations (flash has one; cuDNN and memory-efficient are CUDA-only)
@@ -143,3 +145,49 @@ def test_the_model_builder_times_auto_attention_as_the_run_computes(monkeypatch,
     model = build_model(spec, torch.device("cpu"))
     assert asked == [("auto", dtype, 6, 0.5)]
     assert set(model.attn_choices) == {"encoder", "decoder"}
+
+
+def _auto_lines(caplog, monkeypatch, site_name="encoder") -> list:
+    """The lines ``auto`` logs for a fresh CPU choice (nothing cached) at a small site."""
+    monkeypatch.setattr(attention, "_AUTO_CHOICE", {})
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="mae_fast.attention"):
+        pick_attention_backend(torch.device("cpu"), torch.bfloat16, AttentionSite(4, 17, 2, 32), site_name=site_name)
+    return [r.getMessage() for r in caplog.records if r.name == "mae_fast.attention"]
+
+
+def test_auto_logs_its_cpu_choice_once_in_words(caplog, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    assert _auto_lines(caplog, monkeypatch) == [
+        "attention (auto) for the encoder, batch 4 x 17 tokens x 2 heads x 32 dims, bf16 on cpu: sdpa "
+        "(no CUDA device, nothing timed)"]
+    with caplog.at_level(logging.INFO, logger="mae_fast.attention"):  # cached: not logged again
+        pick_attention_backend(torch.device("cpu"), torch.bfloat16, AttentionSite(4, 17, 2, 32), site_name="encoder")
+    assert len([r for r in caplog.records if r.name == "mae_fast.attention"]) == 1
+
+
+def test_auto_logs_on_the_main_process_only(caplog, monkeypatch):
+    """Under torchrun only rank 0 logs: from the process group once it exists, else from torchrun's RANK."""
+    monkeypatch.setenv("RANK", "1")
+    assert _auto_lines(caplog, monkeypatch) == []
+    monkeypatch.setenv("RANK", "0")
+    assert len(_auto_lines(caplog, monkeypatch)) == 1
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    for rank, lines in ((2, 0), (0, 1)):
+        monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None, r=rank: r)
+        assert len(_auto_lines(caplog, monkeypatch)) == lines
+
+
+def test_a_cuda_choice_in_words_names_timings_and_rejections():
+    site = AttentionSite(batch=8, tokens=50, heads=16, head_dim=64)
+    choice = AttentionChoice("sdpa_flash", site, "bfloat16", "cuda:0",
+                             timings_ms={"sdpa_flash": 0.1234, "sdpa_cudnn": 0.2},
+                             rejected={"sdpa_efficient": "relative error 0.5 vs math > 0.02"})
+    assert describe_choice(choice, "decoder") == (
+        "attention (auto) for the decoder, batch 8 x 50 tokens x 16 heads x 64 dims, bf16 on cuda:0: sdpa_flash "
+        "(forward + backward timed: sdpa_flash 0.123 ms, sdpa_cudnn 0.200 ms; not usable: sdpa_efficient "
+        "(relative error 0.5 vs math > 0.02))")
+    none_ran = AttentionChoice("sdpa", site, "float32", "cuda:0", rejected={"sdpa_flash": "RuntimeError: no kernel"})
+    assert describe_choice(none_ran) == (
+        "attention (auto), batch 8 x 50 tokens x 16 heads x 64 dims, fp32 on cuda:0: sdpa (no candidate ran, plain "
+        "sdpa; not usable: sdpa_flash (RuntimeError: no kernel))")
