@@ -31,6 +31,10 @@ class UnreadableImageError(RuntimeError):
     """An image file that cannot be decoded (raised with strict=True)."""
 
 
+#: why an unreadable image stops the run, and how to skip such files instead, in the command-line flags' words
+STRICT_DATA_HINT = "--strict-data; drop it or pass --no-strict-data to skip unreadable files with a warning"
+
+
 class NoReadableImagesError(UnreadableImageError):
     """Every image file of a source is unreadable (the message names the source and the count)."""
 

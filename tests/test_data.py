@@ -309,6 +309,20 @@ def test_bad_folder_strict_names_the_file(kind):
         make(BAD, kind=kind, strict=True)
 
 
+def test_strict_scan_error_names_the_file_and_the_flags():
+    """One line naming the file and the command-line flags (not the Python argument strict=...)."""
+    with pytest.raises(UnreadableImageError) as e:
+        scan_images(BAD, strict=True)
+    msg = str(e.value)
+    assert "\n" not in msg and repr(str(BAD / "empty.jpg")) in msg and "strict=" not in msg
+    assert msg.endswith("(--strict-data; drop it or pass --no-strict-data to skip unreadable files with a warning)")
+    from mae_fast.train.data.transforms import load_rgb_or_reason
+
+    with pytest.raises(UnreadableImageError) as e:  # a file failing only at decode time says the same
+        load_rgb_or_reason(str(BAD / "empty.jpg"), strict=True)
+    assert "strict=" not in str(e.value) and str(e.value).endswith("to skip unreadable files with a warning)")
+
+
 def test_truncated_file_caught_by_fast_scan():
     out = scan_images(BAD)
     reasons = dict(out.skipped)

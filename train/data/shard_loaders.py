@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from mae_fast.errors import ShardError, UnreadableImageError
+from mae_fast.errors import STRICT_DATA_HINT, ShardError, UnreadableImageError
 
 from .loader_base import EpochDataLoader, Loader, sample_seed, seeded_rngs
 from .shards import (DEFAULT_BLOCK, Block, ShardSet, block_gids, decode_bytes, rank_streams, read_blocks,
@@ -141,7 +141,7 @@ class _ShardSamples(Dataset):
             img = decode_bytes(data)
         except Exception as e:  # noqa: BLE001 - any decode failure is reported, never silent
             if self.strict:
-                raise UnreadableImageError(f"unreadable image {name}: {e} (strict)") from e
+                raise UnreadableImageError(f"unreadable image {name}: {e} ({STRICT_DATA_HINT})") from e
             return None, gid, f"{name}: {e}"
         return self.make(img, epoch, gid), gid, None
 

@@ -13,7 +13,7 @@ from typing import Sequence
 
 from PIL import Image, UnidentifiedImageError
 
-from mae_fast.errors import NoReadableImagesError, UnreadableImageError
+from mae_fast.errors import STRICT_DATA_HINT, NoReadableImagesError, UnreadableImageError
 
 log = logging.getLogger("mae_fast.data")
 
@@ -210,8 +210,7 @@ def scan_images(source: str | os.PathLike, strict: bool = False, verify: str = "
     for p, lab, s in zip(paths, labels, sizes):
         if isinstance(s, str):
             if strict:
-                raise UnreadableImageError(f"unreadable image {p!r}: {s} (strict=True; pass "
-                                           f"strict=False to skip unreadable files)")
+                raise UnreadableImageError(f"unreadable image {p!r}: {s} ({STRICT_DATA_HINT})")
             log.warning("skipping unreadable image %s: %s", p, s)
             out.skipped.append((p, s))
         else:

@@ -99,13 +99,13 @@ def load_rgb(path: str) -> Image.Image:
 
 def load_rgb_or_reason(path: str, strict: bool) -> tuple[Image.Image | None, str | None]:
     """(image, None), or (None, "path: why") for an unreadable file; with ``strict`` raise instead."""
-    from mae_fast.errors import UnreadableImageError
+    from mae_fast.errors import STRICT_DATA_HINT, UnreadableImageError
 
     try:
         return load_rgb(path), None
     except Exception as e:  # noqa: BLE001 - any decode failure is reported, never silent
         if strict:
-            raise UnreadableImageError(f"unreadable image {path!r}: {e} (strict=True)") from e
+            raise UnreadableImageError(f"unreadable image {path!r}: {e} ({STRICT_DATA_HINT})") from e
         return None, f"{path}: {e}"
 
 
