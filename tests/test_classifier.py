@@ -7,7 +7,9 @@ import torch.nn.functional as F
 
 from mae_fast import mae_vit_tiny_patch8
 from mae_fast.errors import CheckpointError
-from mae_fast.train.evaluation.classifier import create_classifier, load_pretrained, load_trained, topk_hits
+from mae_fast.device import DistInfo
+from mae_fast.train.evaluation.classifier import accuracy_text, create_classifier, evaluate, load_pretrained, \
+    load_trained, topk_hits
 
 
 @pytest.mark.parametrize("size", [32, 128])
@@ -79,3 +81,24 @@ def test_topk_hits_counts_rows_and_caps_k_at_the_classes():
     labels = torch.tensor([1, 2, 0, 0])  # right; second; second; last
     assert [int(h) for h in topk_hits(logits, labels, ks=(1, 2, 3))] == [1, 3, 4]
     assert [int(h) for h in topk_hits(logits, labels)] == [1, 4]  # top-5 of 3 classes: every row
+
+
+
+@pytest.mark.parametrize("classes", [3, 5, 6])
+def test_evaluation_reports_top5_only_above_5_classes(classes):
+    """With 5 classes or fewer every label is in the top 5: acc5 is left out (and from the log text); top-1,
+    the loss and the image count are as before."""
+    from types import SimpleNamespace
+
+    torch.manual_seed(classes)
+    model = torch.nn.Linear(4, classes)
+    batches = [(torch.randn(7, 4), torch.randint(0, classes, (7,))) for _ in range(2)]
+    cfg = SimpleNamespace(precision="fp32", nb_classes=classes)
+    metrics = evaluate(model, batches, cfg, torch.device("cpu"), DistInfo())
+    logits, labels = torch.cat([model(x) for x, _ in batches]), torch.cat([y for _, y in batches])
+    assert set(metrics) == ({"acc1", "acc5", "loss", "images"} if classes > 5 else {"acc1", "loss", "images"})
+    assert metrics["images"] == 14 and metrics["acc1"] == pytest.approx(100 * (logits.argmax(1) == labels).sum() / 14)
+    assert metrics["loss"] == pytest.approx(F.cross_entropy(logits, labels).item())
+    want = f"top-1 {metrics['acc1']:.2f}%" + (f", top-5 {metrics['acc5']:.2f}%" if classes > 5 else "")
+    assert accuracy_text(metrics) == want
+    assert accuracy_text({"knn_acc1": 12.5, "knn_acc5": 50.0}, "knn_") == "top-1 12.50%, top-5 50.00%"

@@ -3,6 +3,7 @@ lr decay, clear errors, exact resume, --eval. Loading an encoder into the classi
 official/encoder-only checkpoints): tests/test_classifier.py."""
 import csv
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -29,18 +30,24 @@ def final_weights(out: Path) -> dict:
     return torch.load(last, map_location="cpu", weights_only=False)["model"]
 
 
-def test_finetune_and_linprobe_cli(tree, mae_ckpt, tmp_path, capsys):
+def test_finetune_and_linprobe_cli(tree, mae_ckpt, tmp_path, capsys, caplog):
     ft = tmp_path / "ft"
-    assert finetune.main(COMMON + ["--data", str(tree), "--finetune", str(mae_ckpt), "--epochs", "1",
-                                   "--output-dir", str(ft)]) == 0
+    with caplog.at_level(logging.INFO, logger="mae_fast.train"):
+        assert finetune.main(COMMON + ["--data", str(tree), "--finetune", str(mae_ckpt), "--epochs", "1",
+                                       "--output-dir", str(ft)]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["steps"] == 4 and summary["task"] == "finetune" and 0 <= summary["acc1"] <= 100
     assert len(rows(ft / "log.csv")) == 4 and len(rows(ft / "eval.csv")) == 1
+    # 3 classes: top-5 is always 100%, so it is left out of the summary, eval.csv and the log line
+    assert "acc5" not in summary and list(rows(ft / "eval.csv")[0]) == ["step", "epoch", "acc1", "loss"]
+    evals = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch 1 (step 4): top-1 ")]
+    assert len(evals) == 1 and "top-5" not in evals[0] and evals[0].endswith("on 19 images (best top-1 "
+                                                                               f"{summary['best_acc1']:.2f}%)")
     # --eval on the fine-tuned checkpoint reports accuracy only, the same as after training
     assert finetune.main(COMMON + ["--data", str(tree), "--eval", "--resume", summary["last_checkpoint"],
                                    "--output-dir", str(tmp_path / "eval")]) == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(metrics) == {"acc1", "acc5", "loss", "images"} and metrics["images"] == 19
+    assert set(metrics) == {"acc1", "loss", "images"} and metrics["images"] == 19  # 3 classes: no top-5
     assert metrics["acc1"] == pytest.approx(summary["acc1"])
 
     lp = tmp_path / "lp"

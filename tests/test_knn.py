@@ -1,6 +1,7 @@
 """k-NN evaluation: the weighted vote against a plain reference, feature extraction in file order (one
 process = two), the monitor on real classes (scikit-learn's digits: a briefly pretrained tiny MAE beats
 its own starting weights), and a pretraining run with ``--knn-data`` training exactly as one without."""
+import logging
 import os
 from pathlib import Path
 
@@ -42,7 +43,8 @@ def test_knn_scores_match_reference(n_train, n_query, dim, classes, k):
     ref = reference_scores(train, labels, query, classes, min(k, n_train), 0.07)
     torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-6)
     acc = knn_accuracy(train, labels, query, ref.argmax(1), classes, k=k)
-    assert acc["knn_acc1"] == 100.0 and acc["knn_acc5"] == 100.0  # its own predictions as labels
+    assert acc["knn_acc1"] == 100.0 and acc.get("knn_acc5", 100.0) == 100.0  # its own predictions as labels
+    assert ("knn_acc5" in acc) == (classes > 5)  # top-5 of 5 classes or fewer is always 100%: left out
 
 
 def mae_from(path) -> torch.nn.Module:
@@ -164,3 +166,18 @@ def test_pretraining_with_the_monitor_resumes_exactly(monitor_runs):
     assert resumed["knn"]["knn_acc1"] == pytest.approx(
         float((root / "knn" / "eval.csv").read_text().splitlines()[-1].split(",")[2]), abs=1e-4)
     assert resumed["knn"]["knn_acc1"] == pytest.approx(runs["knn"]["knn"]["knn_acc1"], abs=1e-4)
+
+
+@pytest.mark.parametrize("metrics, text", [({"knn_acc1": 50.0}, "top-1 50.00%"),
+                                           ({"knn_acc1": 50.0, "knn_acc5": 75.0}, "top-1 50.00%, top-5 75.00%")])
+def test_monitor_logs_top5_only_when_measured(metrics, text, caplog):
+    """With 5 classes or fewer the monitor's metrics have no knn_acc5, and its log line no top-5."""
+    monitor = KnnMonitor.__new__(KnnMonitor)  # the logging alone: no data, no model
+    monitor.info, monitor.every, monitor.k, monitor.temperature, monitor.pool = DistInfo(), 1, 20, 0.07, "cls"
+    monitor.splits, monitor.last, monitor._last_step = {"train": [0] * 7, "val": [0] * 3}, None, -1
+    monitor.run = lambda model: dict(metrics)
+    with caplog.at_level(logging.INFO, logger="mae_fast.train"):
+        assert monitor.maybe_run(None, 2, 2) == {**metrics, "step": 2, "epoch": 1.0}
+    lines = [m for m in (r.getMessage() for r in caplog.records) if m.startswith("k-NN")]
+    assert len(lines) == 1 and lines[0].startswith(f"k-NN (k=20, T=0.07, cls pooling) at step 2 (epoch 1.00): {text} "
+                                                   f"(7 train / 3 val images, "), lines

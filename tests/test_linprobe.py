@@ -139,3 +139,20 @@ def test_option_ranges(cli, flag, value, message, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     prog = "mae-linprobe" if cli is linprobe else "mae-finetune"
     assert err.startswith(f"{prog}: error: ") and message in err and len(err.splitlines()) == 1, err
+
+
+def test_feature_probe_leaves_top5_out_at_3_classes(tree, mae_ckpt, tmp_path, caplog):
+    """3 classes: top-5 is always 100%, so the summary, eval.csv and the log line have top-1 only."""
+    args = ["--model", "vit_tiny_patch8", "--img-size", "32", "--device", "cpu", "--precision", "fp32",
+            "--num-workers", "0", "--no-progress", "--no-tensorboard", "--method", "logistic", "--finetune",
+            str(mae_ckpt), "--data", str(tree), "--batch-size", "8", "--l2", "0.1", "--output-dir", str(tmp_path)]
+    printed = io.StringIO()
+    with caplog.at_level(logging.INFO, logger="mae_fast.train"), contextlib.redirect_stdout(printed):
+        assert linprobe.main(args) == 0
+    summary = json.loads(printed.getvalue().strip().splitlines()[-1])
+    assert "acc5" not in summary and 0 <= summary["acc1"] <= 100 and summary["eval_images"] == 19
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+    assert (tmp_path / "eval.csv").read_text().splitlines()[0] == "step,epoch,acc1,loss,l2"
+    lines = [m for m in (r.getMessage() for r in caplog.records) if m.startswith("feature probe: top-1")]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"feature probe: top-1 {summary['acc1']:.2f}% on 19 images (l2 0.1, "), lines

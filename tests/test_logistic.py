@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mae_fast.train.evaluation.logistic import (L2_GRID, Standardizer, features_home, fit_multinomial, fit_probe,
-                                                holdout_split)
+                                                holdout_split, scores_of)
 
 CPU = torch.device("cpu")
 
@@ -85,3 +85,17 @@ def test_features_stay_on_the_gpu_only_while_they_fit():
     assert features_home(10**9, CPU) == CPU
     assert features_home(10**9, gpu, free_bytes=6 * 10**9) == gpu
     assert features_home(10**9 + 1, gpu, free_bytes=6 * 10**9) == CPU
+
+
+@pytest.mark.parametrize("classes", [2, 5, 6, 10])
+def test_scores_leave_top5_out_at_5_classes_or_fewer(classes):
+    """Top-5 of 5 classes or fewer is always 100%: no acc5 then; top-1 and the loss are unchanged."""
+    g = torch.Generator().manual_seed(classes)
+    logits, labels = torch.randn(40, classes, generator=g), torch.randint(0, classes, (40,), generator=g)
+    scores = scores_of(logits, labels)
+    assert set(scores) == ({"acc1", "acc5", "loss"} if classes > 5 else {"acc1", "loss"})
+    assert scores["acc1"] == 100.0 * (logits.argmax(1) == labels).sum().item() / 40
+    assert scores["loss"] == torch.nn.functional.cross_entropy(logits, labels).item()
+    if classes > 5:
+        top5 = (logits.topk(5, dim=1).indices == labels[:, None]).any(1).sum().item()
+        assert scores["acc5"] == 100.0 * top5 / 40

@@ -39,9 +39,9 @@ from mae_fast.errors import ConfigError
 from .data.loaders import KINDS as LOADER_KINDS
 from .engine.cli import opt, run_main
 from .engine.loop import fit
-from .evaluation.classifier import (ClassifierConfig, ClassifierJob, create_classifier, eval_loader_for, evaluate_only,
-                                    labelled_images, load_encoder, parse_classifier_config, seed_training,
-                                    start_classifier)
+from .evaluation.classifier import (ClassifierConfig, ClassifierJob, accuracy_text, create_classifier, eval_loader_for,
+                                    evaluate_only, labelled_images, load_encoder, parse_classifier_config,
+                                    seed_training, start_classifier)
 
 log = logging.getLogger("mae_fast.train")
 
@@ -236,8 +236,9 @@ def train_logistic(cfg: LinprobeConfig, info: DistInfo, device: torch.device) ->
         bn.running_var.copy_(probe.standardizer.var)
         fc.weight.copy_(probe.weight)
         fc.bias.copy_(probe.bias)
+    top5 = {"acc5": metrics["acc5"]} if "acc5" in metrics else {}  # none with 5 classes or fewer
     summary = {"task": "linprobe", "method": "logistic", "run_dir": str(out), "acc1": metrics["acc1"],
-               "acc5": metrics["acc5"], "loss": metrics["loss"], "best_acc1": metrics["acc1"], "l2": probe.l2,
+               **top5, "loss": metrics["loss"], "best_acc1": metrics["acc1"], "l2": probe.l2,
                "l2_search": probe.search, "iterations": probe.iterations, "converged": probe.converged,
                "pool": cfg.pool, "views": cfg.views, "train_images": len(train_images),
                "eval_images": int(val_x.shape[0]), "feature_dim": int(val_x.shape[1]), "world_size": info.world_size,
@@ -246,8 +247,7 @@ def train_logistic(cfg: LinprobeConfig, info: DistInfo, device: torch.device) ->
         if cfg.overwrite:
             clear_run(out)
         runlog = RunLog(out, True, cfg.tensorboard)
-        runlog.write_eval(0, 0.0, {"acc1": metrics["acc1"], "acc5": metrics["acc5"], "loss": metrics["loss"],
-                                   "l2": probe.l2})
+        runlog.write_eval(0, 0.0, {"acc1": metrics["acc1"], **top5, "loss": metrics["loss"], "l2": probe.l2})
         runlog.close()
         ckpt = out / "checkpoints" / PROBE_FILE
         config = dataclasses.asdict(cfg)
@@ -257,8 +257,8 @@ def train_logistic(cfg: LinprobeConfig, info: DistInfo, device: torch.device) ->
         summary["last_checkpoint"] = str(ckpt)
         write_json(out / "config.json", config)
         write_json(out / "summary.json", summary)
-        log.info("feature probe: top-1 %.2f%%, top-5 %.2f%% on %d images (l2 %.3g, %d L-BFGS iterations); head "
-                 "saved to %s", metrics["acc1"], metrics["acc5"], val_x.shape[0], probe.l2, probe.iterations, ckpt)
+        log.info("feature probe: %s on %d images (l2 %.3g, %d L-BFGS iterations); head saved to %s",
+                 accuracy_text(metrics), val_x.shape[0], probe.l2, probe.iterations, ckpt)
     return summary
 
 

@@ -260,10 +260,30 @@ def topk_hits(logits: torch.Tensor, labels: torch.Tensor, ks: Iterable[int] = (1
     return [hit[:, :min(k, logits.shape[1])].any(dim=1).sum() for k in ks]
 
 
+#: top-5 is reported only above this many classes: with 5 or fewer every label is in the top 5 (always 100%)
+TOP5_MAX_TRIVIAL_CLASSES = 5
+
+
+def without_trivial_top5(metrics: Dict[str, Any], num_classes: int) -> Dict[str, Any]:
+    """``metrics`` without its top-5 entries (``acc5``, ``knn_acc5``) when there are 5 classes or fewer (the
+    key is then absent from logs, eval.csv and summaries alike); unchanged otherwise."""
+    if num_classes > TOP5_MAX_TRIVIAL_CLASSES:
+        return metrics
+    return {k: v for k, v in metrics.items() if not k.endswith("acc5")}
+
+
+def accuracy_text(metrics: Dict[str, Any], prefix: str = "") -> str:
+    """"top-1 12.34%, top-5 56.78%" from ``{prefix}acc1`` / ``{prefix}acc5``; just top-1 where top-5 is absent."""
+    text = f"top-1 {metrics[prefix + 'acc1']:.2f}%"
+    if prefix + "acc5" in metrics:
+        text += f", top-5 {metrics[prefix + 'acc5']:.2f}%"
+    return text
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Any, cfg: ClassifierConfig, device: torch.device,
              info: DistInfo) -> Dict[str, float]:
-    """Top-1/top-5 and cross-entropy over every evaluation image (all ranks)."""
+    """Top-1/top-5 and cross-entropy over every evaluation image (all ranks); no top-5 with 5 classes or fewer."""
     was_training = model.training
     model.eval()
     stats = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits, images
@@ -279,8 +299,8 @@ def evaluate(model: nn.Module, loader: Any, cfg: ClassifierConfig, device: torch
         dist.all_reduce(stats)
     model.train(was_training)
     n = max(1.0, stats[3].item())
-    return {"acc1": 100 * stats[1].item() / n, "acc5": 100 * stats[2].item() / n, "loss": stats[0].item() / n,
-            "images": int(stats[3].item())}
+    return without_trivial_top5({"acc1": 100 * stats[1].item() / n, "acc5": 100 * stats[2].item() / n,
+                                 "loss": stats[0].item() / n, "images": int(stats[3].item())}, cfg.nb_classes)
 
 
 # ---------------------------------------------------------------- training
@@ -324,19 +344,20 @@ class ClassifierJob(Job):
             return
         self.metrics = metrics = evaluate(self.model, self.eval_loader, self.cfg, self.device, self.info)
         if metrics["acc1"] >= self.best.get("acc1", -1.0):
-            self.best = {"acc1": metrics["acc1"], "acc5": metrics["acc5"], "step": step}
-        runlog.write_eval(step, step / steps_per_epoch, {k: metrics[k] for k in ("acc1", "acc5", "loss")})
+            self.best = {**{k: metrics[k] for k in ("acc1", "acc5") if k in metrics}, "step": step}
+        logged = {k: metrics[k] for k in ("acc1", "acc5", "loss") if k in metrics}
+        runlog.write_eval(step, step / steps_per_epoch, logged)
         if self.info.is_main:
-            log.info("epoch %d (step %d): top-1 %.2f%%, top-5 %.2f%% on %d images (best top-1 %.2f%%)",
-                     math.ceil(step / steps_per_epoch), step, metrics["acc1"], metrics["acc5"],
-                     metrics["images"], self.best["acc1"])
+            log.info("epoch %d (step %d): %s on %d images (best top-1 %.2f%%)", math.ceil(step / steps_per_epoch),
+                     step, accuracy_text(metrics), metrics["images"], self.best["acc1"])
 
     def checkpoint_extra(self) -> Dict[str, Any]:
         return {"best": self.best, "task": self.name}
 
     def summary(self) -> Dict[str, Any]:
-        return {"task": self.name, "acc1": self.metrics.get("acc1"), "acc5": self.metrics.get("acc5"),
-                "best_acc1": self.best.get("acc1"), **self.extra_summary}
+        top5 = {"acc5": self.metrics["acc5"]} if "acc5" in self.metrics else {}  # none with 5 classes or fewer
+        return {"task": self.name, "acc1": self.metrics.get("acc1"), **top5, "best_acc1": self.best.get("acc1"),
+                **self.extra_summary}
 
 
 # ---------------------------------------------------------------- command
@@ -364,6 +385,5 @@ def evaluate_only(cfg: ClassifierConfig, build: Build, info: DistInfo, device: t
     load_trained(job.model, extract_state_dict(state, str(path)), str(path))
     metrics = evaluate(job.model, job.eval_loader, cfg, device, info)
     if info.is_main:
-        log.info("%s: top-1 %.2f%%, top-5 %.2f%% on %d images", path, metrics["acc1"], metrics["acc5"],
-                 metrics["images"])
+        log.info("%s: %s on %d images", path, accuracy_text(metrics), metrics["images"])
     return metrics

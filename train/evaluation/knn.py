@@ -3,9 +3,10 @@ features, the k nearest training images vote with weight exp(similarity / temper
 online k-NN monitor of ``mae-pretrain --knn-data DIR``.
 
 The monitor embeds DIR/train and DIR/val with the current encoder (``forward_features``: every patch,
-no masking) every ``--knn-every`` epochs and at the end, and logs k-NN top-1/top-5 to ``eval.csv``,
-TensorBoard and the summary. It draws nothing from the global RNGs (and puts every RNG state back
-anyway), touches no training data order and no weights, so a run with it trains exactly as one without.
+no masking) every ``--knn-every`` epochs and at the end, and logs k-NN top-1/top-5 (top-5 only above
+5 classes) to ``eval.csv``, TensorBoard and the summary. It draws nothing from the global RNGs (and puts
+every RNG state back anyway), touches no training data order and no weights, so a run with it trains
+exactly as one without.
 """
 from __future__ import annotations
 
@@ -46,13 +47,14 @@ def knn_scores(train_feats: torch.Tensor, train_labels: torch.Tensor, query: tor
 def knn_accuracy(train_feats: torch.Tensor, train_labels: torch.Tensor, val_feats: torch.Tensor,
                  val_labels: torch.Tensor, num_classes: int, k: int = 20, temperature: float = 0.07
                  ) -> Dict[str, float]:
-    """Weighted k-NN top-1 / top-5 (%) of the validation features."""
-    from .classifier import topk_hits
+    """Weighted k-NN top-1 / top-5 (%) of the validation features (no top-5 with 5 classes or fewer)."""
+    from .classifier import topk_hits, without_trivial_top5
 
     scores = knn_scores(train_feats, train_labels, val_feats, num_classes, k, temperature)
     hits1, hits5 = topk_hits(scores, val_labels)
     n = max(1, val_labels.shape[0])
-    return {"knn_acc1": 100.0 * hits1.item() / n, "knn_acc5": 100.0 * hits5.item() / n}
+    return without_trivial_top5({"knn_acc1": 100.0 * hits1.item() / n, "knn_acc5": 100.0 * hits5.item() / n},
+                                num_classes)
 
 
 @contextlib.contextmanager
@@ -135,6 +137,8 @@ class KnnMonitor:
     def maybe_run(self, model: nn.Module, step: int, steps_per_epoch: int, runlog: Any = None,
                   final: bool = False) -> Optional[Dict[str, Any]]:
         """Run if due (see the class doc); log to ``runlog`` (eval.csv, TensorBoard) and the console."""
+        from .classifier import accuracy_text
+
         if not self.due(step, steps_per_epoch, final):
             return None
         t0 = time.perf_counter()
@@ -144,9 +148,8 @@ class KnnMonitor:
         if runlog is not None:
             runlog.write_eval(step, epoch, metrics)
         if self.info.is_main:
-            log.info("k-NN (k=%d, T=%g, %s pooling) at step %d (epoch %.2f): top-1 %.2f%%, top-5 %.2f%% "
-                     "(%d train / %d val images, %.1f s)", self.k, self.temperature, self.pool,
-                     step, epoch, metrics["knn_acc1"], metrics["knn_acc5"],
+            log.info("k-NN (k=%d, T=%g, %s pooling) at step %d (epoch %.2f): %s (%d train / %d val images, %.1f s)",
+                     self.k, self.temperature, self.pool, step, epoch, accuracy_text(metrics, "knn_"),
                      len(self.splits["train"]), len(self.splits["val"]), time.perf_counter() - t0)
         self.last = {**metrics, "step": step, "epoch": epoch}
         return self.last

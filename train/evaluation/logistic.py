@@ -133,13 +133,13 @@ def features_home(nbytes: int, device: torch.device, free_bytes: Optional[int] =
 
 @torch.no_grad()
 def scores_of(logits: torch.Tensor, labels: torch.Tensor) -> Dict[str, float]:
-    """Top-1 / top-5 (%) and mean cross-entropy of ``logits``."""
-    from .classifier import topk_hits
+    """Top-1 / top-5 (%) and mean cross-entropy of ``logits`` (no top-5 with 5 classes or fewer)."""
+    from .classifier import topk_hits, without_trivial_top5
 
     hits1, hits5 = topk_hits(logits, labels)
     n = max(1, labels.shape[0])
-    return {"acc1": 100.0 * hits1.item() / n, "acc5": 100.0 * hits5.item() / n,
-            "loss": F.cross_entropy(logits, labels).item()}
+    return without_trivial_top5({"acc1": 100.0 * hits1.item() / n, "acc5": 100.0 * hits5.item() / n,
+                                 "loss": F.cross_entropy(logits, labels).item()}, logits.shape[1])
 
 
 def holdout_split(labels: torch.Tensor, groups: torch.Tensor, fraction: float, seed: int
