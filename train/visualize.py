@@ -1,11 +1,12 @@
 """``mae-visualize``: the paper's reconstruction panels (original, masked, reconstruction,
-reconstruction + visible) for one image and a checkpoint (mae-fast or official format)."""
+reconstruction + visible) for one image and a checkpoint (mae-fast or official format), captioned that the
+predictions on visible patches are untrained (the loss is on masked patches only)."""
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import numpy as np
 import torch
@@ -54,9 +55,14 @@ def reconstruct(model: MaskedAutoencoderViT, imgs: torch.Tensor, mask_ratio: flo
     return masked, rec, imgs * (1 - m) + rec * m
 
 
-def reconstruction_figure(model: MaskedAutoencoderViT, image: str, out: str | Path, mask_ratio: float = 0.75,
-                          seed: int = 0) -> Path:
-    """Write the four-panel PNG for ``image`` and return its path."""
+#: the caption under the panels: the "reconstruction" panel shows the predictions on visible patches too
+VISIBLE_PATCHES_NOTE = ("MAE's loss is on the masked patches only: its predictions on the visible patches are not "
+                        "trained, so noise there is expected")
+
+
+def draw_reconstruction(model: MaskedAutoencoderViT, image: str, mask_ratio: float = 0.75, seed: int = 0) -> Any:
+    """The four-panel matplotlib figure for ``image``: the file name (and norm-pix note) above, and
+    :data:`VISIBLE_PATCHES_NOTE` in one line of small text below."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -74,7 +80,17 @@ def reconstruction_figure(model: MaskedAutoencoderViT, image: str, out: str | Pa
     if model.norm_pix_loss:
         note += ("   |   norm-pix model: predicted patches are shown with the true patch mean/variance")
     fig.suptitle(note, fontsize=9)
-    fig.tight_layout()
+    fig.text(0.5, 0.015, VISIBLE_PATCHES_NOTE, ha="center", va="bottom", fontsize=8, color="0.3")
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    return fig
+
+
+def reconstruction_figure(model: MaskedAutoencoderViT, image: str, out: str | Path, mask_ratio: float = 0.75,
+                          seed: int = 0) -> Path:
+    """Write the four-panel PNG for ``image`` (:func:`draw_reconstruction`) and return its path."""
+    import matplotlib.pyplot as plt
+
+    fig = draw_reconstruction(model, image, mask_ratio, seed)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
