@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import logging
 import math
 import os
 import re
 import sys
+import textwrap
 import typing
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
+from mae_fast.device import is_main_process
 from mae_fast.errors import ConfigError, NonFiniteLossError
 from mae_fast.files import strict_json
 
@@ -114,6 +117,10 @@ def check_fields(cfg: Any) -> None:
 
 
 # ------------------------------------------------------------------ YAML
+#: PyYAML contexts it reports only on reaching the next token: the offending text is where the context starts
+_LOOKAHEAD_CONTEXTS = ("while scanning a simple key",)
+
+
 def load_yaml(path: str, cls: type) -> Dict[str, Any]:
     """Options of ``cls`` from a YAML mapping (keys as flag names, '-' or '_'), typed and checked."""
     import yaml
@@ -121,13 +128,12 @@ def load_yaml(path: str, cls: type) -> Dict[str, Any]:
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"--config {path}: no such file")
+    text = ""
     try:
-        data = yaml.safe_load(file.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"--config {path}{where}: not valid YAML ({problem})") from None
+        text = file.read_text()
+        data = yaml.safe_load(text)
+    except (yaml.YAMLError, ValueError) as e:  # ValueError: a tag such as "!!int x" PyYAML cannot construct
+        raise yaml_error(e, text, path) from None
     data = data or {}
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a mapping of options, got {type(data).__name__}")
@@ -137,9 +143,67 @@ def load_yaml(path: str, cls: type) -> Dict[str, Any]:
     for key, value in data.items():
         name = str(key).replace("-", "_")
         if name not in types:
-            raise ConfigError(f"--config {path}: unknown option {key!r}")
+            raise unknown_option(key, list(types), path)
         out[name] = coerce(name, value, *types[name], where=f"--config {path}: ", auto=name in autos)
     return out
+
+
+def unknown_option(key: Any, names: Sequence[str], path: str) -> ConfigError:
+    """The error for a YAML key that is no option, with the closest option name when one is close
+    (spelled with '-' when the key is)."""
+    close = difflib.get_close_matches(str(key).replace("-", "_"), names, n=1)
+    hint = ""
+    if close:
+        dashed = "-" in str(key).lstrip("-")
+        hint = f"; did you mean {(close[0].replace('_', '-') if dashed else close[0])!r}?"
+    return ConfigError(f"--config {path}: unknown option {key!r}{hint}")
+
+
+def yaml_error(e: Exception, text: str, path: str) -> ConfigError:
+    """One line for a YAML file the parser refused: the file, the line of the offending text and what the
+    parser says (``--config FILE line N: not valid YAML: ...``)."""
+    line = yaml_error_line(e, text)
+    where = f" line {line}" if line else ""
+    return ConfigError(f"--config {path}{where}: not valid YAML: {yaml_problem(e, text, line)}")
+
+
+def yaml_error_line(e: Exception, text: str) -> Optional[int]:
+    """1-based line of the text a YAML error is about: the problem mark, or the construct being read (context
+    mark) where PyYAML only noticed the problem at the file's end or at the next token."""
+    import yaml
+
+    if isinstance(e, yaml.reader.ReaderError):
+        return min(text.count("\n", 0, e.position) + 1, _last_line(text))
+    problem, context = getattr(e, "problem_mark", None), getattr(e, "context_mark", None)
+    if problem is None:
+        return _mark_line(context, text) if context is not None else None
+    at_end = not text[problem.index:].strip()
+    if context is not None and (at_end or getattr(e, "context", None) in _LOOKAHEAD_CONTEXTS):
+        return _mark_line(context, text)
+    return _mark_line(problem, text)
+
+
+def _last_line(text: str) -> int:
+    """1-based number of the last line of ``text`` that is not blank (1 for an empty text)."""
+    return max(1, len(text.rstrip().splitlines()))
+
+
+def _mark_line(mark: Any, text: str) -> int:
+    """1-based line of a PyYAML mark (0-based; at the end of a file it points past the last line), never past
+    the last line that is not blank."""
+    return min(mark.line + 1, _last_line(text))
+
+
+def yaml_problem(e: Exception, text: str, line: Optional[int]) -> str:
+    """What the parser says, on one line: the problem, then the construct it was reading (with that
+    construct's line where it is not ``line``)."""
+    problem, context = getattr(e, "problem", None), getattr(e, "context", None)
+    if not problem:
+        return " ".join((str(e).strip().splitlines() or [type(e).__name__])[0].split())
+    mark = getattr(e, "context_mark", None)
+    if context and mark is not None and _mark_line(mark, text) != line:
+        context = f"{context}, line {_mark_line(mark, text)}"
+    return " ".join(problem.split()) + (f" ({' '.join(context.split())})" if context else "")
 
 
 # ------------------------------------------------------------------ argparse
@@ -195,11 +259,77 @@ def dataclass_parser(cls: type, prog: str, description: str) -> Parser:
     return p
 
 
+NO_BREAK = "\u00a0"
+
+
+class LineHelpFormatter(argparse.HelpFormatter):
+    """argparse's layout, but each line of the description and epilog is wrapped on its own; an indented
+    line (``  name  text``) wraps under its text; a no-break space (U+00A0) keeps two words together."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "\n".join(self._fill_line(line, width, indent) for line in text.splitlines())
+
+    @staticmethod
+    def _fill_line(line: str, width: int, indent: str) -> str:
+        hang = re.match(r"^\s+\S+\s+", line)  # "  name   ": kept as written, the text wraps under its end
+        head = hang.group(0) if hang else ""
+        text = re.sub(r"[ \t]+", " ", line[len(head):]).strip()
+        if not text:
+            return indent + line.strip() if line.strip() else ""
+        return textwrap.fill(text, width, initial_indent=indent + head, subsequent_indent=indent + " " * len(head),
+                             break_on_hyphens=False, break_long_words=False).replace(NO_BREAK, " ")
+
+
+def flag_words(name: str, value: Any) -> str:
+    """The command-line flags that set field ``name`` to ``value`` (``--img-size 64``, ``--no-norm-pix-loss``),
+    joined by a no-break space so that help text never wraps between a flag and its value."""
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return flag if value else "--no-" + flag[2:]
+    return f"{flag}{NO_BREAK}{value}"
+
+
+def presets_help(presets: Mapping[str, Mapping[str, Any]]) -> str:
+    """One line per preset, its name and the flags it sets, for the end of ``--help``."""
+    width = max(map(len, presets))
+    lines = ["presets (--preset NAME sets these; --config and the flags given override them; --print-config "
+             "shows every option):"]
+    for name in presets:
+        lines.append(f"  {name.ljust(width)}  " + " ".join(flag_words(k, v) for k, v in presets[name].items()))
+    return "\n".join(lines)
+
+
 def add_config_flags(p: argparse.ArgumentParser, presets: Optional[Mapping[str, Any]] = None) -> None:
-    """``--config FILE.yaml`` and, when there are presets, ``--preset NAME``."""
+    """``--config FILE.yaml`` and, when there are presets, ``--preset NAME`` (the presets' flags listed at
+    the end of ``--help``)."""
     p.add_argument("--config", help="YAML file with options (keys as the flag names, '-' or '_')")
     if presets:
-        p.add_argument("--preset", choices=sorted(presets), help="a named set of options: " + ", ".join(sorted(presets)))
+        p.add_argument("--preset", choices=sorted(presets),
+                       help="a named set of options (each one's flags are listed below): " + ", ".join(sorted(presets)))
+        p.epilog = presets_help(presets)
+        p.formatter_class = LineHelpFormatter
+
+
+def add_print_config_flag(p: argparse.ArgumentParser) -> None:
+    """``--print-config``: the command prints its resolved options (see :func:`print_config`) and exits."""
+    p.add_argument("--print-config", action="store_true",
+                   help="print every option as resolved from the preset, --config and the flags (YAML, one per "
+                        "line, loadable with --config) and exit without running")
+
+
+def config_yaml(cfg: Any, title: str) -> str:
+    """Every field of the config dataclass ``cfg`` as YAML, one ``key: value`` a line, under a ``# title``."""
+    import yaml
+
+    body = yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False, default_flow_style=False, width=10**9)
+    return f"# {title}\n{body}"
+
+
+def print_config(cfg: Any, title: str) -> typing.NoReturn:
+    """Print ``cfg`` as YAML (rank 0) and exit 0, as ``--help`` does: nothing is run or written."""
+    if is_main_process():
+        print(config_yaml(cfg, title), end="", flush=True)
+    raise SystemExit(0)
 
 
 def parse_config(cls: type, parser: argparse.ArgumentParser, argv: Optional[List[str]] = None,

@@ -17,7 +17,7 @@ from mae_fast.models_mae import ACTIVATION_DTYPES, MODELS
 
 from ..data.loader_base import default_workers
 from ..data.loaders import KINDS as LOADER_KINDS
-from .cli import add_config_flags, dataclass_parser, opt
+from .cli import add_config_flags, add_print_config_flag, dataclass_parser, opt, print_config
 from .cli import parse_config as parse_dataclass_config
 
 
@@ -125,16 +125,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--demo", action="store_true", help="tiny model on the bundled demo images; writes a "
                    "reconstruction figure (same as --preset demo)")
     add_config_flags(p, PRESETS)
+    add_print_config_flag(p)
     return p
 
 
 def parse_config(argv: Optional[List[str]] = None) -> PretrainConfig:
-    """Merge defaults, preset, YAML and flags into a validated PretrainConfig (ConfigError if bad)."""
+    """Merge defaults, preset, YAML and flags into a validated PretrainConfig (ConfigError if bad);
+    with ``--print-config`` print it and exit 0 instead."""
     parser = build_parser()
     known, _ = parser.parse_known_args(argv)
     cfg, args = parse_dataclass_config(PretrainConfig, parser, argv, PRESETS, "demo" if known.demo else None)
     cfg.preset = "demo" if args.demo else args.preset  # names the default run folder
     validate(cfg)
+    if args.print_config:
+        print_config(cfg, "mae-pretrain" + (f" --preset {cfg.preset}" if cfg.preset else "")
+                     + ": every option, resolved (defaults < preset < --config < flags)")
     return cfg
 
 
