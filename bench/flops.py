@@ -2,6 +2,7 @@
 
     mae-flops                                   # ViT-B/L/H at 224
     mae-flops --model mae_vit_huge_patch14 --img-size 448 --check
+    mae-flops --model mae_vit_large_patch16 --img-size 224 --img-size 448   # one table per size
     mae-flops --json > flops.json
 """
 from __future__ import annotations
@@ -17,6 +18,38 @@ from mae_fast.models_mae import MODELS
 from .records import DefaultsHelpFormatter
 
 DEFAULT_MODELS = ["mae_vit_base_patch16", "mae_vit_large_patch16", "mae_vit_huge_patch14"]
+DEFAULT_IMG_SIZE = 224
+#: the paper's ablations (Table 1): ViT-L/16 at 224 px, mask ratio 0.75, an 8-block 512-wide decoder
+PAPER_SETTING = {"model": "mae_vit_large_patch16", "img_size": 224, "mask_ratio": 0.75,
+                 "decoder_depth": 8, "decoder_embed_dim": 512}
+#: Table 1c: the whole model's training FLOPs with mask tokens in the encoder over MAE's
+PAPER_MODEL_RATIO = 3.3
+
+TRAIN_GF_NOTE = (
+    "train GF = forward + backward FLOPs per image (backward 2x forward per matmul, 1x for patch_embed: pixels "
+    "need no gradient); encoder on the cls token + visible patches only, decoder on all tokens; matmuls and "
+    "attention only (LayerNorm, GELU, softmax, gathers and the optimizer step not counted; the loss row is an "
+    "elementwise estimate)"
+)
+MASK_TOKEN_NOTE = (
+    "mask-token ratio = training FLOPs per image of the same model with its encoder run on all patches (mask "
+    "tokens in the encoder) over the train GF total (encoder on the visible patches only): how much more "
+    "pretraining would cost without MAE's skipping of the masked patches (the paper, Table 1c, reports "
+    f"{PAPER_MODEL_RATIO}x for ViT-L/16 at 224 px, mask 0.75, 8-block 512-wide decoder)"
+)
+
+
+def in_paper_setting(r: FlopsReport) -> bool:
+    """Whether ``r`` is the configuration the paper reports its FLOPs ratios for (:data:`PAPER_SETTING`)."""
+    c = r.config
+    here = {"model": r.model, "img_size": c.img_size, "mask_ratio": r.mask_ratio,
+            "decoder_depth": c.decoder_depth, "decoder_embed_dim": c.decoder_embed_dim}
+    return here == PAPER_SETTING
+
+
+def paper_model_ratio(r: FlopsReport) -> Optional[float]:
+    """The paper's mask-token training-FLOPs ratio for ``r``'s configuration, or None where it gives none."""
+    return PAPER_MODEL_RATIO if in_paper_setting(r) else None
 
 
 def format_report(r: FlopsReport) -> str:
@@ -37,15 +70,17 @@ def format_report(r: FlopsReport) -> str:
     enc_tr = r.group("encoder", "training") + r.group("patch_embed", "training")
     dec_tr = r.group("decoder", "training") + r.group("pred_head", "training")
     m = r.encoder_with_mask_tokens
+    paper = paper_model_ratio(r)
     lines += [
         f"training per image: encoder {enc_tr / 1e9:.2f} GF, decoder {dec_tr / 1e9:.2f} GF "
         f"({dec_tr / (enc_tr + dec_tr):.1%} of the model)",
         f"parameters: encoder {r.params['encoder'] / 1e6:.1f}M, decoder {r.params['decoder'] / 1e6:.1f}M "
         f"(trainable; fixed sin-cos tables excluded)",
         f"encoder with mask tokens (all {t['patches']} patches): forward {m['encoder_forward'] / 1e9:.2f} GF = "
-        f"{m['encoder_ratio']:.2f}x the visible-only encoder; whole model {m['model_ratio']:.2f}x "
-        f"the training FLOPs (paper: 3.3x for ViT-L)",
-        f"decoder vs encoder FLOPs per token: {r.decoder_vs_encoder_per_token:.1%} (paper: 9% for ViT-L)",
+        f"{m['encoder_ratio']:.2f}x the visible-only encoder; mask-token ratio {m['model_ratio']:.2f}x"
+        + (f" (paper: {paper}x for ViT-L)" if paper else ""),
+        f"decoder vs encoder FLOPs per token: {r.decoder_vs_encoder_per_token:.1%}"
+        + (" (paper: 9% for ViT-L)" if paper else ""),
     ]
     if r.counter_check:
         k = r.counter_check
@@ -57,12 +92,26 @@ def format_report(r: FlopsReport) -> str:
     return "\n".join(lines)
 
 
+def format_legend() -> str:
+    """The lines under the tables: what GF, train GF and the mask-token ratio are."""
+    return "\n".join(["GF = 1e9 FLOPs per image, 2 FLOPs per multiply-add (fvcore-style counts are half).",
+                      TRAIN_GF_NOTE + ".", MASK_TOKEN_NOTE + "."])
+
+
+def report_dict(r: FlopsReport) -> dict:
+    """``r.to_dict()`` plus the image size at the top level and the paper's mask-token ratio (None where it
+    gives none), so that several --img-size reports compare without digging."""
+    return {**r.to_dict(), "img_size": r.config.img_size, "paper_model_ratio": paper_model_ratio(r)}
+
+
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="mae-flops", description=__doc__.split("\n")[0],
                                 formatter_class=DefaultsHelpFormatter)
     p.add_argument("--model", action="append", choices=sorted(MODELS),
                    help="model factory name; repeat for several (default: ViT-B, ViT-L, ViT-H)")
-    p.add_argument("--img-size", type=int, default=224, help="image side in pixels (a multiple of the patch)")
+    p.add_argument("--img-size", type=int, action="append",
+                   help=f"image side in pixels (a multiple of the patch); repeat for several, one table each "
+                        f"(default: {DEFAULT_IMG_SIZE})")
     p.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of patches removed")
     p.add_argument("--decoder-embed-dim", type=int, default=None, help="decoder width (default: the model's)")
     p.add_argument("--decoder-depth", type=int, default=None, help="decoder blocks (default: the model's)")
@@ -75,23 +124,29 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    args = parse_args(argv)
-    kwargs = {"img_size": args.img_size, "norm_pix_loss": args.norm_pix_loss}
+def model_kwargs(args: argparse.Namespace) -> dict:
+    """The model options of the command line, but the image size (the decoder only where given)."""
+    kwargs = {"norm_pix_loss": args.norm_pix_loss}
     for key in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads"):
         if getattr(args, key) is not None:
             kwargs[key] = getattr(args, key)
+    return kwargs
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    kwargs = model_kwargs(args)
     try:
-        reports = [count_flops(name, args.mask_ratio, check=args.check, **kwargs)
-                   for name in args.model or DEFAULT_MODELS]
+        reports = [count_flops(name, args.mask_ratio, check=args.check, img_size=img, **kwargs)
+                   for img in args.img_size or [DEFAULT_IMG_SIZE] for name in args.model or DEFAULT_MODELS]
     except ValueError as e:
         print(f"mae-flops: error: {e}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps([r.to_dict() for r in reports], indent=2))
+        print(json.dumps([report_dict(r) for r in reports], indent=2))
     else:
         print("\n\n".join(format_report(r) for r in reports))
-        print("\nGF = 1e9 FLOPs per image, 2 FLOPs per multiply-add (fvcore-style counts are half).")
+        print("\n" + format_legend())
     return 0
 
 

@@ -468,9 +468,22 @@ def format_memory(rec: Dict, markdown: bool = False) -> str:
         widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
         out = [title, "  ".join(h.rjust(w) for h, w in zip(head, widths))]
         out += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+    if markdown:
+        out.append("")  # a blank line ends a markdown table
+    out.append(memory_phase_note(preds, unit, div))
     if rec["plan"]:
         out += ["", rec["plan"]["summary"]]
     return "\n".join(out)
+
+
+def memory_phase_note(preds: List[Dict], unit: str, div: float) -> str:
+    """One line under the --memory table: why gradients are ~0 at a backward peak, and the optimizer step's own
+    peak per row (``phase_peaks["optimizer"]`` of the prediction)."""
+    opt = ", ".join(f"{p['phase_peaks']['optimizer'] / div:.2f}" for p in preds)
+    per_row = " (per row)" if len(preds) > 1 else ""
+    return (f"columns: the split at each row's peak; a backward peak with gradients ~0 came as backward started, "
+            f"with every saved activation live and few gradients yet; the optimizer step's own peak (all gradients "
+            f"and the AdamW state live): {opt} {unit}{per_row}")
 
 
 # ----------------------------------------------------------------------------- command line

@@ -67,3 +67,36 @@ def test_cli_bad_input(capsys):
     assert "img_size 230 is not a multiple of patch_size 14" in capsys.readouterr().err
     assert flops_main(["--model", "mae_vit_base_patch16", "--mask-ratio", "1.2"]) == 2
     assert "mask_ratio must be in (0, 1), got 1.2" in capsys.readouterr().err
+
+
+def test_cli_defines_train_gf_and_gives_the_paper_ratio_only_for_vit_large(capsys):
+    assert flops_main(["--model", "mae_vit_large_patch16", "--model", "mae_vit_base_patch16"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    train_gf = [line for line in lines if line.startswith("train GF = ")]
+    assert len(train_gf) == 1 and "forward + backward FLOPs per image" in train_gf[0]
+    assert "visible patches only" in train_gf[0] and "optimizer step not counted" in train_gf[0]
+    ratio = [line for line in lines if line.startswith("mask-token ratio = ")]
+    assert len(ratio) == 1 and "encoder run on all patches" in ratio[0] and "Table 1c" in ratio[0]
+    enc = [line for line in lines if line.startswith("encoder with mask tokens")]
+    large, base = (count_flops(n).encoder_with_mask_tokens["model_ratio"]
+                   for n in ("mae_vit_large_patch16", "mae_vit_base_patch16"))
+    assert enc[0].endswith(f"mask-token ratio {large:.2f}x (paper: 3.3x for ViT-L)")
+    assert enc[1].endswith(f"mask-token ratio {base:.2f}x")  # the paper gives no ratio for ViT-B
+    assert out.count("paper: 3.3x") == 1 and out.count("paper: 9%") == 1
+
+
+def test_cli_several_image_sizes(capsys):
+    args = ["--model", "mae_vit_large_patch16", "--img-size", "224", "--img-size", "448"]
+    assert flops_main(args) == 0
+    out = capsys.readouterr().out
+    assert "mae_vit_large_patch16  img 224px" in out and "mae_vit_large_patch16  img 448px" in out
+    assert out.count("fwd GF") == 2 and out.count("train GF = ") == 1
+    assert out.count("(paper: 3.3x for ViT-L)") == 1  # at 224 px only, the paper's setting
+    assert flops_main(args + ["--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [d["img_size"] for d in data] == [d["config"]["img_size"] for d in data] == [224, 448]
+    assert [d["tokens"]["patches"] for d in data] == [196, 784]
+    assert [d["paper_model_ratio"] for d in data] == [3.3, None]
+    before = count_flops("mae_vit_large_patch16", img_size=448, norm_pix_loss=True).to_dict()
+    assert set(before) < set(data[1]) and data[1]["total_per_image"] == before["total_per_image"]

@@ -118,3 +118,20 @@ def test_out_of_memory_becomes_one_line_with_the_prediction(monkeypatch, capsys)
     assert prof.main(TINY + ["--batch-size", "4", "--steps", "1", "--warmup", "0"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("mae-profile: error: out of memory") and "predicted peak" in err and "\n" not in err
+
+
+def test_memory_table_explains_gradients_at_the_backward_peak(capsys, tmp_path):
+    out = tmp_path / "m.json"
+    assert prof.main(TINY + ["--memory", "--batch-size", "4,64", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    preds = json.loads(out.read_text())["predictions"]
+    assert all(p["peak_phase"] == "backward" and p["breakdown"]["gradients"] == 0 for p in preds)
+    [note] = [line for line in text.splitlines() if line.startswith("columns: ")]
+    assert "a backward peak with gradients ~0 came as backward started" in note
+    opt = ", ".join(f"{p['phase_peaks']['optimizer'] / 2**20:.2f}" for p in preds)
+    assert note.endswith(f"the optimizer step's own peak (all gradients and the AdamW state live): {opt} MiB "
+                         f"(per row)")
+    assert prof.main(TINY + ["--memory", "--batch-size", "4", "--markdown"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    i = next(i for i, line in enumerate(lines) if line.startswith("columns: "))
+    assert lines[i - 1] == "" and lines[i - 2].startswith("| 4 |")  # a blank line ends the markdown table

@@ -103,6 +103,22 @@ def test_mae_plot_redraws_curves(tmp_path, capsys):
     assert plot_main([str(tmp_path / "nothing")]) == 2
 
 
+def test_mae_plot_prints_each_file_or_one_line_error(tmp_path, capsys):
+    run_dir = tmp_path / "demo"
+    run_dir.mkdir()
+    (run_dir / "log.csv").write_text("step,loss,lr\n")  # a run that logged no step yet
+    assert plot_main([str(run_dir)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == (
+        f"mae-plot: error: {run_dir}: nothing to plot (log.csv has no logged steps yet, and no eval.csv with "
+        f"accuracies)\n")
+    (run_dir / "log.csv").write_text("step,loss,lr\n1,0.9,1e-4\n2,0.8,2e-4\n")
+    (run_dir / "eval.csv").write_text("step,epoch,acc1,acc5\n2,0,10.0,50.0\n")
+    assert plot_main([str(run_dir)]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"wrote {run_dir / 'loss.png'}",
+                                                    f"wrote {run_dir / 'accuracy.png'}"]
+
+
 def test_out_of_memory_is_one_line_with_the_prediction(tmp_path, monkeypatch, capsys):
     import torch
 

@@ -73,8 +73,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     def run(args: argparse.Namespace) -> None:
         if not (Path(args.run_dir) / "log.csv").is_file():
             raise ConfigError(f"{args.run_dir}: no log.csv (not a run folder)")
-        for path in plot_run(args.run_dir):
-            print(f"wrote {path}")
+        written = plot_run(args.run_dir)
+        if not written:
+            raise ConfigError(f"{args.run_dir}: nothing to plot (log.csv has no logged steps yet, and no "
+                              f"eval.csv with accuracies)")
+        for path in written:
+            print(f"wrote {path}", flush=True)
 
     return run_main("mae-plot", lambda: p.parse_args(argv), run)
 
