@@ -74,12 +74,15 @@ JUNIT="$OUTDIR/.gpu-tests-$STAMP.xml"
 if [ "$DRY" = 1 ]; then  # every step, tiny, on the CPU; trace-only compile (inductor on 2 cores takes minutes)
   TINY=(--device cpu --model mae_vit_tiny_patch8 --img-size 32 --batch-size 2 --steps 1 --warmup 1
         --compile-backend aot_eager)
-  L16=("${TINY[@]}"); H448=("${TINY[@]}" --grad-checkpointing 1); PRE=(--tiny); TEST_MODE=(--collect-only)
+  L16=("${TINY[@]}" --rounds 2); H448=("${TINY[@]}" --grad-checkpointing 1 --rounds 1); PRE=(--tiny)
+  TEST_MODE=(--collect-only)
   PROFILE=(--device cpu --model mae_vit_tiny_patch8 --img-size 32 --batch-size 2 --steps 1 --warmup 1)
   LOADER=(--loader pil --device cpu --data demo --batch-size 4 --img-size 32 --steps 2 --warmup 1)
   LIM=(30 25 50 35 25 30 30 20 15)
 else
-  L16=(--preset vit_l16_224 --steps 10 --warmup 3); H448=(--preset vit_h14_448 --steps 5 --warmup 2)
+  # ViT-L: 3 rounds of 4 steps, the variants interleaved (each ratio with its range over the rounds);
+  # ViT-H @ 448: one variant in memory at a time (--rounds 1), 5 steps each
+  L16=(--preset vit_l16_224 --steps 4 --rounds 3 --warmup 3); H448=(--preset vit_h14_448 --steps 5 --rounds 1 --warmup 2)
   PRE=(--require-cuda); TEST_MODE=()
   PROFILE=(--model mae_vit_large_patch16 --batch-size 256 --steps 5 --warmup 2)
   LOADER=(--loader all --data demo --repeat 100 --batch-size 128 --img-size 224 --steps 20 --warmup 3)

@@ -52,6 +52,7 @@ def test_dry_run_runs_every_step_and_keeps_cpu_records_out_of_bench_results(tmp_
     variants = [[r["variant"] for r in b["results"]] for b in benches]
     assert variants == [["official", "fused", "hf", "compile"], ["official", "fused", "no_ckpt"],
                         ["official", "eager", "torch", "graphs", "bf16act"]]
+    assert [b["rounds"] for b in benches] == [2, 1, 2]  # ViT-L interleaved; ViT-H @ 448 one model at a time
     head = {r["variant"]: r for r in benches[0]["results"]}
     assert head["compile"]["compile"] == "model" and head["compile"]["images_per_s"] > 0
     assert all("images_per_s" in head[v] for v in ("official", "fused")), head
