@@ -8,9 +8,10 @@ from setuptools import setup
 
 DALI = "nvidia-dali-cuda130; platform_system == 'Linux' and platform_machine == 'x86_64'"
 # DALI's CPU pipeline runs without a GPU, so the tests compare it with the PIL loader
-# transformers: the Hugging Face ViTMAE interop tests; scikit-learn: the digits data of the probe tests
+# transformers: the Hugging Face ViTMAE interop tests; scikit-learn: the digits data of the probe tests;
+# pytest-xdist: the suite runs one worker per core (tests/conftest.py)
 HF = ["transformers>=4.40"]
-TEST = ["pytest>=7", "scikit-learn", DALI, *HF]
+TEST = ["pytest>=7", "pytest-xdist>=3", "scikit-learn", DALI, *HF]
 GPU = ["xformers", DALI]
 
 setup(

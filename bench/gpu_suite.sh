@@ -104,7 +104,7 @@ step headline "${LIM[2]}" bench "${L16[@]}" --variants official,fused,hf,compile
 # 2. kernel bandwidths at the headline shapes (Triton vs eager; torch.compile'd references are left out for time)
 step kernels "${LIM[3]}" $PY -m mae_fast.bench.bench_kernels --impls eager,triton,triton_fused,triton_gemm
 # 3. the CUDA-aware correctness tests, counted in a record
-step tests "${LIM[4]}" $PY -m pytest -q -p no:cacheprovider ${TEST_MODE[@]+"${TEST_MODE[@]}"} $TESTS --junitxml="$JUNIT"
+step tests "${LIM[4]}" $PY -m pytest -q -p no:cacheprovider -p no:xdist ${TEST_MODE[@]+"${TEST_MODE[@]}"} $TESTS --junitxml="$JUNIT"
 if [ -s "$JUNIT" ]; then $PY -m mae_fast.bench.records gpu-tests "$JUNIT" "pytest $(echo $TESTS)"; rm -f "$JUNIT"; fi
 # 4. ViT-H/14 @ 448, batch 32: checkpointed (the preset) and not (no_ckpt), vs official-equivalent
 step h448 "${LIM[5]}" bench "${H448[@]}" --variants official,fused,no_ckpt

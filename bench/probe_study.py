@@ -17,8 +17,10 @@ import contextlib
 import io
 import json
 import logging
+import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -51,16 +53,40 @@ def write_digits(root: Path, size: int = IMG_SIZE) -> Path:
     digits = load_digits()
     order = np.random.default_rng(0).permutation(len(digits.target))
     seen: Dict[int, int] = {}
+    tmp = staging(root)
     for i in order:
         label = int(digits.target[i])
         seen[label] = seen.get(label, 0) + 1
         split = "val" if seen[label] <= VAL_PER_CLASS else "train"
-        folder = root / split / str(label)
+        folder = tmp / split / str(label)
         folder.mkdir(parents=True, exist_ok=True)
         pixels = (digits.images[i] * (255.0 / 16.0)).round().astype(np.uint8)
         Image.fromarray(pixels, mode="L").resize((size, size), Image.BICUBIC).convert("RGB").save(
             folder / f"{i:04d}.png")
-    return root
+    return publish(tmp, root)
+
+
+def staging(final: Path) -> Path:
+    """A new folder beside ``final`` to write it in (this process's own), so that a reader never sees it half
+    written."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # as mkdir would make it (mkdtemp makes it private)
+    return tmp
+
+
+def publish(tmp: Path, final: Path) -> Path:
+    """Move the finished folder ``tmp`` to ``final`` in one step; where another process published it first,
+    keep theirs (the same content) and drop ours."""
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if not (final / "val").is_dir():
+            raise
+        shutil.rmtree(tmp)
+    return final
 
 
 def pretrain_args(size: int = IMG_SIZE) -> List[str]:
@@ -109,11 +135,13 @@ def labelled_subset(root: Path, per_class: int) -> Path:
     root = Path(root)
     out = root.parent / f"{root.name}-{per_class}-per-class"
     if not (out / "val").is_dir():
+        tmp = staging(out)
         for folder in sorted((root / "train").iterdir()):
-            (out / "train" / folder.name).mkdir(parents=True, exist_ok=True)
+            (tmp / "train" / folder.name).mkdir(parents=True, exist_ok=True)
             for f in sorted(folder.iterdir())[:per_class]:
-                shutil.copy(f, out / "train" / folder.name / f.name)
-        shutil.copytree(root / "val", out / "val")
+                shutil.copy(f, tmp / "train" / folder.name / f.name)
+        shutil.copytree(root / "val", tmp / "val")
+        publish(tmp, out)
     return out
 
 

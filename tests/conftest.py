@@ -1,25 +1,48 @@
 """Shared test helpers: small models and fresh random inputs (never zeros), and the data and runs several
 test files use, built once per session."""
 import argparse
+import contextlib
+import fcntl
 import importlib.util
 import os
 import socket
 from pathlib import Path
+from typing import Iterator
 
 # Kernel tests (tests/test_kernel_*.py) run the Triton kernels in the CPU interpreter on machines
 # without an NVIDIA GPU; this must be set before triton is first imported in the pytest process.
 if not (os.path.exists("/dev/nvidia0") or os.path.exists("/dev/nvidiactl")):
     os.environ.setdefault("TRITON_INTERPRET", "1")
+PARALLEL_WORKER = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+if PARALLEL_WORKER:  # one of the suite's parallel workers (one per core): one torch thread each, and in the
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # processes it starts, so that no OpenMP pool spins on a core
 import pytest
 import torch
 
 from mae_fast import mae_vit_tiny_patch8
+
+if PARALLEL_WORKER:
+    torch.set_num_threads(1)
 
 DEMO = Path(__import__("mae_fast").__file__).parent / "assets" / "demo"
 
 #: tar shards need webdataset, which the lent GPU image lacks (everything else runs without it)
 needs_webdataset = pytest.mark.skipif(importlib.util.find_spec("webdataset") is None,
                                       reason="tar shards need webdataset (not installed)")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    """Where pytest-xdist is installed (the test extras) the suite runs in one worker per core unless ``-n`` says
+    otherwise (``-n 0``: in this process), each worker with one torch thread, the tests of one file in one worker
+    unless ``--dist`` says otherwise (a file's module fixtures are built once). Without xdist (the GPU image)
+    nothing changes."""
+    if not config.pluginmanager.hasplugin("xdist") or config.option.collectonly or PARALLEL_WORKER:
+        return
+    if config.option.numprocesses is None:
+        config.option.numprocesses = "auto"
+    if not any(a in ("--dist", "-d") or a.startswith("--dist=") for a in config.invocation_params.args):
+        config.option.dist = "loadfile"
 
 
 @pytest.fixture
@@ -47,22 +70,53 @@ def random_noise(n: int, length: int, seed: int = 2) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- shared runs and data, built once per session
+def shared_folder(tmp_path_factory) -> Path:
+    """A folder all the suite's parallel workers share (this run's own: the workers' base folders are in it)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if PARALLEL_WORKER else base
+
+
+@contextlib.contextmanager
+def exclusive(path: Path, wait: bool = True) -> Iterator[bool]:
+    """Hold an exclusive lock on ``path`` (created) for the block, among the suite's processes: yields True, or
+    False at once when another holds it and ``wait`` is False."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="session")
 def digits_data(tmp_path_factory):
-    """scikit-learn's digits as an ImageFolder tree with train/ and val/ (tests/digits.py)."""
+    """scikit-learn's digits as an ImageFolder tree with train/ and val/ (tests/digits.py), written once for all
+    workers (its writer publishes it whole)."""
     from digits import write_digits
 
-    return write_digits(tmp_path_factory.getbasetemp() / "digits" / "data")
+    return write_digits(shared_folder(tmp_path_factory) / "digits" / "data")
 
 
 @pytest.fixture(scope="session")
 def digits_runs(tmp_path_factory, digits_data):
-    """{seed: (initial weights, pretrained checkpoint)} of the tiny MAE briefly pretrained on the digits,
-    made once per session for the probe and k-NN tests."""
+    """{seed: (initial weights, pretrained checkpoint)} of the tiny MAE briefly pretrained on the digits, made
+    once per suite run for the probe and k-NN tests: parallel workers that need them pretrain the seeds nobody
+    is pretraining yet, each under its seed's lock, then wait for the others'."""
     from digits import PRETRAIN_EPOCHS, SEEDS, pretrained
 
-    runs = tmp_path_factory.getbasetemp() / "digits" / "runs"
-    return {seed: pretrained(runs, digits_data, seed, PRETRAIN_EPOCHS) for seed in SEEDS}
+    runs = shared_folder(tmp_path_factory) / "digits" / "runs"
+    done: dict = {}
+    for wait in (False, True):
+        for seed in (s for s in SEEDS if s not in done):
+            with exclusive(runs / f".seed{seed}.lock", wait) as mine:
+                if mine:
+                    done[seed] = pretrained(runs, digits_data, seed, PRETRAIN_EPOCHS)
+    return {seed: done[seed] for seed in SEEDS}
 
 
 @pytest.fixture(scope="session")

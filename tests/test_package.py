@@ -100,15 +100,29 @@ def test_transformers_imports_beside_mae_fast_kernels_from_the_repository_root()
 
 
 @pytest.mark.slow
-def test_second_editable_install_succeeds():
-    """``pip install --no-deps --no-build-isolation -e .`` into this (already installed) environment, from the
-    root: setup.py runs with the root on sys.path while pip loads other distributions' entry points
-    (Hugging Face's ``kernels`` registers one), so our ``kernels/`` folder must not shadow them."""
+def test_second_editable_install_succeeds(tmp_path):
+    """``pip install --no-deps --no-build-isolation -e .`` where mae-fast is already installed, from the root:
+    setup.py runs with the root on sys.path while pip loads other distributions' entry points (Hugging Face's
+    ``kernels`` registers one), so our ``kernels/`` folder must not shadow them. It installs into a new
+    environment that sees this one's packages (mae-fast included) through a .pth file, so this environment,
+    which other test processes import from meanwhile, is left as it is."""
     pytest.importorskip("setuptools", reason="--no-build-isolation builds with this environment's setuptools")
-    out = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation",
-                          "--no-input", "-q", "-e", "."], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    import site
+    import venv
+
+    env = tmp_path / "venv"
+    venv.create(env, with_pip=False)
+    nested = next(env.glob("lib/python*/site-packages"), None) or env / "Lib" / "site-packages"
+    (nested / "outer.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    python = str(next(p for p in (env / "bin" / "python", env / "Scripts" / "python.exe") if p.exists()))
+    out = subprocess.run([python, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-input", "-q",
+                          "-e", "."], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
-    assert md.version("mae-fast") == mae_fast.__version__
+    assert any(nested.glob("*mae_fast*")), sorted(p.name for p in nested.iterdir())  # installed there
+    code = "import importlib.metadata as md, mae_fast; print(md.version('mae-fast') == mae_fast.__version__)"
+    check = subprocess.run([python, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert check.stdout.strip() == "True", check.stdout + check.stderr[-2000:]
+    assert md.version("mae-fast") == mae_fast.__version__  # this environment's install untouched
 
 
 def test_tar_shards_without_webdataset_fail_in_one_line(monkeypatch):
