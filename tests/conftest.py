@@ -33,11 +33,13 @@ needs_webdataset = pytest.mark.skipif(importlib.util.find_spec("webdataset") is 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_cmdline_main(config: pytest.Config) -> None:
-    """Where pytest-xdist is installed (the test extras) the suite runs in one worker per core unless ``-n`` says
-    otherwise (``-n 0``: in this process), each worker with one torch thread, the tests of one file in one worker
-    unless ``--dist`` says otherwise (a file's module fixtures are built once). Without xdist (the GPU image)
-    nothing changes."""
+    """Where pytest-xdist is installed (the test extras) and there is no CUDA device, the suite runs in one worker
+    per core unless ``-n`` says otherwise (``-n 0``: in this process), each worker with one torch thread, the tests
+    of one file in one worker unless ``--dist`` says otherwise (a file's module fixtures are built once). Without
+    xdist (the GPU image), or with a GPU (whose tests would share it), nothing changes unless ``-n`` asks."""
     if not config.pluginmanager.hasplugin("xdist") or config.option.collectonly or PARALLEL_WORKER:
+        return
+    if config.option.numprocesses is None and torch.cuda.is_available():
         return
     if config.option.numprocesses is None:
         config.option.numprocesses = "auto"
