@@ -4,6 +4,7 @@
     mae-flops --model mae_vit_huge_patch14 --img-size 448 --check
     mae-flops --model mae_vit_large_patch16 --img-size 224 --img-size 448   # one table per size
     mae-flops --json > flops.json
+    mae-flops --model mae_vit_huge_patch14 --img-size 448 --grow-from 224 --grow-epochs 960   # a schedule's cost
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import List, Optional
 
 from mae_fast.flops import FlopsReport, count_flops
 from mae_fast.models_mae import MODELS
+from mae_fast.resolution import ResolutionSchedule, schedule_training_flops
 
 from .records import DefaultsHelpFormatter
 
@@ -104,6 +106,21 @@ def report_dict(r: FlopsReport) -> dict:
     return {**r.to_dict(), "img_size": r.config.img_size, "paper_model_ratio": paper_model_ratio(r)}
 
 
+def format_schedule(s: dict) -> str:
+    """A progressive-resolution schedule's training FLOPs per image: each size's epochs and cost, the total, and
+    the same run at the final size throughout."""
+    lines = [f"{s['model']}: {s['start']} -> {s['final']} px over the first {s['grow_epochs']} of {s['epochs']} "
+             f"epochs, then {s['final']} px",
+             f"{'epochs':>13}{'img px':>8}{'train GF/img':>14}"]
+    for p in s["phases"]:
+        lines.append(f"{p['first_epoch']:>6}-{p['end_epoch'] - 1:<6}{p['img_size']:>8}"
+                     f"{p['train_flops_per_image'] / 1e9:>14.1f}")
+    lines.append(f"whole schedule: {s['train_flops_per_image'] / 1e12:.1f} TFLOPs per image over the run = "
+                 f"{s['fraction_of_fixed']:.1%} of {s['fixed_final_flops_per_image'] / 1e12:.1f} at {s['final']} px "
+                 f"throughout (saves {1 - s['fraction_of_fixed']:.1%})")
+    return "\n".join(lines)
+
+
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="mae-flops", description=__doc__.split("\n")[0],
                                 formatter_class=DefaultsHelpFormatter)
@@ -121,6 +138,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--check", action="store_true",
                    help="also count with torch.utils.flop_counter.FlopCounterMode on the meta device")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.add_argument("--grow-from", type=int, default=None,
+                   help="also cost a progressive-resolution schedule: the first epoch's image side, growing "
+                        "linearly to --img-size over --grow-epochs, then --img-size to --epochs")
+    p.add_argument("--grow-epochs", type=int, default=None, help="epochs over which the side grows (default: 60%% "
+                   "of --epochs)")
+    p.add_argument("--epochs", type=int, default=1600, help="pretraining epochs of the schedule")
     return p.parse_args(argv)
 
 
@@ -142,10 +165,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ValueError as e:
         print(f"mae-flops: error: {e}", file=sys.stderr)
         return 2
+    schedules = {}
+    if args.grow_from is not None:
+        grow = args.grow_epochs if args.grow_epochs is not None else round(0.6 * args.epochs)
+        try:
+            for r in reports:
+                plan = ResolutionSchedule(args.grow_from, r.config.img_size, grow, args.epochs, r.config.patch_size)
+                schedules[id(r)] = schedule_training_flops(r.model, plan, args.mask_ratio, **kwargs)
+        except ValueError as e:
+            print(f"mae-flops: error: --grow-from {args.grow_from}: {e}", file=sys.stderr)
+            return 2
     if args.json:
-        print(json.dumps([report_dict(r) for r in reports], indent=2))
+        print(json.dumps([{**report_dict(r), **({"schedule": schedules[id(r)]} if id(r) in schedules else {})}
+                          for r in reports], indent=2))
     else:
-        print("\n\n".join(format_report(r) for r in reports))
+        print("\n\n".join(format_report(r) + ("\n" + format_schedule(schedules[id(r)]) if id(r) in schedules else "")
+                          for r in reports))
         print("\n" + format_legend())
     return 0
 
