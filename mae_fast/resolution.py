@@ -55,13 +55,13 @@ def schedule_training_flops(name: str, schedule: ResolutionSchedule, mask_ratio:
                             **model_kwargs) -> Dict[str, object]:
     """Training FLOPs per image of one pass over the data at each size of ``schedule`` (mae-flops' analytic count),
     their sum over the epochs, and the same run at the final size throughout."""
+    runs = schedule.phases()
     per_size = {size: count_flops(name, mask_ratio, img_size=size, **model_kwargs).total("training")
-                for _, _, size in schedule.phases()}
+                for size in {size for _, _, size in runs} | {schedule.final}}
     phases = [{"first_epoch": a, "end_epoch": b, "img_size": size, "epochs": b - a,
-               "train_flops_per_image": per_size[size]} for a, b, size in schedule.phases()]
+               "train_flops_per_image": per_size[size]} for a, b, size in runs]
     total = sum(p["epochs"] * p["train_flops_per_image"] for p in phases)
-    fixed = schedule.epochs * count_flops(name, mask_ratio, img_size=schedule.final,
-                                          **model_kwargs).total("training")
+    fixed = schedule.epochs * per_size[schedule.final]
     return {"model": name, "start": schedule.start, "final": schedule.final, "grow_epochs": schedule.grow_epochs,
             "epochs": schedule.epochs, "phases": phases, "train_flops_per_image": total,
             "fixed_final_flops_per_image": fixed, "fraction_of_fixed": total / fixed}
