@@ -381,6 +381,7 @@ def run_main(prog: str, parse: Callable[[], Any], run: Callable[[Any], Any]) -> 
         return 2
     try:
         result = run(cfg)
+        shutdown_distributed(finished=True)
     except ConfigError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2

@@ -22,9 +22,14 @@ def init_distributed(device_type: str) -> DistInfo:
     return info
 
 
-def shutdown_distributed() -> None:
-    """Destroy the process group if one was made (safe to call always)."""
+def shutdown_distributed(finished: bool = False) -> None:
+    """Destroy the process group if one was made (safe to call always). ``finished``: every rank ended its run,
+    so first wait at a barrier until all have, and no rank tears its group down while another still has a
+    collective in flight with it (gloo then aborts that process at exit); never after an error, where a rank
+    that failed would leave the others waiting."""
     if dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 
