@@ -15,7 +15,7 @@ from typing import List, Optional
 
 from mae_fast.flops import FlopsReport, count_flops
 from mae_fast.models_mae import MODELS
-from mae_fast.resolution import ResolutionSchedule, schedule_training_flops
+from mae_fast.resolution import from_options, schedule_training_flops
 
 from .records import DefaultsHelpFormatter
 
@@ -109,8 +109,8 @@ def report_dict(r: FlopsReport) -> dict:
 def format_schedule(s: dict) -> str:
     """A progressive-resolution schedule's training FLOPs per image: each size's epochs and cost, the total, and
     the same run at the final size throughout."""
-    lines = [f"{s['model']}: {s['start']} -> {s['final']} px over the first {s['grow_epochs']} of {s['epochs']} "
-             f"epochs, then {s['final']} px",
+    lines = [f"{s['model']}: {s['start']} -> {s['final']} px in steps of {s['size_step']} px over the first "
+             f"{s['grow_epochs']} of {s['epochs']} epochs, then {s['final']} px",
              f"{'epochs':>13}{'img px':>8}{'train GF/img':>14}"]
     for p in s["phases"]:
         lines.append(f"{p['first_epoch']:>6}-{p['end_epoch'] - 1:<6}{p['img_size']:>8}"
@@ -143,6 +143,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         "linearly to --img-size over --grow-epochs, then --img-size to --epochs")
     p.add_argument("--grow-epochs", type=int, default=None, help="epochs over which the side grows (default: 60%% "
                    "of --epochs)")
+    p.add_argument("--grow-step", type=int, default=0, help="sizes in between are multiples of this many px (0: two "
+                   "patches), as mae-pretrain --grow-step")
     p.add_argument("--epochs", type=int, default=1600, help="pretraining epochs of the schedule")
     return p.parse_args(argv)
 
@@ -167,10 +169,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     schedules = {}
     if args.grow_from is not None:
-        grow = args.grow_epochs if args.grow_epochs is not None else round(0.6 * args.epochs)
         try:
             for r in reports:
-                plan = ResolutionSchedule(args.grow_from, r.config.img_size, grow, args.epochs, r.config.patch_size)
+                plan = from_options(r.config.img_size, args.grow_from, args.grow_epochs, args.epochs,
+                                    r.config.patch_size, args.grow_step)
                 schedules[id(r)] = schedule_training_flops(r.model, plan, args.mask_ratio, **kwargs)
         except ValueError as e:
             print(f"mae-flops: error: --grow-from {args.grow_from}: {e}", file=sys.stderr)

@@ -9,6 +9,11 @@ within noise (``~`` in the table, ``within_noise`` in the record).
 
     mae-bench --preset vit_l16_224
     mae-bench --device cpu --model mae_vit_tiny_patch8 --img-size 32 --batch-size 8 --steps 3
+    mae-bench --preset vit_h14_448 --img-size 224,336,448 --grow-batch tokens   # a progressive-resolution schedule
+
+Several ``--img-size`` are swept like several ``--model``: each size is its own run (warm-up, rounds, record,
+FLOPs and MFU at that size), its batch the same at every size or, with ``--grow-batch tokens``, scaled as
+progressive-resolution pretraining scales it (``mae_fast.resolution.batch_multiple``).
 
 Every row records what actually ran (kernels after the self-test, attention per site, compile mode,
 precision, optimizer, clocks after timing); a row whose kernels fell back is labelled so and gets no
@@ -26,7 +31,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -35,11 +40,12 @@ from torch._dynamo.utils import counters as dynamo_counters
 from mae_fast.attention import BACKEND_NAMES
 from mae_fast.compile import COMPILE_BACKENDS, COMPILE_MODES, apply_compile, resolve_compile_mode
 from mae_fast.device import DEVICE_CHOICES, PRECISION_DTYPES, autocast_dtype, autocast_for, resolve_device, synchronize
-from mae_fast.errors import DeviceError
+from mae_fast.errors import ConfigError, DeviceError, MemoryPlanError
 from mae_fast.flops import build_on_meta, count_flops
 from mae_fast.kernels import backend_choices
 from mae_fast.model_spec import ModelSpec, build_model
-from mae_fast.models_mae import ACTIVATION_DTYPES, MODELS, MaskedAutoencoderViT
+from mae_fast.models_mae import ACTIVATION_DTYPES, MODEL_CONFIGS, MODELS, MaskedAutoencoderViT
+from mae_fast.resolution import GROW_BATCH, batch_multiple
 from mae_fast.train.engine.loop import adamw_step
 from mae_fast.train.engine.optim import fused_available, param_groups_weight_decay, set_lr
 
@@ -527,7 +533,8 @@ def benchmark(args: argparse.Namespace, device: torch.device,
     peak = args.peak_tflops or peak_tflops(device)
     record = {
         **record_header("mae-bench", device, "mae-bench " + " ".join(args.argv)), "model": args.model,
-        "img_size": args.img_size, "batch_size": args.batch_size, "preset": args.preset,
+        "img_size": args.img_size, "batch_size": args.batch_size,
+        **({"size_sweep": args.size_sweep} if args.size_sweep else {}), "preset": args.preset,
         "preset_what": PRESETS.get(args.preset, {}).get("what"), "precision": args.precision,
         "mask_ratio": args.mask_ratio, "grad_checkpointing": args.grad_checkpointing,
         "attn_backend": args.attn_backend, "compile": args.compile,
@@ -586,6 +593,35 @@ def variant_notes(names: List[str]) -> List[str]:
             for n in names]
 
 
+def aligned(rows: List[List[str]], right: Set[int]) -> List[str]:
+    """``rows`` (the first one the header) as lines of aligned columns, the columns in ``right`` right-aligned."""
+    widths = [max(len(c) for c in col) for col in zip(*rows)]
+    return ["  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+            for cells in rows]
+
+
+def sweep_note(rec: Dict[str, Any]) -> str:
+    """What follows ``batch N`` in a record of a size sweep (`` = 4 x 32 (--grow-batch tokens), size 1 of
+    224/336/448 px``); empty for a single size."""
+    sweep = rec.get("size_sweep")
+    if not sweep:
+        return ""
+    scaled = (f" = {sweep['batch_multiple']} x {sweep['base_batch']} (--grow-batch tokens)"
+              if sweep["batch_multiple"] > 1 else "")
+    return (f"{scaled}, size {sweep['sizes'].index(rec['img_size']) + 1} of "
+            f"{'/'.join(map(str, sweep['sizes']))} px")
+
+
+def format_sweep(records: List[Dict[str, Any]]) -> str:
+    """One line per measured row of every record: images/s and MFU at each model, size and batch of a sweep."""
+    head = ["model", "px", "batch", "GFLOPs/img", "variant", "img/s", "MFU"]
+    table = [[rec["model"], str(rec["img_size"]), str(r["batch_size"]), f"{rec['train_gflops_per_image']:.3g}",
+              r.get("label", r["variant"]), f"{r['images_per_s']:.1f}", f"{r['mfu']:.1%}" if r["mfu"] is not None
+              else "n/a"] for rec in records for r in rec["results"] if "images_per_s" in r and "error" not in r]
+    return "\n".join(["Sweep (training FLOPs per image at each size; MFU from them):",
+                      *aligned([head, *table], right={1, 2, 3, 5, 6})])
+
+
 def format_table(rec: Dict[str, Any]) -> str:
     """The record as an aligned table, the notes that explain it below."""
     head = ["variant", "img/s", "step ms median [q1-q3]", "MFU", "mem GB", "vs official [rounds]", "kernels",
@@ -612,15 +648,9 @@ def format_table(rec: Dict[str, Any]) -> str:
                       f"{r['step_ms_median']:.1f} [{r['step_ms_q1']:.1f}-{r['step_ms_q3']:.1f}]",
                       f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a", mem, vs, r["kernels"], r["compile"],
                       "/".join(str(s.get("backend")) for s in r.get("attention", {}).values())])
-    widths = [max(len(c) for c in col) for col in zip(head, *table)]
-    right = {1, 2, 3, 4, 5}  # numbers right-aligned
-
-    def line(cells: List[str]) -> str:
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-
     rounds, steps = rec.get("rounds", 1), rec["steps"]
-    lines = [line(head), *map(line, table), *failed, "",
-             f"{rec['model']} @ {rec['img_size']} px, batch {rec['batch_size']}, {rec['device']}, "
+    lines = [*aligned([head, *table], right={1, 2, 3, 4, 5}), *failed, "",
+             f"{rec['model']} @ {rec['img_size']} px, batch {rec['batch_size']}{sweep_note(rec)}, {rec['device']}, "
              f"{rec['train_gflops_per_image']:.3g} GFLOPs per image (training), peak "
              f"{rec['peak_tflops'] or 'n/a'} TFLOP/s.",
              (f"Timed {rounds} rounds of {steps} steps per variant, variants interleaved (A B C, A B C, ...) after "
@@ -666,7 +696,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--preset", choices=sorted(PRESETS), help="a headline configuration (model, size, batch, "
                    "checkpointing): " + "; ".join(f"{k}: {v['what']}" for k, v in PRESETS.items()))
     p.add_argument("--model", action="append", choices=sorted(MODELS), help="model; repeat to sweep models")
-    p.add_argument("--img-size", type=int, default=None, help="image side (default 224, or the preset's)")
+    p.add_argument("--img-size", action="append", default=None, metavar="PX[,PX...]", help="image side (default "
+                   "224, or the preset's); several (repeat it, or a comma list: 224,336,448) sweep the sizes of a "
+                   "progressive-resolution schedule, each run and recorded on its own with FLOPs and MFU at its size")
+    p.add_argument("--grow-batch", choices=GROW_BATCH, default="fixed", help="the batch at each size of a size "
+                   "sweep: fixed: --batch-size at every size; tokens: --batch-size x floor(L_max / L) at a size of L "
+                   "patches (progressive-resolution pretraining's rule: about the largest size's tokens per batch)")
     p.add_argument("--batch-size", default=None, help="images per step (default 64, or the preset's); auto: the "
                    "largest that fits the CUDA device's memory, predicted")
     p.add_argument("--sweep-batch", default="", help="comma-separated batch sizes to sweep, e.g. 64,128,256")
@@ -698,7 +733,14 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args.argv = list(argv if argv is not None else sys.argv[1:])
     preset = PRESETS.get(args.preset, {})
     args.models = args.model or [preset.get("model", "mae_vit_large_patch16")]
-    args.img_size = args.img_size or preset.get("img_size", 224)
+    try:
+        sizes = [int(s) for given in args.img_size or [] for s in given.split(",") if s.strip()]
+    except ValueError:
+        p.error(f"--img-size takes sizes in px, one or a comma list (224,336,448), got {args.img_size}")
+    args.img_sizes = list(dict.fromkeys(sizes)) or [preset.get("img_size", 224)]  # in order, each once
+    if min(args.img_sizes) < 1:
+        p.error(f"--img-size must be >= 1, got {min(args.img_sizes)}")
+    args.img_size, args.size_sweep = args.img_sizes[0], None  # each run's own (main)
     args.batch_size = args.batch_size or preset.get("batch_size", 64)
     if args.batch_size != "auto":
         try:
@@ -724,10 +766,45 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return args
 
 
+class Run(NamedTuple):
+    """One entry of a sweep: a model at one image size and batch (``"auto"``: planned when it runs); ``size_sweep``
+    says where it stands in a sweep of several sizes (None: one size)."""
+
+    model: str
+    img_size: int
+    batch_size: Union[int, str]
+    size_sweep: Optional[Dict[str, Any]]
+
+
+def sweep_plan(models: List[str], sizes: List[int], batches: List[Union[int, str]], grow_batch: str = "fixed"
+               ) -> List[Run]:
+    """Every run, in order (model, then size, then batch); ConfigError (one line) before any runs when a size is not
+    a multiple of a model's patch size. With several sizes and ``grow_batch`` "tokens" the batch at a size is the
+    given one x ``batch_multiple(size, max(sizes), patch)``, as progressive-resolution pretraining scales it
+    ("fixed": the given one at every size; "auto" is planned at each size on its own)."""
+    if grow_batch not in GROW_BATCH:
+        raise ConfigError(f"--grow-batch {grow_batch!r} is not one of {', '.join(GROW_BATCH)}")
+    if grow_batch == "tokens" and len(sizes) > 1 and "auto" in batches:
+        raise ConfigError("--grow-batch tokens scales a given --batch-size; auto plans each size's batch on its own "
+                          "(use --grow-batch fixed)")
+    runs = []
+    for model in models:
+        patch = MODEL_CONFIGS[model]["patch_size"]
+        bad = next((size for size in sizes if size % patch), None)
+        if bad is not None:
+            raise ConfigError(f"--img-size {bad} is not a multiple of the patch size {patch} of {model}")
+        for size in sizes:
+            multiple = batch_multiple(size, max(sizes), patch) if grow_batch == "tokens" else 1
+            for batch in batches:
+                sweep = None if len(sizes) == 1 else {"sizes": list(sizes), "grow_batch": grow_batch,
+                                                      "base_batch": batch, "batch_multiple": multiple}
+                runs.append(Run(model, size, batch if batch == "auto" else batch * multiple, sweep))
+    return runs
+
+
 def resolve_batch(args: argparse.Namespace, model: str, device: torch.device) -> int:
     """``--batch-size auto``: the largest batch that ``mae_fast.memory.plan_batch`` predicts fits this GPU
-    at ``--grad-checkpointing``; MemoryPlanError (one line) on a CPU or when nothing fits."""
-    from mae_fast.errors import MemoryPlanError
+    at ``args.img_size`` and ``--grad-checkpointing``; MemoryPlanError (one line) on a CPU or when nothing fits."""
     from mae_fast.memory import StepTracer, plan_batch
 
     if device.type != "cuda":
@@ -741,42 +818,45 @@ def resolve_batch(args: argparse.Namespace, model: str, device: torch.device) ->
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
+    batches = [int(b) for b in args.sweep_batch.split(",") if b] or [args.batch_size]
     try:
+        runs = sweep_plan(args.models, args.img_sizes, batches, args.grow_batch)
         device = resolve_device(args.device)
-    except DeviceError as e:
+    except (ConfigError, DeviceError) as e:
         print(f"mae-bench: error: {e}", file=sys.stderr)
         return 2
     if args.preset:
         print(f"preset {args.preset}: {PRESETS[args.preset]['what']}", flush=True)
-    batches = [int(b) for b in args.sweep_batch.split(",") if b] or [args.batch_size]
     records: List[Dict[str, Any]] = []
-    for model in args.models:
-        for batch in batches:
-            if batch == "auto":
-                from mae_fast.errors import MemoryPlanError
+    for entry in runs:
+        run = argparse.Namespace(**{**vars(args), **entry._asdict()})
+        if run.batch_size == "auto":
+            try:
+                run.batch_size = resolve_batch(run, entry.model, device)
+            except MemoryPlanError as e:
+                print(f"mae-bench: error: {e}", file=sys.stderr)
+                return 2
+        if records:  # each entry compiles as if run alone: no cache entries piling up towards the recompile
+            # limit (sizes x models x variants x block sites), no shape marked dynamic by the entry before
+            torch._dynamo.reset()
+        stamp = utc_stamp()
+        prefix = f"mae-bench-{run.model}-{run.img_size}-b{run.batch_size}"
 
-                try:
-                    batch = resolve_batch(args, model, device)
-                except MemoryPlanError as e:
-                    print(f"mae-bench: error: {e}", file=sys.stderr)
-                    return 2
-            run = argparse.Namespace(**{**vars(args), "model": model, "batch_size": batch})
-            stamp = utc_stamp()
-            prefix = f"mae-bench-{model}-{args.img_size}-b{batch}"
-
-            def emit(rec: Dict[str, Any], prefix: str = prefix, stamp: str = stamp) -> None:
-                if not args.no_save:
-                    write_result(prefix, rec, stamp=stamp)
-                if args.json:
-                    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-                    Path(args.json).write_text(json.dumps([*records, rec], indent=2))
-
-            rec = benchmark(run, device, emit)
-            records.append(rec)
-            print(format_table(rec), flush=True)
+        def emit(rec: Dict[str, Any], prefix: str = prefix, stamp: str = stamp) -> None:
             if not args.no_save:
-                path = write_result(prefix, rec, stamp=stamp)
-                print(f"wrote {path}" if path else "no record written (a CPU run goes only to $MAE_RESULTS_DIR)")
+                write_result(prefix, rec, stamp=stamp)
+            if args.json:
+                Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.json).write_text(json.dumps([*records, rec], indent=2))
+
+        rec = benchmark(run, device, emit)
+        records.append(rec)
+        print(format_table(rec), flush=True)
+        if not args.no_save:
+            path = write_result(prefix, rec, stamp=stamp)
+            print(f"wrote {path}" if path else "no record written (a CPU run goes only to $MAE_RESULTS_DIR)")
+    if len(args.img_sizes) > 1:
+        print("\n" + format_sweep(records), flush=True)
     if args.plot:
         plot(records, args.plot)
         print(f"wrote {args.plot}")

@@ -68,8 +68,11 @@ def _no_autograd_cache_reuse() -> None:
 
 
 def compile_options(backend: str) -> dict:
-    """torch.compile keyword arguments for ``backend``: Inductor keeps eager's random numbers."""
-    return {"backend": backend, "options": {"fallback_random": True}} if backend == "inductor" else {"backend": backend}
+    """torch.compile keyword arguments for ``backend``: static shapes (a new input shape, e.g. the next size of a
+    resolution schedule, compiles its own graph instead of a dynamic-shape one); Inductor keeps eager's random
+    numbers."""
+    options = {"backend": backend, "dynamic": False}  # a callable backend: the tests' graph recorders
+    return {**options, "options": {"fallback_random": True}} if backend == "inductor" else options
 
 
 def compile_block(block: nn.Module, backend: str = "inductor") -> None:
@@ -83,7 +86,7 @@ def compile_block(block: nn.Module, backend: str = "inductor") -> None:
 def apply_compile(model: nn.Module, mode: str, device: torch.device, backend: str = "inductor") -> str:
     """Compile ``model`` in place as ``mode`` asks (see the module doc); returns the concrete mode used."""
     concrete = resolve_compile_mode(mode, device)
-    if backend not in COMPILE_BACKENDS:
+    if not callable(backend) and backend not in COMPILE_BACKENDS:
         raise ValueError(f"compile backend must be one of {list(COMPILE_BACKENDS)}, got {backend!r}")
     if concrete == "off":
         return concrete

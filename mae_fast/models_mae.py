@@ -4,7 +4,10 @@ Names, public methods and ``state_dict`` keys follow facebookresearch/mae ``mode
 official checkpoints load unchanged and code calling ``forward_encoder`` / ``forward_decoder`` /
 ``forward_loss`` / ``patchify`` / ``unpatchify`` ports as is. What differs is only *how* it is
 computed: the encoder embeds just the visible patches (gather, then one GEMM) instead of embedding
-every patch and throwing 75% away, and attention goes through a pluggable backend. Three steps run
+every patch and throwing 75% away, and attention goes through a pluggable backend. A model also takes
+images of another size (``set_input_size``, for progressive resolution): their position tables are the
+official sin-cos tables of that grid, while ``pos_embed`` / ``decoder_pos_embed`` (and so every
+checkpoint) stay those of ``img_size``. Three steps run
 as fused Triton kernels on CUDA (``kernel_backend``): visible-patch embedding (gather + GEMM + pos),
 decoder unshuffle with the mask token, and the masked normalized-pixel loss; their plain PyTorch
 references (in ``mae_fast.kernels``) are the CPU path and the specification.
@@ -13,7 +16,8 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass
-from typing import Dict, Optional, Tuple
+import contextlib
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -189,6 +193,7 @@ class MaskedAutoencoderViT(nn.Module):
             decoder_embed_dim, decoder_depth, decoder_num_heads, mlp_ratio, norm_pix_loss,
         )
         self.img_size = img_size
+        self.input_size = img_size  # the side of the images it takes now (set_input_size)
         self.patch_size = patch_size
         self.in_chans = in_chans
         self.norm_pix_loss = norm_pix_loss
@@ -220,6 +225,7 @@ class MaskedAutoencoderViT(nn.Module):
         self.activation_dtype = "fp32"  # residual stream between blocks (set_activation_dtype)
         self.attn_choices: Dict[str, dict] = {}  # per site: backend and why (set_attn_backend)
         self.kernel_failures: Dict[str, str] = {}  # op: why its self-test failed (check_kernels)
+        self._grid_tables: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = {}  # (grid, device, dtype): tables
         self.set_kernel_backend(kernel_backend)
         self.initialize_weights()
         if attn_backend == "auto":
@@ -254,7 +260,7 @@ class MaskedAutoencoderViT(nn.Module):
         """{"encoder" | "decoder": (its blocks, its attention shape)}: 1 + visible tokens, 1 + L tokens."""
         sites = {}
         for name, blocks, tokens in (("encoder", self.blocks, 1 + self.num_visible(mask_ratio)),
-                                     ("decoder", self.decoder_blocks, 1 + self.config.num_patches)):
+                                     ("decoder", self.decoder_blocks, 1 + self.input_patches)):
             if len(blocks):
                 attn = blocks[0].attn
                 sites[name] = (blocks, AttentionSite(batch, tokens, attn.num_heads, attn.head_dim))
@@ -336,6 +342,44 @@ class MaskedAutoencoderViT(nn.Module):
             x = blk(x)
         return x
 
+    # ------------------------------------------------------- input size
+    @property
+    def input_patches(self) -> int:
+        """Patches L of the images the model takes now (``input_size``)."""
+        return (self.input_size // self.patch_size) ** 2
+
+    def set_input_size(self, size: int) -> None:
+        """Take ``size`` px images from now on (progressive resolution): the masking draws over its grid, and the
+        position tables are that grid's sin-cos tables, computed as the official code computes them for a model
+        of that size. The parameters, and so checkpoints, keep ``img_size``'s tables."""
+        if size < self.patch_size or size % self.patch_size:
+            raise ValueError(f"input size {size} px is not a multiple of the patch size {self.patch_size}")
+        self.input_size = int(size)
+
+    @contextlib.contextmanager
+    def input_size_as(self, size: int) -> Iterator[None]:
+        """Take ``size`` px images inside the block (e.g. an evaluation at the final size mid-schedule)."""
+        before = self.input_size
+        self.set_input_size(size)
+        try:
+            yield
+        finally:
+            self.input_size = before
+
+    def position_tables(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(encoder, decoder) position tables (1, 1 + L, D) of the current input grid: the parameters at
+        ``img_size``, else that grid's official sin-cos tables in the parameters' dtype and device (cached)."""
+        if self.input_size == self.img_size:
+            return self.pos_embed, self.decoder_pos_embed
+        grid = self.input_size // self.patch_size
+        dtype, device = self.pos_embed.dtype, self.cls_token.device
+        key = (grid, device, dtype)
+        if key not in self._grid_tables:
+            self._grid_tables[key] = tuple(
+                torch.from_numpy(get_2d_sincos_pos_embed(dim, grid, cls_token=True)).float().unsqueeze(0)
+                .to(device, dtype) for dim in (self.pos_embed.shape[-1], self.decoder_pos_embed.shape[-1]))
+        return self._grid_tables[key]
+
     # ---------------------------------------------------------- layout utils
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> (N, L, p*p*3); patches row-major, (py, px, c) inside a patch."""
@@ -354,7 +398,7 @@ class MaskedAutoencoderViT(nn.Module):
 
     # ------------------------------------------------------------- checks
     def check_images(self, imgs: torch.Tensor) -> None:
-        """Raise ValueError naming the numbers if ``imgs`` is not (N, in_chans, img_size, img_size)."""
+        """Raise ValueError naming the numbers if ``imgs`` is not (N, in_chans, input_size, input_size)."""
         if imgs.dim() != 4:
             raise ValueError(f"images must be (N, C, H, W), got a {imgs.dim()}-D tensor {tuple(imgs.shape)}")
         N, C, H, W = imgs.shape
@@ -363,7 +407,10 @@ class MaskedAutoencoderViT(nn.Module):
             raise ValueError(f"images have {C} channels; this model takes {self.in_chans} (shape {tuple(imgs.shape)})")
         if H % p or W % p:
             raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {p}")
-        if H != self.img_size or W != self.img_size:
+        if H != self.input_size or W != self.input_size:
+            if self.input_size != self.img_size:
+                raise ValueError(f"image size {H}x{W} does not match the model's input size {self.input_size}x"
+                                 f"{self.input_size} (set_input_size; img_size {self.img_size})")
             raise ValueError(
                 f"image size {H}x{W} does not match the model's img_size {self.img_size}x{self.img_size} "
                 f"(its position table has {self.config.num_patches} patches); build the model with "
@@ -374,7 +421,7 @@ class MaskedAutoencoderViT(nn.Module):
 
     def num_visible(self, mask_ratio: float) -> int:
         """len_keep = int(L * (1 - mask_ratio)), validated: ValueError unless 0 < ratio < 1 and >= 1 kept."""
-        L = self.config.num_patches
+        L = self.input_patches
         if not 0.0 < mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
         len_keep = int(L * (1 - mask_ratio))
@@ -393,7 +440,7 @@ class MaskedAutoencoderViT(nn.Module):
         Returns ids_keep (N, len_keep) in noise order, mask (N, L) float32 in patch order with
         1 = removed, and ids_restore (N, L) = argsort(ids_shuffle).
         """
-        L = self.config.num_patches
+        L = self.input_patches
         len_keep = self.num_visible(mask_ratio)
         if noise is None:
             noise = torch.rand(N, L, device=device)
@@ -424,10 +471,11 @@ class MaskedAutoencoderViT(nn.Module):
 
         # embed only the visible patches: gather raw patches, one GEMM, + their position rows
         # (equals the official embed-all, add pos, then gather)
+        pos_embed, _ = self.position_tables()
         x = patch_embed_gather(imgs, ids_keep, self.patch_embed.weight_in_patch_order(), self.patch_embed.proj.bias,
-                               self.pos_embed[0, 1:], self.patch_size, backend=self.kernel_backend)
+                               pos_embed[0, 1:], self.patch_size, backend=self.kernel_backend)
 
-        cls_tokens = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        cls_tokens = (self.cls_token + pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         return torch.cat((cls_tokens, x), dim=1), mask, ids_restore
 
     def forward_encoder(
@@ -441,8 +489,9 @@ class MaskedAutoencoderViT(nn.Module):
     def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
         """Encoder on all patches in spatial order, no masking: (N, 1+L, D), as timm's ViT."""
         self.check_images(imgs)
-        x = self.patch_embed(imgs) + self.pos_embed[:, 1:]
-        cls_tokens = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        pos_embed, _ = self.position_tables()
+        x = self.patch_embed(imgs) + pos_embed[:, 1:]
+        cls_tokens = (self.cls_token + pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         x = torch.cat((cls_tokens, x), dim=1)
         for blk in self.blocks:
             x = blk(x)
@@ -453,7 +502,7 @@ class MaskedAutoencoderViT(nn.Module):
         """Latent (N, 1+len_keep, D) -> decoder tokens (N, 1+L, Dd): every patch in patch order, cls first."""
         x = self.decoder_embed(latent)
         # append mask tokens, unshuffle to patch order with ids_restore, cls first, + decoder positions
-        return unshuffle_mask_tokens(x, self.mask_token, ids_restore, self.decoder_pos_embed,
+        return unshuffle_mask_tokens(x, self.mask_token, ids_restore, self.position_tables()[1],
                                      backend=self.kernel_backend)
 
     def forward_decoder(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:

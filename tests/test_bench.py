@@ -125,6 +125,7 @@ def test_mae_bench_cpu_rows_record_what_ran(tmp_path, monkeypatch, capsys):
         assert f"  {v}  " in notes.replace("hf       ", "hf  ")
     rec = json.loads(out.read_text())[0]
     assert {"device", "date", "commit", "command", "torch", "triton", "cuda", "results"} <= set(rec)
+    assert "size_sweep" not in rec and "Sweep" not in text  # one size: the record and table as before
     assert rec["rounds"] == 2 and rec["steps"] == 2 and rec["interleaved"] is True
     rows = {r["variant"]: r for r in rec["results"]}
     for v in ("official", "fused", "torch"):
@@ -247,6 +248,8 @@ def test_device_cuda_without_gpu_is_one_line(tmp_path):
     (["--batch-size", "x"], "positive integer or 'auto'"),
     (["--variants", "fused,nope"], r"unknown variant\(s\) \['nope'\]"),
     (["--activation-dtype", "bf16", "--precision", "fp16"], "needs --precision bf16"),
+    (["--img-size", "224,x"], r"--img-size takes sizes in px, one or a comma list"),
+    (["--img-size", "0"], "--img-size must be >= 1, got 0"),
 ])
 def test_bad_options_name_the_problem(argv, match, capsys):
     with pytest.raises(SystemExit) as e:
@@ -345,3 +348,82 @@ def test_bench_kernels_runs_as_a_module_on_cpu_and_records_each_case(tmp_path):
         assert r["min_bytes"] > 0 and 0 < r["fraction_of_copy_bw"] and "TFLOPs" not in r
     assert [s["impl"] for s in rec["skipped"]] == ["triton", "triton"] and rec["errors"] == []
     assert "needs a CUDA GPU" in rec["skipped"][0]["reason"] and "skipped 2 case(s)" in p.stdout
+
+
+def sweep(argv, tmp_path):
+    """mae-bench on the tiny model (fused variant, 1 step, MFU against a 1 TFLOP/s peak) with ``argv``: its
+    records, one per size."""
+    out = tmp_path / "sweep.json"
+    rc = bench_main(["--device", "cpu", "--model", "mae_vit_tiny_patch8", "--batch-size", "2", "--steps", "1",
+                     "--warmup", "1", "--rounds", "1", "--variants", "fused", "--peak-tflops", "1", "--no-save",
+                     "--json", str(out), *argv])
+    assert rc == 0
+    return json.loads(out.read_text())
+
+
+def test_size_sweep_records_each_size_with_its_flops_and_mfu(tmp_path, capsys):
+    """Two sizes: a record at each, the same batch (--grow-batch fixed), FLOPs counted at that size and MFU from them."""
+    from mae_fast.flops import count_flops
+
+    recs = sweep(["--img-size", "16,32"], tmp_path)
+    assert [r["img_size"] for r in recs] == [16, 32]
+    for rec in recs:
+        flops = count_flops("mae_vit_tiny_patch8", 0.75, img_size=rec["img_size"], norm_pix_loss=True).total("training")
+        assert rec["train_gflops_per_image"] == pytest.approx(flops / 1e9)
+        assert rec["size_sweep"] == {"sizes": [16, 32], "grow_batch": "fixed", "base_batch": 2, "batch_multiple": 1}
+        (row,) = rec["results"]
+        assert rec["batch_size"] == row["batch_size"] == 2
+        assert row["mfu"] == pytest.approx(row["images_per_s"] * flops / 1e12) and row["mfu"] > 0
+    assert recs[1]["train_gflops_per_image"] > 2 * recs[0]["train_gflops_per_image"]  # 16 patches against 4
+    text = capsys.readouterr().out
+    assert "mae_vit_tiny_patch8 @ 16 px, batch 2, size 1 of 16/32 px," in text
+    sweep_lines = text.split("Sweep (")[1].splitlines()[2:]
+    assert [line.split()[1:3] for line in sweep_lines] == [["16", "2"], ["32", "2"]]
+
+
+def test_grow_batch_tokens_runs_the_scaled_batch_at_smaller_sizes(tmp_path, capsys):
+    """--grow-batch tokens, sizes 16 and 32 with patch 8 (4 and 16 patches): batch x4 at 16, as pretraining scales it;
+    the sizes given repeated, each compiled on its own."""
+    recs = sweep(["--img-size", "32", "--img-size", "16", "--grow-batch", "tokens", "--compile", "blocks",
+                  "--compile-backend", "aot_eager"], tmp_path)
+    assert [(r["img_size"], r["batch_size"], r["results"][0]["batch_size"]) for r in recs] == [(32, 2, 2), (16, 8, 8)]
+    assert [r["size_sweep"]["batch_multiple"] for r in recs] == [1, 4]
+    assert all(r["results"][0]["compiled"] == {"graphs": 2, "graph_breaks": {}} for r in recs)
+    assert "batch 8 = 4 x 2 (--grow-batch tokens), size 2 of 32/16 px" in capsys.readouterr().out
+
+
+def test_sweep_plan_scales_as_pretraining_does():
+    from mae_fast.resolution import batch_multiple
+
+    plan = throughput.sweep_plan(["mae_vit_huge_patch14"], [224, 336, 448], [32, 64], "tokens")
+    assert [(r.img_size, r.batch_size) for r in plan] == [(224, 128), (224, 256), (336, 32), (336, 64), (448, 32),
+                                                          (448, 64)]
+    assert plan[0].size_sweep["batch_multiple"] == batch_multiple(224, 448, 14) == 4
+    fixed = throughput.sweep_plan(["mae_vit_tiny_patch8", "mae_vit_base_patch16"], [32, 64], ["auto"])
+    assert [(r.model, r.img_size, r.batch_size) for r in fixed] == [
+        ("mae_vit_tiny_patch8", 32, "auto"), ("mae_vit_tiny_patch8", 64, "auto"),
+        ("mae_vit_base_patch16", 32, "auto"), ("mae_vit_base_patch16", 64, "auto")]  # auto: planned per size
+    assert throughput.sweep_plan(["mae_vit_tiny_patch8"], [32], [4], "tokens") == [
+        throughput.Run("mae_vit_tiny_patch8", 32, 4, None)]  # one size: no sweep
+
+
+def test_img_size_options_and_preset_default():
+    parse = throughput.parse_args
+    assert parse(["--preset", "vit_h14_448"]).img_sizes == [448]
+    assert parse(["--preset", "vit_h14_448", "--img-size", "224"]).img_sizes == [224]
+    args = parse(["--img-size", "224,336", "--img-size", "448", "--img-size", "336"])
+    assert (args.img_sizes, args.img_size, args.grow_batch) == ([224, 336, 448], 224, "fixed")
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["--model", "mae_vit_base_patch16", "--img-size", "224,230"],
+     "--img-size 230 is not a multiple of the patch size 16 of mae_vit_base_patch16"),
+    (["--model", "mae_vit_tiny_patch8", "--img-size", "16,32", "--grow-batch", "tokens", "--batch-size", "auto"],
+     ("--grow-batch tokens scales a given --batch-size; auto plans each size's batch on its own (use --grow-batch "
+      "fixed)")),
+])
+def test_bad_size_sweep_is_one_line_before_anything_runs(argv, line, capsys):
+    assert bench_main(["--device", "cpu", "--no-save", *argv]) == 2
+    out, err = capsys.readouterr()
+    assert err.splitlines() == [f"mae-bench: error: {line}"] and out == ""
+

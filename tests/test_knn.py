@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from conftest import free_port
 
 from digits import IMG_SIZE, SEEDS, labelled_subset
+from mae_fast.train.engine.steps import StepPlan
 from mae_fast.checkpoint import load_mae_checkpoint
 from mae_fast.models_mae import create_model
 from mae_fast.train.run_state import rng_state
@@ -177,7 +178,7 @@ def test_monitor_logs_top5_only_when_measured(metrics, text, caplog):
     monitor.splits, monitor.last, monitor._last_step = {"train": [0] * 7, "val": [0] * 3}, None, -1
     monitor.run = lambda model: dict(metrics)
     with caplog.at_level(logging.INFO, logger="mae_fast.train"):
-        assert monitor.maybe_run(None, 2, 2) == {**metrics, "step": 2, "epoch": 1.0}
+        assert monitor.maybe_run(None, 2, StepPlan.uniform_epochs(2, 3)) == {**metrics, "step": 2, "epoch": 1.0}
     lines = [m for m in (r.getMessage() for r in caplog.records) if m.startswith("k-NN")]
     assert len(lines) == 1 and lines[0].startswith(f"k-NN (k=20, T=0.07, cls pooling) at step 2 (epoch 1.00): {text} "
                                                    f"(7 train / 3 val images, "), lines

@@ -12,7 +12,8 @@ import torch.nn as nn
 from mae_fast.device import DistInfo
 from mae_fast.errors import NonFiniteLossError
 from mae_fast.train.data.loader_base import Loader
-from mae_fast.train.engine.loop import FAULT_NAN_AT_STEP, Job, fit, plan_steps
+from mae_fast.train.engine.loop import FAULT_NAN_AT_STEP, Job, fit
+from mae_fast.train.engine.steps import StepPlan, plan_steps
 from mae_fast.train.engine.optim import lr_at
 
 IN, OUT = 5, 3
@@ -112,10 +113,22 @@ def hand_written(cfg: ToyConfig, num_batches: int = 5) -> nn.Module:
 
 def test_plan_steps_counts_whole_accumulations_and_names_the_data():
     cfg = ToyConfig(accum_iter=2, epochs=3)
-    assert plan_steps(cfg, 5) == (2, 6)
-    assert plan_steps(dataclasses.replace(cfg, max_steps=4), 5) == (2, 4)
+    plan = plan_steps(cfg, [(5, 4)] * 3)
+    assert (plan.epoch_steps, plan.total_steps) == ([2, 2, 2], 6)
+    assert plan_steps(dataclasses.replace(cfg, max_steps=4), [(5, 4)] * 3).total_steps == 4
     with pytest.raises(ValueError, match="toy: 1 batches of 4 per process per epoch, fewer than --accum-iter 2"):
-        plan_steps(cfg, 1)
+        plan_steps(cfg, [(5, 4), (1, 4), (5, 4)])
+
+
+def test_step_plan_of_unequal_epochs_places_every_step():
+    plan = StepPlan([4, 2, 2])  # e.g. a batch twice the final one in the first epoch
+    assert plan.total_steps == 8 and not plan.uniform
+    assert [plan.epoch_of(s) for s in range(8)] == [0, 0, 0, 0, 1, 1, 2, 2]
+    assert [plan.progress(s) for s in (0, 2, 4, 5, 6, 8)] == [0.0, 0.5, 1.0, 1.5, 2.0, 3.0]
+    assert [s for s in range(9) if plan.ends_epoch(s)] == [4, 6, 8]
+    assert [plan.epochs_done(s) for s in (0, 3, 4, 7, 8)] == [0, 0, 1, 2, 3]
+    uniform = StepPlan.uniform_epochs(3, 4)
+    assert uniform.uniform and all(uniform.progress(s) == s / 3 for s in range(13))  # as the fixed-size loop
 
 
 def test_fit_computes_what_a_hand_written_loop_computes(tmp_path):

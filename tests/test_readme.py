@@ -95,12 +95,12 @@ def kept_steps(argv: List[str]) -> List[int]:
     steps and at the last, the newest --keep-checkpoints of them (the loop's own step count)."""
     from mae_fast.train.data.sources import demo_dir
     from mae_fast.train.engine.config import parse_config
-    from mae_fast.train.engine.loop import plan_steps
+    from mae_fast.train.engine.steps import plan_steps
 
     cfg = parse_config(argv)
     assert cfg.data == "demo" and cfg.accum_iter == 1
     images = len(list(Path(demo_dir()).glob("*.jpg")))
-    _, total = plan_steps(cfg, images // cfg.batch_size)  # the demo loader drops the last partial batch
+    total = plan_steps(cfg, [(images // cfg.batch_size, cfg.batch_size)] * cfg.epochs).total_steps  # drop_last
     saved = sorted({s for s in range(cfg.save_every, total + 1, cfg.save_every)} | {total})
     return saved[-cfg.keep_checkpoints:] if cfg.keep_checkpoints else saved
 

@@ -7,9 +7,14 @@
 Runs are exactly resumable (``--resume auto``): checkpoints hold model (official keys), optimizer,
 step, epoch, loader position, RNG states and config; masks are drawn from a per-step generator so
 that the same global batch gives the same masks whatever the number of processes.
+
+Progressive resolution (``--grow-from 224 --img-size 448``): each epoch's image side, batch and lr come from
+``cfg.schedule()`` (mae_fast/resolution.py); the loader crops to it and the model takes it (``set_input_size``),
+while checkpoints keep the final size's position tables.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import sys
@@ -20,15 +25,16 @@ import numpy as np
 import torch
 
 from mae_fast.checkpoint import load_mae_checkpoint
-from mae_fast.device import DistInfo, autocast_for
+from mae_fast.device import DistInfo, autocast_for, compute_dtype
 from mae_fast.model_spec import ModelSpec
 from mae_fast.model_spec import build_model as build_from_spec
 from mae_fast.models_mae import MaskedAutoencoderViT
 
 from .engine.cli import AUTO, run_main
 from .engine.config import PretrainConfig, parse_config
-from .engine.loop import Job, adamw_step, fit, start
+from .engine.loop import EpochShape, Job, adamw_step, fit, start
 from .engine.optim import build_adamw
+from .engine.steps import StepPlan
 from .evaluation.knn import KnnMonitor
 from .run_state import RunLog
 
@@ -57,18 +63,48 @@ def memory_tracer(cfg: PretrainConfig, device: torch.device) -> Any:
 
 def plan_memory(cfg: PretrainConfig, device: torch.device) -> Optional[Any]:
     """Resolve ``--batch-size auto`` / ``--grad-checkpointing auto`` in ``cfg`` from the predicted peak
-    memory of the real step (mae_fast.memory.plan_batch); returns the plan, or None when nothing was auto."""
+    memory of the real step (mae_fast.memory.plan_batch), at every size of a resolution schedule (see
+    :func:`plan_schedule_sizes`); returns the final size's plan, or None when nothing was auto."""
     if AUTO not in (cfg.batch_size, cfg.grad_checkpointing):
         return None
     from mae_fast.memory import plan_batch
 
     budget = int(cfg.memory_budget * 2**30) if cfg.memory_budget else None
+    auto_batch = cfg.batch_size == AUTO
     plan = plan_batch(memory_tracer(cfg, device), budget_bytes=budget,
-                      batch=None if cfg.batch_size == AUTO else cfg.batch_size,
+                      batch=None if auto_batch else cfg.batch_size,
                       grad_checkpointing=None if cfg.grad_checkpointing == AUTO else cfg.grad_checkpointing)
     cfg.batch_size, cfg.grad_checkpointing = plan.batch_size, plan.grad_checkpointing
     log.info("memory %s", plan.describe())
+    plan_schedule_sizes(cfg, device, budget, auto_batch)
     return plan
+
+
+def plan_schedule_sizes(cfg: PretrainConfig, device: torch.device, budget: Optional[int], auto_batch: bool) -> None:
+    """The planned step at every other size of the resolution schedule, at its batch (a multiple of the final
+    one with ``--grow-batch tokens``), each logged. One that would not fit lowers an ``auto`` batch to what fits
+    there; a batch the user gave raises MemoryPlanError naming the size and batch."""
+    from mae_fast.errors import MemoryPlanError
+    from mae_fast.memory import plan_batch
+
+    schedule = cfg.schedule()
+    for first, _, size in schedule.phases():
+        if size == cfg.img_size:
+            continue
+        multiple = schedule.batch_at(first, 1)
+        tracer = memory_tracer(dataclasses.replace(cfg, img_size=size), device)
+        plan = plan_batch(tracer, budget_bytes=budget, batch=cfg.batch_size * multiple,
+                          grad_checkpointing=cfg.grad_checkpointing)
+        if not plan.fits and auto_batch:
+            largest = plan_batch(tracer, budget_bytes=budget, grad_checkpointing=cfg.grad_checkpointing).batch_size
+            cfg.batch_size = max(1, largest // multiple)
+            plan = plan_batch(tracer, budget_bytes=budget, batch=cfg.batch_size * multiple,
+                              grad_checkpointing=cfg.grad_checkpointing)
+            log.info("memory at %d px: the batch is lowered to %d (x%d here) to fit", size, cfg.batch_size, multiple)
+        log.info("memory at %d px: %s", size, plan.describe())
+        if not plan.fits:
+            raise MemoryPlanError(f"at {size} px the batch {cfg.batch_size * multiple} does not fit: {plan.describe()}; "
+                                  f"use a smaller --batch-size or --grow-batch fixed")
 
 
 def out_of_memory_message(cfg: PretrainConfig, device: torch.device) -> str:
@@ -104,7 +140,35 @@ class PretrainJob(Job):
         base_lr = cfg.lr if cfg.lr is not None else cfg.blr * cfg.effective_batch * info.world_size / 256
         super().__init__(cfg, model, loader, base_lr, info, device)
         self.max_skips, self.distributed = cfg.skip_nonfinite, cfg.distributed
+        self.schedule = cfg.schedule()
+        self.shape = EpochShape(cfg.img_size, cfg.batch_size)  # the current epoch's (enter_epoch)
         self.knn = KnnMonitor.from_config(cfg, info, device)  # --knn-data: checked and scanned before training
+        if self.schedule.grows and info.is_main:
+            log.info("resolution schedule: %s", self.schedule.describe())
+            for first, end, size in self.schedule.phases():
+                shape = self.epoch_shape(first)
+                log.info("  epochs %d-%d: %d px, batch %d per process (%d in all), base lr %.3g", first, end - 1,
+                         size, shape.batch_size, shape.batch_size * cfg.accum_iter * info.world_size,
+                         base_lr * shape.lr_scale)
+
+    def epoch_shape(self, epoch: int) -> Optional[EpochShape]:
+        if not self.schedule.grows:
+            return None
+        multiple = self.schedule.batch_at(epoch, 1)
+        return EpochShape(self.schedule.size_at(epoch), self.cfg.batch_size * multiple, float(multiple))
+
+    def enter_epoch(self, epoch: int) -> None:
+        shape = self.epoch_shape(epoch)
+        if shape is None or shape == self.shape:
+            return
+        self.shape = shape
+        self.model.set_input_size(shape.img_size)
+        if self.cfg.attn_backend == "auto":  # timed again at this size's shapes (on CUDA)
+            self.model.set_attn_backend("auto", dtype=compute_dtype(self.cfg.precision), batch=shape.batch_size,
+                                        mask_ratio=self.cfg.mask_ratio)
+        if self.info.is_main:
+            log.info("epoch %d: %d px, batch %d per process, lr x%g", epoch, shape.img_size, shape.batch_size,
+                     shape.lr_scale)
 
     def optimizer_for(self, wrapped: torch.nn.Module) -> torch.optim.Optimizer:
         return build_adamw(wrapped, self.base_lr, self.cfg.weight_decay)
@@ -112,7 +176,7 @@ class PretrainJob(Job):
     def loss(self, imgs: torch.Tensor, step: int, micro: int) -> Tuple[torch.Tensor, int]:
         cfg, info, device = self.cfg, self.info, self.device
         imgs = imgs.to(device, torch.float64 if cfg.precision == "fp64" else None, non_blocking=True)
-        noise = mask_noise(cfg.seed, step, micro, cfg.batch_size * info.world_size, self.model.config.num_patches,
+        noise = mask_noise(cfg.seed, step, micro, self.shape.batch_size * info.world_size, self.model.input_patches,
                            info, device)
         with autocast_for(cfg.precision, device):
             loss, _, _ = self.wrapped(imgs, mask_ratio=cfg.mask_ratio, noise=noise)
@@ -121,16 +185,19 @@ class PretrainJob(Job):
     def check_resumable(self, state: Dict[str, Any], source: str) -> None:
         check_resumable(self.model, state, source)
 
-    def evaluate(self, step: int, steps_per_epoch: int, total_steps: int, runlog: RunLog) -> None:
+    def evaluate(self, step: int, plan: StepPlan, runlog: RunLog) -> None:
         if self.knn is not None:
-            self.knn.maybe_run(self.model, step, steps_per_epoch, runlog, final=step == total_steps)
+            with self.model.input_size_as(self.cfg.img_size):  # its images are of the final size
+                self.knn.maybe_run(self.model, step, plan, runlog, final=step == plan.total_steps)
 
     def summary(self) -> Dict[str, Any]:
-        return {"skipped_images": [p for p, _ in self.loader.skipped],
+        grown = {"resolution": self.schedule.describe()} if self.schedule.grows else {}
+        return {**grown, "skipped_images": [p for p, _ in self.loader.skipped],
                 "knn": self.knn.last if self.knn is not None else None}
 
     def figures(self, out: Path) -> Dict[str, Any]:
-        return write_figures(self.cfg, self.model, out)
+        with self.model.input_size_as(self.cfg.img_size):
+            return write_figures(self.cfg, self.model, out)
 
     def close(self) -> None:
         if self.knn is not None:

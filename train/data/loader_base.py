@@ -33,6 +33,7 @@ from mae_fast.errors import NoReadableImagesError
 log = logging.getLogger("mae_fast.data")
 
 T = TypeVar("T")
+Shape = Callable[[int], tuple[int, int]]  # epoch -> (image side, per-process batch size)
 
 
 def epoch_order(num_files: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
@@ -67,6 +68,29 @@ class Loader(ABC):
         self.epoch, self.batch = 0, 0
         self.skipped: list[tuple[str, str]] = []  # unreadable files found before training
         self._runtime_skipped: dict[str, str] = {}  # ... and while decoding
+        self._shape: Shape | None = None  # the (img_size, batch_size) plan per epoch, see follow()
+
+    # ----- shape plan (progressive resolution) -----
+    def follow(self, shape: Shape) -> None:
+        """Read epoch ``e`` at ``img_size, batch_size = shape(e)`` from now on, the current epoch at once
+        (call it before reading or restoring a position: a batch index is kept as it is)."""
+        if getattr(self, "img_size", None) is None:
+            raise ValueError(f"the {self.kind} loader has no image size to follow a plan with")
+        self._shape = shape
+        self._apply_plan(self.epoch)
+
+    def _apply_plan(self, epoch: int) -> None:
+        """Take the plan's image size and batch size for ``epoch`` (nothing without a plan)."""
+        if self._shape is not None:
+            img_size, batch_size = self._shape(epoch)
+            self._reshape(int(img_size), int(batch_size), epoch)
+
+    def _reshape(self, img_size: int, batch_size: int, epoch: int) -> None:
+        """Read ``epoch`` at ``img_size`` px in batches of ``batch_size``; loaders with state that depends on
+        them check or rebuild it."""
+        if batch_size < 1:
+            raise ValueError(f"the planned batch size of epoch {epoch} must be >= 1, got {batch_size}")
+        self.img_size, self.batch_size = img_size, batch_size
 
     # ----- position -----
     def shard_size(self) -> int:
@@ -75,9 +99,13 @@ class Loader(ABC):
         return n // self.world_size + (1 if self.rank < n % self.world_size else 0)
 
     def __len__(self) -> int:
+        return self.batches_at(self.batch_size)
+
+    def batches_at(self, batch_size: int) -> int:
+        """``len(self)`` in batches of ``batch_size`` (this loader is left as it is)."""
         if self.drop_last:
-            return (self.num_files // self.world_size) // self.batch_size
-        return math.ceil(self.shard_size() / self.batch_size)
+            return (self.num_files // self.world_size) // batch_size
+        return math.ceil(self.shard_size() / batch_size)
 
     def order(self, epoch: int) -> list[int]:
         """This rank's file indices for ``epoch``."""
@@ -88,16 +116,23 @@ class Loader(ABC):
         """Select ``epoch``; a new epoch starts at batch 0, the current one keeps its position."""
         if epoch != self.epoch:
             self.epoch, self.batch = int(epoch), 0
+        self._apply_plan(self.epoch)
 
     def state_dict(self) -> dict[str, Any]:
-        """Position after the last batch handed out: resume yields the batch after it."""
-        return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed,
-                "batch_size": self.batch_size, "world_size": self.world_size,
-                "num_files": self.num_files, "kind": self.kind}
+        """Position after the last batch handed out: resume yields the batch after it (``img_size``, where
+        the loader has one, is informational)."""
+        state = {"epoch": self.epoch, "batch": self.batch, "seed": self.seed,
+                 "batch_size": self.batch_size, "world_size": self.world_size,
+                 "num_files": self.num_files, "kind": self.kind}
+        if getattr(self, "img_size", None) is not None:
+            state["img_size"] = self.img_size
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a position; a changed batch size or world size maps it by samples seen."""
+        """Restore a position; a changed batch size or world size (after the plan's batch size for the saved
+        epoch is taken) maps it by samples seen."""
         epoch, batch = int(state["epoch"]), int(state["batch"])
+        self._apply_plan(epoch)
         old = (state.get("batch_size", self.batch_size), state.get("world_size", self.world_size))
         if old != (self.batch_size, self.world_size):
             seen = batch * old[0] * old[1]
@@ -112,6 +147,7 @@ class Loader(ABC):
         self.epoch, self.batch = epoch, min(batch, len(self))
 
     def __iter__(self) -> Iterator[Any]:
+        self._apply_plan(self.epoch)  # the epoch may have advanced at the end of the last pass
         epoch, start = self.epoch, self.batch
         yielded = 0
         for i, (images, labels) in enumerate(self._iter_epoch(epoch, start)):
@@ -132,6 +168,7 @@ class Loader(ABC):
                         "while decoding; each named above)", epoch, len(self.skipped) + n_run,
                         len(self.skipped), n_run)
         self.epoch, self.batch = epoch + 1, 0
+        self._apply_plan(self.epoch)
 
     def _report_unreadable(self, errors: list[str]) -> None:
         """One warning line per file that failed to decode ("path: why"), once per run."""
@@ -153,15 +190,17 @@ class Loader(ABC):
 
 # ---------------------------------------------------------------- torch DataLoader plumbing
 class EpochBatches(Sampler):
-    """Batches of (epoch, file index) keys, set by the loader before each pass (no back reference,
-    so a dropped loader shuts its workers down at once)."""
+    """Batches of (epoch, file index) keys, or (epoch, file index, image size) when ``size`` is set: the
+    worker processes read the epoch's size from the keys. Set by the loader before each pass (no back
+    reference, so a dropped loader shuts its workers down at once)."""
 
     def __init__(self) -> None:
-        self.epoch, self.batches = 0, []
+        self.epoch, self.batches, self.size = 0, [], None
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+    def __iter__(self) -> Iterator[list[tuple[int, ...]]]:
+        extra = () if self.size is None else (self.size,)
         for idx in self.batches:
-            yield [(self.epoch, i) for i in idx]
+            yield [(self.epoch, i, *extra) for i in idx]
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -193,9 +232,10 @@ class EpochDataLoader:
             persistent_workers=workers > 0, generator=torch.Generator(),
             prefetch_factor=prefetch_factor if workers else None)
 
-    def run(self, epoch: int, batches: list[list[int]]) -> Iterator[Any]:
-        """Collated batches of ``epoch`` for the given file-index batches, in order."""
-        self.sampler.epoch, self.sampler.batches = epoch, batches
+    def run(self, epoch: int, batches: list[list[int]], size: int | None = None) -> Iterator[Any]:
+        """Collated batches of ``epoch`` for the given file-index batches, in order; with ``size`` the
+        keys are (epoch, index, size)."""
+        self.sampler.epoch, self.sampler.batches, self.sampler.size = epoch, batches, size
         self.dataloader.generator.manual_seed(dataloader_seed(self.seed, epoch))
         return iter(self.dataloader)
 

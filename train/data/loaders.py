@@ -10,7 +10,6 @@ sharding or the resume point.
 """
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from typing import Iterator
@@ -19,6 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from . import dali_loader, nvjpeg_loader
+from .labelled import collate_labelled
 from .loader_base import EpochDataLoader, Loader, default_workers
 from .shards import is_shard_source
 from .sources import ImageList, scan_source
@@ -32,33 +32,21 @@ _AUTO_LOGGED = False
 
 # ---------------------------------------------------------------- PIL / torch DataLoader
 class _Samples(Dataset):
-    """Decode + augment one (epoch, file index) key; unreadable files come back as errors."""
+    """Decode + augment one (epoch, file index, image size) key; unreadable files come back as errors."""
 
-    def __init__(self, images: ImageList, img_size: int, seed: int, scale: tuple[float, float],
-                 strict: bool) -> None:
-        self.paths, self.img_size, self.seed = images.paths, img_size, seed
-        self.scale, self.strict = scale, strict
+    def __init__(self, images: ImageList, seed: int, scale: tuple[float, float], strict: bool) -> None:
+        self.paths, self.seed, self.scale, self.strict = images.paths, seed, scale, strict
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor | None, int, str | None]:
-        epoch, idx = key
+    def __getitem__(self, key: tuple[int, int, int]) -> tuple[torch.Tensor | None, int, str | None]:
+        epoch, idx, size = key
         img, reason = load_rgb_or_reason(self.paths[idx], self.strict)
         if img is None:
             return None, idx, reason
         box, flip = sample_params(img.width, img.height, self.seed, epoch, idx, self.scale)
-        return augment_pil(img, self.img_size, box, flip), idx, None
-
-
-def _collate(items: list, img_size: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    good = [(t, i) for t, i, err in items if err is None]
-    errors = [err for _, _, err in items if err is not None]
-    if good:
-        images = torch.stack([t for t, _ in good])
-    else:
-        images = torch.empty(0, 3, img_size, img_size, dtype=torch.uint8)
-    return images, torch.tensor([i for _, i in good], dtype=torch.long), errors
+        return augment_pil(img, size, box, flip), idx, None
 
 
 class PILLoader(Loader):
@@ -77,15 +65,15 @@ class PILLoader(Loader):
         self.images, self.img_size = images, img_size
         self.skipped = list(images.skipped)
         self._labels = torch.tensor(images.labels, dtype=torch.long)
-        self._dl = EpochDataLoader(_Samples(images, img_size, seed, scale, strict),
-                                   functools.partial(_collate, img_size=img_size), seed, num_workers,
-                                   pin_memory=self.device.type == "cuda",
+        self._dl = EpochDataLoader(_Samples(images, seed, scale, strict), collate_labelled, seed,
+                                   num_workers, pin_memory=self.device.type == "cuda",
                                    prefetch_factor=prefetch_factor)
 
     def _iter_epoch(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for images, idx, errors in self._dl.run(epoch, list(self._batch_ranges(self.order(epoch), start))):
+        batches = list(self._batch_ranges(self.order(epoch), start))
+        for images, idx, errors in self._dl.run(epoch, batches, self.img_size):  # workers see the size
             self._report_unreadable(errors)
-            if len(images) == 0:
+            if images is None:
                 continue
             images = normalize(images.to(self.device, non_blocking=True), self.dtype)
             yield images, self._labels[idx].to(self.device, non_blocking=True)
@@ -97,7 +85,8 @@ class PILLoader(Loader):
 
 # ---------------------------------------------------------------- synthetic
 class SyntheticLoader(Loader):
-    """Device-resident random images (one pre-generated batch, yielded every step) for benchmarks."""
+    """Device-resident random images (one pre-generated batch, yielded every step) for benchmarks; an
+    epoch is ``num_batches`` batches of the construction-time batch size (fewer at a larger planned one)."""
 
     kind = "synthetic"
 
@@ -107,13 +96,20 @@ class SyntheticLoader(Loader):
                  num_batches: int = 100) -> None:
         super().__init__(batch_size, seed, rank, world_size, False, with_labels,
                          num_batches * batch_size * world_size, device, dtype, source="synthetic")
+        self.img_size = img_size
+        self._images, self._labels = self._generate()
+
+    def _generate(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch at the current size and batch size, from a generator seeded by (seed, rank)."""
         g = torch.Generator(device=self.device)
-        g.manual_seed(seed * 1000003 + rank)
-        self._images = torch.randn(batch_size, 3, img_size, img_size, generator=g,
-                                   device=self.device, dtype=torch.float32).to(dtype)
-        self._labels = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+        g.manual_seed(self.seed * 1000003 + self.rank)
+        images = torch.randn(self.batch_size, 3, self.img_size, self.img_size, generator=g,
+                             device=self.device, dtype=torch.float32).to(self.dtype)
+        return images, torch.zeros(self.batch_size, dtype=torch.long, device=self.device)
 
     def _iter_epoch(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self._images.shape != (self.batch_size, 3, self.img_size, self.img_size):
+            self._images, self._labels = self._generate()
         for _ in range(start, len(self)):
             yield self._images, self._labels
 

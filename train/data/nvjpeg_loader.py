@@ -118,34 +118,35 @@ class NvJPEGLoader(Loader):
         self._pool = ThreadPoolExecutor(max(1, num_threads), thread_name_prefix="mae-read")
 
     def _iter_epoch(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        batches = list(self._batch_ranges(self.order(epoch), start))
+        batches, size = list(self._batch_ranges(self.order(epoch), start)), self.img_size
         reads: dict[int, list] = {}
 
         def produce(b: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
             for j in (b, b + 1):  # file reads run one batch ahead of decoding
                 if j < len(batches) and j not in reads:
                     reads[j] = [self._pool.submit(read_encoded, self.images.paths[i]) for i in batches[j]]
-            return self._make_batch(epoch, batches[b], [f.result() for f in reads.pop(b)])
+            return self._make_batch(epoch, batches[b], [f.result() for f in reads.pop(b)], size)
 
         for images, labels, errors in prefetched(produce, len(batches), self.decode_device, self.prefetch):
             self._report_unreadable(errors)
             if len(labels):
                 yield images, labels
 
-    def _make_batch(self, epoch: int, idx: list[int], encoded: list[bytearray | None]
+    def _make_batch(self, epoch: int, idx: list[int], encoded: list[bytearray | None], size: int
                     ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        """Decode, crop, resize, flip and normalize one batch: (images, labels, unreadable files)."""
+        """Decode, crop, resize to ``size`` px, flip and normalize one batch: (images, labels, unreadable
+        files)."""
         decoded = self.decode(idx, encoded)
         keep = [k for k, img in enumerate(decoded) if not isinstance(img, str)]
         errors = [img for img in decoded if isinstance(img, str)]
         if not keep:
-            empty = torch.empty(0, 3, self.img_size, self.img_size, device=self.device, dtype=self.dtype)
+            empty = torch.empty(0, 3, size, size, device=self.device, dtype=self.dtype)
             return empty, torch.empty(0, dtype=torch.long, device=self.device), errors
         good = np.asarray([idx[k] for k in keep])
         imgs = [decoded[k] for k in keep]
         wh = np.asarray([(img.shape[-1], img.shape[-2]) for img in imgs])
         boxes, flips = sample_params_batch(wh[:, 0], wh[:, 1], self.seed, epoch, good, self.scale)
-        images = normalize(resized_crops(imgs, self.img_size, boxes, flips), self.dtype)
+        images = normalize(resized_crops(imgs, size, boxes, flips), self.dtype)
         labels = self._labels[torch.from_numpy(good)]
         return (images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True),
                 errors)

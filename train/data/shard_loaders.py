@@ -34,18 +34,19 @@ from .transforms import SCALE, augment_pil, normalize, sample_params
 
 log = logging.getLogger("mae_fast.data")
 
-SampleFn = Callable[[Image.Image, int, int], torch.Tensor]  # (image, epoch, sample id) -> tensor
+SampleFn = Callable[..., torch.Tensor]  # (image, epoch, sample id[, image size]) -> tensor
 
 
 class MAEAugment:
-    """Pretraining sample: RandomResizedCrop + flip drawn from (seed, epoch, sample id), uint8."""
+    """Pretraining sample: RandomResizedCrop + flip drawn from (seed, epoch, sample id), uint8, resized to
+    ``size`` px (default ``img_size``)."""
 
     def __init__(self, img_size: int, seed: int, scale: tuple[float, float] = SCALE) -> None:
         self.img_size, self.seed, self.scale = img_size, seed, scale
 
-    def __call__(self, img: Image.Image, epoch: int, gid: int) -> torch.Tensor:
+    def __call__(self, img: Image.Image, epoch: int, gid: int, size: int | None = None) -> torch.Tensor:
         box, flip = sample_params(img.width, img.height, self.seed, epoch, gid, self.scale)
-        return augment_pil(img, self.img_size, box, flip)
+        return augment_pil(img, size or self.img_size, box, flip)
 
 
 class SeededTransform:
@@ -109,6 +110,7 @@ class _ShardLoader(Loader):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """As for folders; with the same streams and global batch on another number of processes the
         global order is the same, so the position is exact."""
+        self._apply_plan(int(state["epoch"]))  # compare with the batch size of the saved epoch
         for key in ("streams", "block"):
             if key in state and state[key] != getattr(self, key):
                 log.warning("loader state has %s=%s but this loader has %s: the resumed order will "
@@ -125,8 +127,8 @@ class _ShardLoader(Loader):
 
 # ---------------------------------------------------------------- PIL
 class _ShardSamples(Dataset):
-    """Decode one (epoch, (sample id, name, bytes)) key and apply ``make``; failures come back as
-    "name: why" errors (or raise with ``strict``)."""
+    """Decode one (epoch, (sample id, name, bytes)[, image size]) key and apply ``make`` (given the size
+    when the key has one); failures come back as "name: why" errors (or raise with ``strict``)."""
 
     def __init__(self, make: SampleFn, strict: bool) -> None:
         self.make, self.strict = make, strict
@@ -134,16 +136,15 @@ class _ShardSamples(Dataset):
     def __len__(self) -> int:
         return 0  # keys carry their data: the sampler decides what is read
 
-    def __getitem__(self, key: tuple[int, tuple[int, str, bytes]]
-                    ) -> tuple[torch.Tensor | None, int, str | None]:
-        epoch, (gid, name, data) = key
+    def __getitem__(self, key: tuple[Any, ...]) -> tuple[torch.Tensor | None, int, str | None]:
+        epoch, (gid, name, data), *size = key
         try:
             img = decode_bytes(data)
         except Exception as e:  # noqa: BLE001 - any decode failure is reported, never silent
             if self.strict:
                 raise UnreadableImageError(f"unreadable image {name}: {e} ({STRICT_DATA_HINT})") from e
             return None, gid, f"{name}: {e}"
-        return self.make(img, epoch, gid), gid, None
+        return self.make(img, epoch, gid, *size), gid, None
 
 
 def _collate(items: list) -> tuple[torch.Tensor | None, torch.Tensor, list[str]]:
@@ -172,7 +173,8 @@ class _Batches:
 
 
 class ShardPILLoader(_ShardLoader):
-    """Shards read with webdataset in this process, decoded by DataLoader workers with Pillow."""
+    """Shards read with webdataset in this process, decoded by DataLoader workers with Pillow; with the
+    MAE augmentation it has an ``img_size``, handed to the workers in each epoch's keys."""
 
     kind = "pil"
 
@@ -186,6 +188,7 @@ class ShardPILLoader(_ShardLoader):
                          streams=streams, block=block)
         self._dl = EpochDataLoader(_ShardSamples(make, strict), _collate, seed, num_workers,
                                    pin_memory=self.device.type == "cuda")
+        self.img_size: int | None = getattr(make, "img_size", None)  # None: the transform sets it
 
     def _records(self, epoch: int, start: int) -> Iterator[tuple[int, str, bytes]]:
         ss = self.images
@@ -196,7 +199,7 @@ class ShardPILLoader(_ShardLoader):
 
     def _iter_epoch(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         batches = _Batches(len(self) - start, self._records(epoch, start), self.batch_size)
-        for images, gids, errors in self._dl.run(epoch, batches):  # type: ignore[arg-type]
+        for images, gids, errors in self._dl.run(epoch, batches, self.img_size):  # type: ignore[arg-type]
             self._report_unreadable(errors)
             if images is None:
                 continue
@@ -245,10 +248,7 @@ class ShardDALILoader(_ShardLoader):
         super().__init__(shards, batch_size, seed=seed, rank=rank, world_size=world_size, device=device,
                          with_labels=with_labels, dtype=dtype, shuffle=shuffle, drop_last=drop_last,
                          streams=streams, block=block)
-        k = self.streams // world_size
-        if batch_size % k:
-            raise ShardError(f"the DALI loader reads {k} streams per process ({self.streams} streams, "
-                             f"{world_size} processes): --batch-size {batch_size} must be a multiple of {k}")
+        self._check_streams(f"--batch-size {batch_size}", batch_size)
         if (shards.wh <= 0).any():
             raise ValueError("the DALI loader needs image sizes from the shard index: use verify='fast' "
                              "or 'full', not 'none'")
@@ -258,6 +258,17 @@ class ShardDALILoader(_ShardLoader):
             self.device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
         self._tmp = Path(tempfile.mkdtemp(prefix="mae-fast-dali-index-"))
         weakref.finalize(self, shutil.rmtree, str(self._tmp), True)
+
+    def _check_streams(self, what: str, batch_size: int) -> None:
+        """ShardError unless ``batch_size`` (named ``what``) splits evenly over this process's streams."""
+        k = self.streams // self.world_size
+        if batch_size % k:
+            raise ShardError(f"the DALI loader reads {k} streams per process ({self.streams} streams, "
+                             f"{self.world_size} processes): {what} must be a multiple of {k}")
+
+    def _reshape(self, img_size: int, batch_size: int, epoch: int) -> None:
+        self._check_streams(f"the batch size of epoch {epoch} ({batch_size})", batch_size)
+        super()._reshape(img_size, batch_size, epoch)
 
     def _reader_inputs(self, epoch: int, plan: list[Block], n: int, m: int
                        ) -> tuple[list[str], list[str], np.ndarray]:

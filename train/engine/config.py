@@ -13,7 +13,8 @@ from mae_fast.compile import COMPILE_MODES
 from mae_fast.device import DEVICE_CHOICES, PRECISION_DTYPES
 from mae_fast.errors import ConfigError
 from mae_fast.kernels import KERNEL_BACKENDS
-from mae_fast.models_mae import ACTIVATION_DTYPES, MODELS
+from mae_fast.models_mae import ACTIVATION_DTYPES, MODEL_CONFIGS, MODELS
+from mae_fast.resolution import GROW_BATCH, ResolutionSchedule, from_options
 
 from ..data.loader_base import default_workers
 from ..data.loaders import KINDS as LOADER_KINDS
@@ -26,7 +27,16 @@ class PretrainConfig:
     """Every option of ``mae-pretrain``; the help text and allowed range of each flag is its metadata."""
 
     model: str = opt("model factory name", "mae_vit_large_patch16", choices=sorted(MODELS))
-    img_size: int = opt("input resolution (multiple of the patch)", 224, min=1)
+    img_size: int = opt("input resolution (multiple of the patch); with --grow-from, the final one", 224, min=1)
+    grow_from: int = opt("progressive resolution: the first epoch's image side, growing linearly to --img-size over "
+                         "--grow-epochs, then --img-size to the end (0: --img-size throughout, the paper's setting)",
+                         0, min=0)
+    grow_epochs: Optional[int] = opt("epochs over which the side grows (default: 60%% of --epochs)", None, min=0)
+    grow_step: int = opt("sizes in between are multiples of this many px (0: two patches); each size is compiled "
+                         "once", 0, min=0)
+    grow_batch: str = opt("fixed (the same batch and lr at every size) | tokens (batch and lr x floor(L_final / L) "
+                          "at a size of L patches: about the final size's tokens per batch)", "fixed",
+                          choices=list(GROW_BATCH))
     data: str = opt("image folder, ImageFolder tree, list file, tar shards (a .tar file, a brace pattern, a "
                     "folder of .tar files or a list file of them), or 'demo'", "demo")
     loader: str = opt("auto (DALI on CUDA when installed, else nvjpeg on CUDA when torchvision decodes JPEG there "
@@ -101,6 +111,11 @@ class PretrainConfig:
     def effective_batch(self) -> int:
         return self.batch_size * self.accum_iter
 
+    def schedule(self) -> ResolutionSchedule:
+        """The image side (and batch rule) of every epoch: ``--img-size`` throughout unless ``--grow-from``."""
+        return from_options(self.img_size, self.grow_from, self.grow_epochs, self.epochs,
+                            MODEL_CONFIGS[self.model]["patch_size"], self.grow_step, self.grow_batch)
+
 
 PRESETS: Dict[str, Dict[str, Any]] = {
     # the paper's figures show reconstructions of a model trained without norm-pix loss: the demo does the same,
@@ -151,3 +166,8 @@ def validate(cfg: PretrainConfig) -> None:
         raise ConfigError(f"--activation-dtype bf16 needs --precision bf16, got --precision {cfg.precision}")
     if cfg.resume and cfg.overwrite:
         raise ConfigError("--resume and --overwrite contradict each other: continue the run or replace it")
+    if cfg.grow_from:
+        try:
+            cfg.schedule().check_bounded()
+        except ValueError as e:
+            raise ConfigError(f"--grow-from {cfg.grow_from} (--img-size {cfg.img_size}): {e}") from None

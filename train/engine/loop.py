@@ -2,7 +2,7 @@
 bottom as the official ``train_one_epoch``: per-iteration lr, micro-steps with gradient accumulation, loss
 scaling and non-finite handling (:class:`StepRunner`, no host synchronization per step), logging, evaluation
 and checkpoints. What differs between the commands is a :class:`Job`: how a batch becomes a loss, what is
-evaluated, what the summary holds.
+evaluated, what the summary holds, and (pretraining's resolution schedule) the image size, batch and lr of each epoch.
 
     mae-pretrain main -> run_main -> pretrain.train -> fit -> StepRunner.optimizer_step (scaler.step(optimizer))
 """
@@ -16,7 +16,7 @@ import signal
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -30,6 +30,7 @@ from ..run_state import (RunLog, agree_kernel_choices, choose_shared_run_dir, op
                          write_json)
 from .distributed import init_distributed, wrap_model
 from .optim import build_adamw, lr_at, set_lr
+from .steps import StepPlan, plan_steps
 
 log = logging.getLogger("mae_fast.train")
 
@@ -117,10 +118,9 @@ class StepRunner:
             self.reported = n
         return n
 
-    def log(self, step: int, steps_per_epoch: int, lr: float, runlog: RunLog, bar=None,
-            total_steps: int = 0) -> float:
+    def log(self, step: int, epoch: float, lr: float, runlog: RunLog, bar=None, total_steps: int = 0) -> float:
         """Host sync: mean loss since the last call (over ranks), images/s; writes CSV/TensorBoard and the
-        bar, or (no bar: output is not a terminal) one plain log line."""
+        bar, or (no bar: output is not a terminal) one plain log line. ``epoch``: epochs done, fractional."""
         stats = torch.stack([self.loss_sum, self.loss_count])
         if self.info.enabled:
             dist.all_reduce(stats)
@@ -128,12 +128,12 @@ class StepRunner:
         loss = total / count if count else float("nan")
         now = time.perf_counter()
         ips = self.images / max(now - self.t_log, 1e-9)
-        runlog.write(step, step / steps_per_epoch, loss, lr, ips)
+        runlog.write(step, epoch, loss, lr, ips)
         if bar is not None:
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
         elif self.info.is_main:
-            log.info("step %d/%d  epoch %.2f  loss %.4f  lr %.3e  %.0f img/s", step, total_steps,
-                     step / steps_per_epoch, loss, lr, ips)
+            log.info("step %d/%d  epoch %.2f  loss %.4f  lr %.3e  %.0f img/s", step, total_steps, epoch, loss, lr,
+                     ips)
         self.loss_sum.zero_()
         self.loss_count.zero_()
         self.images, self.t_log = 0, now
@@ -162,15 +162,12 @@ def adamw_step(precision: str, lr: float = 1.5e-4, weight_decay: float = 0.05, a
     return make_step
 
 
-def plan_steps(cfg: Any, batches_per_epoch: int) -> Tuple[int, int]:
-    """(optimizer steps per epoch, total steps) of a run from ``cfg`` (accum_iter, epochs, max_steps: 0 = all
-    epochs); ValueError naming the data when an epoch holds fewer batches than one accumulation."""
-    if batches_per_epoch < cfg.accum_iter:
-        raise ValueError(f"{cfg.data}: {batches_per_epoch} batches of {cfg.batch_size} per process per epoch, "
-                         f"fewer than --accum-iter {cfg.accum_iter}: use more images or a smaller batch")
-    steps_per_epoch = batches_per_epoch // cfg.accum_iter
-    total_steps = cfg.epochs * steps_per_epoch
-    return steps_per_epoch, min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+class EpochShape(NamedTuple):
+    """The image side, batch per process and lr multiple of one epoch (a resolution schedule's)."""
+
+    img_size: int
+    batch_size: int
+    lr_scale: float = 1.0
 
 
 class Job(ABC):
@@ -202,7 +199,14 @@ class Job(ABC):
     def resumed(self, state: Dict[str, Any]) -> None:
         """Take the job's own fields from a resumed checkpoint (e.g. the best accuracy so far)."""
 
-    def evaluate(self, step: int, steps_per_epoch: int, total_steps: int, runlog: RunLog) -> None:
+    def epoch_shape(self, epoch: int) -> Optional[EpochShape]:
+        """The image side, batch and lr multiple of ``epoch``, or None: the loader's and ``base_lr`` throughout."""
+        return None
+
+    def enter_epoch(self, epoch: int) -> None:
+        """Set the model up for ``epoch`` before its first batch (e.g. the input size of its shape)."""
+
+    def evaluate(self, step: int, plan: StepPlan, runlog: RunLog) -> None:
         """Evaluate when due after optimizer step ``step`` (k-NN monitor, top-1 each epoch); default none."""
 
     def checkpoint_extra(self) -> Dict[str, Any]:
@@ -223,6 +227,17 @@ class Job(ABC):
         """Release what the job holds open (loaders of an evaluation)."""
 
 
+def step_plan(cfg: Any, job: Job) -> StepPlan:
+    """The optimizer steps of each epoch: the loader's length, or with a schedule (``job.epoch_shape``) the
+    length at each epoch's batch, the loader then reading each epoch at its shape (``Loader.follow``)."""
+    loader = job.loader
+    if job.epoch_shape(0) is None:
+        return plan_steps(cfg, [(len(loader), loader.batch_size)] * cfg.epochs)
+    loader.follow(lambda epoch: tuple(job.epoch_shape(epoch)[:2]))
+    shapes = [job.epoch_shape(epoch) for epoch in range(cfg.epochs)]
+    return plan_steps(cfg, [(loader.batches_at(s.batch_size), s.batch_size) for s in shapes])
+
+
 def start(cfg: Any, default_dir: str) -> Tuple[DistInfo, torch.device, Path]:
     """This process's place (torchrun), device and run folder (chosen on rank 0, see
     :func:`run_state.choose_run_dir`); seeds the model init identically on every rank."""
@@ -239,7 +254,8 @@ def fit(cfg: Any, job: Job, out: Path) -> Dict[str, Any]:
     """Train ``job`` as configured from its newest state (``--resume``) to the last step; returns the summary
     also written to ``summary.json``."""
     info, device, loader = job.info, job.device, job.loader
-    steps_per_epoch, total_steps = plan_steps(cfg, len(loader))
+    plan = step_plan(cfg, job)
+    total_steps = plan.total_steps
     compiled = apply_compile(job.model, cfg.compile, device)
     model = job.wrapped = wrap_model(job.model, job.distributed, info, device)
     optimizer = job.optimizer_for(model)
@@ -257,8 +273,9 @@ def fit(cfg: Any, job: Job, out: Path) -> Dict[str, Any]:
     eff_batch = cfg.effective_batch * info.world_size
     if info.is_main:
         write_json(out / "config.json", dataclasses.asdict(cfg))
-        log.info("%s %s in %s: %d processes, effective batch %d, lr %.3g, %d steps/epoch, %d steps, device %s, "
-                 "compile %s", job.name, cfg.model, out, info.world_size, eff_batch, job.base_lr, steps_per_epoch,
+        log.info("%s %s in %s: %d processes, effective batch %d, lr %.3g, %s steps/epoch, %d steps, device %s, "
+                 "compile %s", job.name, cfg.model, out, info.world_size, eff_batch, job.base_lr,
+                 plan.epoch_steps[0] if plan.uniform else f"{min(plan.epoch_steps)}-{max(plan.epoch_steps)}",
                  total_steps, device, compiled)
     kill_at = int(os.environ.get(FAULT_KILL_AT_STEP, "-1"))
     nan_at = int(os.environ.get(FAULT_NAN_AT_STEP, "-1"))
@@ -268,18 +285,25 @@ def fit(cfg: Any, job: Job, out: Path) -> Dict[str, Any]:
 
         bar = tqdm(total=total_steps, initial=step, desc=job.name, dynamic_ncols=True)
     start_step, t_start, last_loss, lr = step, time.perf_counter(), float("nan"), 0.0
+    first_step_of_shape = start_step + 1
     model.train()
     try:
         while step < total_steps:
-            loader.set_epoch(loader.epoch)
+            epoch = loader.epoch
+            loader.set_epoch(epoch)
+            shape = job.epoch_shape(epoch)
+            base_lr = job.base_lr * (shape.lr_scale if shape else 1.0)
+            if shape and epoch > 0 and shape != job.epoch_shape(epoch - 1):
+                first_step_of_shape = step + 1  # a new size: its kernels are timed on its first step
+            job.enter_epoch(epoch)
             for batch in loader:
-                if loader.batch > steps_per_epoch * cfg.accum_iter:
+                if loader.batch > plan.steps_in(epoch) * cfg.accum_iter:
                     continue  # an epoch's tail that does not fill a whole accumulation
                 micro = (loader.batch - 1) % cfg.accum_iter
                 if micro == 0:  # per-iteration lr: linear warmup, then half-cycle cosine
                     if step == kill_at:
                         os.kill(os.getpid(), signal.SIGKILL)
-                    lr = lr_at(step / steps_per_epoch, job.base_lr, cfg.warmup_epochs, cfg.epochs, cfg.min_lr)
+                    lr = lr_at(plan.progress(step), base_lr, cfg.warmup_epochs, cfg.epochs, cfg.min_lr)
                     set_lr(optimizer, lr)
                 last_micro = micro == cfg.accum_iter - 1
                 with runner.sync_context(last_micro):  # gradients all-reduced on the last micro-step only
@@ -291,8 +315,9 @@ def fit(cfg: Any, job: Job, out: Path) -> Dict[str, Any]:
                     continue
                 runner.optimizer_step(step)  # skipped on the device when the gradients are not finite
                 step += 1
+                if step == first_step_of_shape:
+                    agree_kernel_choices(info)  # the first step (of a size) timed the Triton ops on each rank
                 if step == start_step + 1:
-                    agree_kernel_choices(info)  # the first step timed the Triton ops on each rank
                     if info.is_main and compiled != "off":
                         log.info("first step took %.1f s (includes torch.compile %s)",
                                  time.perf_counter() - t_start, compiled)
@@ -300,9 +325,9 @@ def fit(cfg: Any, job: Job, out: Path) -> Dict[str, Any]:
                     bar.update(1)
                 if step % cfg.log_every == 0 or step == total_steps:
                     runner.check(ckpts.last)
-                    last_loss = runner.log(step, steps_per_epoch, lr, runlog, bar, total_steps)
-                job.evaluate(step, steps_per_epoch, total_steps, runlog)
-                epoch_end = job.save_each_epoch and step % steps_per_epoch == 0
+                    last_loss = runner.log(step, plan.progress(step), lr, runlog, bar, total_steps)
+                job.evaluate(step, plan, runlog)
+                epoch_end = job.save_each_epoch and plan.ends_epoch(step)
                 if step % cfg.save_every == 0 or epoch_end or step == total_steps:
                     ckpts.save(step, **job.checkpoint_extra())
                 if step >= total_steps:

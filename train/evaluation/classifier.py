@@ -28,6 +28,7 @@ from ..data.loader_base import default_workers
 from ..engine.cli import add_config_flags, dataclass_parser, load_yaml, opt
 from ..engine.cli import parse_config as parse_dataclass_config
 from ..engine.loop import Job, start
+from ..engine.steps import StepPlan
 from ..run_state import RunLog, find_resume_checkpoint
 
 log = logging.getLogger("mae_fast.train")
@@ -339,16 +340,16 @@ class ClassifierJob(Job):
     def resumed(self, state: Dict[str, Any]) -> None:
         self.best = dict(state.get("best") or {})
 
-    def evaluate(self, step: int, steps_per_epoch: int, total_steps: int, runlog: RunLog) -> None:
-        if step % steps_per_epoch and step != total_steps:
+    def evaluate(self, step: int, plan: StepPlan, runlog: RunLog) -> None:
+        if not plan.ends_epoch(step) and step != plan.total_steps:
             return
         self.metrics = metrics = evaluate(self.model, self.eval_loader, self.cfg, self.device, self.info)
         if metrics["acc1"] >= self.best.get("acc1", -1.0):
             self.best = {**{k: metrics[k] for k in ("acc1", "acc5") if k in metrics}, "step": step}
         logged = {k: metrics[k] for k in ("acc1", "acc5", "loss") if k in metrics}
-        runlog.write_eval(step, step / steps_per_epoch, logged)
+        runlog.write_eval(step, plan.progress(step), logged)
         if self.info.is_main:
-            log.info("epoch %d (step %d): %s on %d images (best top-1 %.2f%%)", math.ceil(step / steps_per_epoch),
+            log.info("epoch %d (step %d): %s on %d images (best top-1 %.2f%%)", math.ceil(plan.progress(step)),
                      step, accuracy_text(metrics), metrics["images"], self.best["acc1"])
 
     def checkpoint_extra(self) -> Dict[str, Any]:

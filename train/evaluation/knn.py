@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from mae_fast.device import DistInfo
 
+from ..engine.steps import StepPlan
 from ..run_state import rng_state, set_rng_state
 from .features import POOLS, FeatureExtractor, mae_encoder
 
@@ -83,7 +84,7 @@ def unsharded(model: nn.Module) -> Iterator[None]:
 class KnnMonitor:
     """k-NN accuracy of a pretraining encoder on an ImageFolder tree with train/ and val/ (see the module doc).
 
-    ``maybe_run(model, step, steps_per_epoch, runlog, final)`` after each optimizer step: runs when an
+    ``maybe_run(model, step, plan, runlog, final)`` after each optimizer step: runs when an
     epoch that is a multiple of ``every`` has just ended, or at the last step (``final``); returns the
     metrics it logged, or None when it did not run. Every process calls it (each embeds its share).
     """
@@ -120,11 +121,10 @@ class KnnMonitor:
                    temperature=cfg.knn_temperature, pool=cfg.knn_pool, batch_size=cfg.batch_size,
                    num_workers=cfg.num_workers, precision=cfg.precision, strict=cfg.strict_data)
 
-    def due(self, step: int, steps_per_epoch: int, final: bool = False) -> bool:
+    def due(self, step: int, plan: StepPlan, final: bool = False) -> bool:
         if step == self._last_step:
             return False
-        epoch_end = step % steps_per_epoch == 0
-        return final or (epoch_end and (step // steps_per_epoch) % self.every == 0)
+        return final or (plan.ends_epoch(step) and plan.epochs_done(step) % self.every == 0)
 
     def run(self, model: nn.Module) -> Dict[str, float]:
         """k-NN top-1/top-5 of ``model``'s encoder now (no RNG drawn or changed, weights untouched)."""
@@ -134,17 +134,17 @@ class KnnMonitor:
             val_f, val_y, _ = self.splits["val"](model, encode, self.precision)
         return knn_accuracy(train_f, train_y, val_f, val_y, self.num_classes, self.k, self.temperature)
 
-    def maybe_run(self, model: nn.Module, step: int, steps_per_epoch: int, runlog: Any = None,
+    def maybe_run(self, model: nn.Module, step: int, plan: StepPlan, runlog: Any = None,
                   final: bool = False) -> Optional[Dict[str, Any]]:
         """Run if due (see the class doc); log to ``runlog`` (eval.csv, TensorBoard) and the console."""
         from .classifier import accuracy_text
 
-        if not self.due(step, steps_per_epoch, final):
+        if not self.due(step, plan, final):
             return None
         t0 = time.perf_counter()
         metrics = self.run(model)
         self._last_step = step
-        epoch = step / steps_per_epoch
+        epoch = plan.progress(step)
         if runlog is not None:
             runlog.write_eval(step, epoch, metrics)
         if self.info.is_main:
