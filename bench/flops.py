@@ -118,6 +118,11 @@ def format_schedule(s: dict) -> str:
     lines.append(f"whole schedule: {s['train_flops_per_image'] / 1e12:.1f} TFLOPs per image over the run = "
                  f"{s['fraction_of_fixed']:.1%} of {s['fixed_final_flops_per_image'] / 1e12:.1f} at {s['final']} px "
                  f"throughout (saves {1 - s['fraction_of_fixed']:.1%})")
+    if "counted" in s:
+        c = s["counted"]
+        lines.append(f"counted by FlopCounterMode (matmuls, every size): {c['train_matmul_flops_per_image'] / 1e12:.1f} "
+                     f"TFLOPs per image = {c['fraction_of_fixed']:.1%} of {c['fixed_final_matmul_flops_per_image'] / 1e12:.1f}"
+                     f"; analytic and counted differ by at most {c['max_rel_diff']:.1e} at any size")
     return "\n".join(lines)
 
 
@@ -173,7 +178,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             for r in reports:
                 plan = from_options(r.config.img_size, args.grow_from, args.grow_epochs, args.epochs,
                                     r.config.patch_size, args.grow_step)
-                schedules[id(r)] = schedule_training_flops(r.model, plan, args.mask_ratio, **kwargs)
+                schedules[id(r)] = schedule_training_flops(r.model, plan, args.mask_ratio, args.check, **kwargs)
         except ValueError as e:
             print(f"mae-flops: error: --grow-from {args.grow_from}: {e}", file=sys.stderr)
             return 2

@@ -130,17 +130,31 @@ def from_options(img_size: int, grow_from: Optional[int], grow_epochs: Optional[
     return ResolutionSchedule(grow_from, img_size, grow, epochs, patch, step, grow_batch)
 
 
-def schedule_training_flops(name: str, schedule: ResolutionSchedule, mask_ratio: float = 0.75,
+def schedule_training_flops(name: str, schedule: ResolutionSchedule, mask_ratio: float = 0.75, check: bool = False,
                             **model_kwargs) -> Dict[str, object]:
     """Training FLOPs per image of one pass over the data at each size of ``schedule`` (mae-flops' analytic count),
-    their sum over the epochs, and the same run at the final size throughout."""
+    their sum over the epochs, and the same run at the final size throughout. ``check``: also the matmul FLOPs
+    FlopCounterMode counts at each size (on the meta device), summed the same way (key ``counted``)."""
     runs = schedule.phases()
-    per_size = {size: count_flops(name, mask_ratio, img_size=size, **model_kwargs).total("training")
-                for size in {size for _, _, size in runs} | {schedule.final}}
+    reports = {size: count_flops(name, mask_ratio, check=check, img_size=size, **model_kwargs)
+               for size in {size for _, _, size in runs} | {schedule.final}}
+    per_size = {size: r.total("training") for size, r in reports.items()}
     phases = [{"first_epoch": a, "end_epoch": b, "img_size": size, "epochs": b - a,
                "train_flops_per_image": per_size[size]} for a, b, size in runs]
     total = sum(p["epochs"] * p["train_flops_per_image"] for p in phases)
     fixed = schedule.epochs * per_size[schedule.final]
-    return {"model": name, "start": schedule.start, "final": schedule.final, "grow_epochs": schedule.grow_epochs,
-            "size_step": schedule.size_step, "epochs": schedule.epochs, "phases": phases,
-            "train_flops_per_image": total, "fixed_final_flops_per_image": fixed, "fraction_of_fixed": total / fixed}
+    out = {"model": name, "start": schedule.start, "final": schedule.final, "grow_epochs": schedule.grow_epochs,
+           "size_step": schedule.size_step, "epochs": schedule.epochs, "phases": phases,
+           "train_flops_per_image": total, "fixed_final_flops_per_image": fixed, "fraction_of_fixed": total / fixed}
+    if check:
+        counted = {size: r.counter_check["training_counter"] for size, r in reports.items()}
+        analytic = {size: r.counter_check["training_analytic"] for size, r in reports.items()}
+        counted_total = sum(p["epochs"] * counted[p["img_size"]] for p in phases)
+        analytic_total = sum(p["epochs"] * analytic[p["img_size"]] for p in phases)
+        counted_fixed = schedule.epochs * counted[schedule.final]
+        out["counted"] = {"train_matmul_flops_per_image": counted_total,
+                          "analytic_matmul_flops_per_image": analytic_total,
+                          "fixed_final_matmul_flops_per_image": counted_fixed,
+                          "fraction_of_fixed": counted_total / counted_fixed,
+                          "max_rel_diff": max(r.counter_check["training_rel_diff"] for r in reports.values())}
+    return out

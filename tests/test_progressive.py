@@ -95,7 +95,8 @@ def test_each_epoch_runs_at_its_size_batch_and_lr(grown):
     rows = list(csv.DictReader(open(out / "log.csv")))
     assert [int(r["step"]) for r in rows] == list(range(1, 30))
     epochs = [float(r["epoch"]) for r in rows]
-    assert epochs[1] == 1.0 and epochs[2] == pytest.approx(1 + 1 / 9, abs=1e-4) and epochs[-1] == 4.0  # fractional, per epoch
+    # fractional, per epoch
+    assert epochs[1] == 1.0 and epochs[2] == pytest.approx(1 + 1 / 9, abs=1e-4) and epochs[-1] == 4.0
     lrs = [float(r["lr"]) for r in rows]
     assert lrs[0] == 0.0 and lrs[1] == pytest.approx(4e-3 * 0.5)  # warmup over epoch 0, at 4x the lr
     assert lrs[2] == pytest.approx(1e-3)  # epoch 1.0: warmup done, the batch (and lr) back to 1x
@@ -104,7 +105,8 @@ def test_each_epoch_runs_at_its_size_batch_and_lr(grown):
 
 def test_checkpoints_mid_schedule_hold_the_final_size_and_load_everywhere(grown, tmp_path, tree, capsys):
     """The checkpoint of step 2 (after the 16 px epoch) has the official keys and the final size's tables: the
-    official model of the final size loads it strictly, and mae-convert (timm, Hugging Face) and mae-finetune read it."""
+    official model of the final size loads it strictly, and mae-convert (timm, Hugging Face) and mae-finetune read
+    it."""
     from mae_fast.convert import main as convert
     from mae_fast.train import finetune
 
@@ -253,10 +255,38 @@ def test_auto_batch_plans_every_size_of_the_schedule(caplog):
     assert lines[0].startswith("memory at 16 px: the batch is lowered to ") and cfg.batch_size < plan.batch_size
     assert [m.split(":")[0] for m in lines[1:]] == ["memory at 16 px", "memory at 24 px"]
     limit = int(0.02 * 2**30 * 0.9)
-    tracers = {size: memory_tracer(dataclasses.replace(cfg, img_size=size), torch.device("cpu")) for size in (16, 24, 32)}
+    tracers = {size: memory_tracer(dataclasses.replace(cfg, img_size=size), torch.device("cpu"))
+               for size in (16, 24, 32)}
     for size, multiple in ((16, 4), (24, 1), (32, 1)):  # every size fits at its batch
         assert tracers[size].predict(cfg.batch_size * multiple, 0).peak_bytes <= limit, size
     assert tracers[16].predict((cfg.batch_size + 1) * 4, 0).peak_bytes > limit  # the smallest size at its edge
     given = parse_config(flags + ["--batch-size", str(plan.batch_size), "--grad-checkpointing", "auto"])
     with pytest.raises(MemoryPlanError, match=rf"at 16 px the batch {4 * plan.batch_size} does not fit: "):
         plan_memory(given, torch.device("cpu"))
+
+
+def test_the_vit_h14_448_preset_with_a_schedule_resolves_as_documented(capsys):
+    """`mae-pretrain --preset vit_h14_448 --grow-from 224`: 224 -> 448 px in 28 px steps over 960 of 1600 epochs, the
+    preset's other options kept, and --print-config writes the schedule's options back as YAML."""
+    from mae_fast.train.engine.config import parse_config as parse
+
+    cfg = parse(["--preset", "vit_h14_448", "--grow-from", "224"])
+    schedule = cfg.schedule()
+    assert (cfg.img_size, cfg.batch_size, cfg.grad_checkpointing, cfg.distributed) == (448, 32, 1, "fsdp")
+    assert schedule.sizes() == list(range(224, 449, 28)) and schedule.grow_epochs == 960 and schedule.epochs == 1600
+    with pytest.raises(SystemExit):
+        parse(["--preset", "vit_h14_448", "--grow-from", "224", "--grow-batch", "tokens", "--print-config"])
+    printed = capsys.readouterr().out
+    assert "grow_from: 224\n" in printed and "grow_batch: tokens\n" in printed and "grow_epochs: null\n" in printed
+
+
+def test_progressive_study_helpers():
+    """The study's arms differ only by the schedule's options, and an epoch's time per size leaves out the first
+    epoch (it starts the run) unless it is its size's only one."""
+    from mae_fast.bench.progressive_study import arm_args, per_size_seconds
+
+    assert arm_args("fixed", 10, 32) == [] and arm_args("grown", 10, 32) == ["--grow-from", "32", "--grow-epochs", "6"]
+    rows = [{"img_size": 32, "seconds": 9.0}, {"img_size": 32, "seconds": 1.0}, {"img_size": 48, "seconds": 2.0},
+            {"img_size": 64, "seconds": 3.0}, {"img_size": 64, "seconds": 5.0}]
+    assert per_size_seconds(rows) == {32: 1.0, 48: 2.0, 64: 4.0}
+    assert per_size_seconds([{"img_size": 32, "seconds": 9.0}, {"img_size": 64, "seconds": 3.0}]) == {32: 9.0, 64: 3.0}

@@ -30,6 +30,10 @@ SMALL: Dict[str, Optional[List[str]]] = {
     # 2 epochs of the demo's 2 steps at 32 px, a checkpoint every step: 4 steps, checkpoints 2-4 kept (newest 3)
     "mae-pretrain --demo": ["--epochs", "2", "--img-size", "32", "--save-every", "1", "--log-every", "1",
                             "--device", "cpu", "--num-workers", "0", "--no-tensorboard"],
+    # the demo on a resolution schedule, small: 16, 24 then 32 px over 4 epochs (4 steps)
+    "mae-pretrain --demo --grow-from 32 --output-dir runs/demo-grow": [
+        "--epochs", "4", "--img-size", "32", "--grow-from", "16", "--grow-epochs", "2", "--grow-step", "8",
+        "--save-every", "2", "--device", "cpu", "--num-workers", "0", "--no-tensorboard"],
     # the digits as printed (1797 PNGs, 64 px)
     "python -c from mae_fast.bench.probe_study import write_digits; write_digits('digits')": None,
     # 16 px (2x2 patches: pos_embed resized), a fixed penalty (no search), 50 L-BFGS iterations at most

@@ -70,6 +70,11 @@ def test_schedule_flops_are_the_sum_of_its_epochs_and_the_counter_agrees():
     for p in got["phases"]:  # each size's analytic count, checked by FlopCounterMode on the meta device
         check = count_flops("mae_vit_tiny_patch8", img_size=p["img_size"], check=True).counter_check
         assert abs(check["training_rel_diff"]) < 1e-9, (p["img_size"], check)
+    counted = schedule_training_flops("mae_vit_tiny_patch8", s, check=True)["counted"]  # mae-flops --check
+    assert counted["max_rel_diff"] < 1e-9
+    analytic = counted["analytic_matmul_flops_per_image"]
+    assert counted["train_matmul_flops_per_image"] == pytest.approx(analytic, rel=1e-9)
+    assert 0.5 < counted["fraction_of_fixed"] < 1.0
     same = schedule_training_flops("mae_vit_tiny_patch8", ResolutionSchedule(64, 64, 0, 10, 8))
     assert same["fraction_of_fixed"] == 1.0
 

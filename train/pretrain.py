@@ -103,8 +103,8 @@ def plan_schedule_sizes(cfg: PretrainConfig, device: torch.device, budget: Optio
             log.info("memory at %d px: the batch is lowered to %d (x%d here) to fit", size, cfg.batch_size, multiple)
         log.info("memory at %d px: %s", size, plan.describe())
         if not plan.fits:
-            raise MemoryPlanError(f"at {size} px the batch {cfg.batch_size * multiple} does not fit: {plan.describe()}; "
-                                  f"use a smaller --batch-size or --grow-batch fixed")
+            raise MemoryPlanError(f"at {size} px the batch {cfg.batch_size * multiple} does not fit: "
+                                  f"{plan.describe()}; use a smaller --batch-size or --grow-batch fixed")
 
 
 def out_of_memory_message(cfg: PretrainConfig, device: torch.device) -> str:
