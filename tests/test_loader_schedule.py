@@ -120,7 +120,7 @@ def test_batches_at_is_len_of_a_loader_built_at_that_batch(shards, world_size, d
 
 
 # ------------------------------------------------------------------ resume
-def resume_case(build, caplog, k: int = 2) -> None:
+def assert_resumes_exactly(build, caplog, k: int = 2) -> None:
     """Stop a planned loader after ``k`` batches of epoch 2 (second phase), restore its state into a new
     loader built at epoch 0's shape that follows the plan: the rest of epoch 2 and epoch 3 are exact."""
     ref = build()
@@ -151,12 +151,12 @@ def resume_case(build, caplog, k: int = 2) -> None:
 
 @pytest.mark.parametrize("kind,workers", FOLDER_KINDS)
 def test_resume_mid_epoch_of_the_second_phase_folder(kind, workers, caplog):
-    resume_case(lambda: folder_loader(kind, workers), caplog)
+    assert_resumes_exactly(lambda: folder_loader(kind, workers), caplog)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_mid_epoch_of_the_second_phase_shards(shards, workers, caplog):  # noqa: F811
-    resume_case(lambda: shard_loader(shards, workers, streams=2), caplog)
+    assert_resumes_exactly(lambda: shard_loader(shards, workers, streams=2), caplog)
 
 
 def test_a_state_saved_at_the_phase_boundary_holds_the_next_epochs_shape(caplog):
