@@ -30,9 +30,13 @@ BATCH = 16  # pretrain_args' batch
 ARMS = ("fixed", "grown")
 
 
-def arm_args(arm: str, epochs: int, grow_from: int, grow_fraction: float = 0.6) -> List[str]:
+def arm_args(arm: str, epochs: int, grow_from: int, grow_fraction: float = 0.6, positions: str = "official"
+             ) -> List[str]:
     """The mae-pretrain options that make ``arm`` differ (none for the fixed size)."""
-    return [] if arm == "fixed" else ["--grow-from", str(grow_from), "--grow-epochs", str(round(grow_fraction * epochs))]
+    if arm == "fixed":
+        return []
+    return ["--grow-from", str(grow_from), "--grow-epochs", str(round(grow_fraction * epochs)), "--grow-positions",
+            positions]
 
 
 def pretrain(out: Path, data: Path, seed: int, epochs: int, extra: List[str]) -> Dict[str, Any]:
@@ -98,7 +102,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         row: Dict[str, Any] = {"seed": seed}
         for arm in (ARMS if i % 2 == 0 else ARMS[::-1]):  # alternate which arm runs first
             res = pretrain(root / f"{arm}-seed{seed}", data, seed, args.epochs,
-                           arm_args(arm, args.epochs, args.grow_from, args.grow_fraction))
+                           arm_args(arm, args.epochs, args.grow_from, args.grow_fraction, args.grow_positions))
             res["heldout_loss"] = heldout_loss(res["checkpoint"], data, seed)
             res["probe_acc1"] = probe(Path(res["checkpoint"]), data, root / "probes" / f"{arm}-seed{seed}", IMG_SIZE,
                                       ["--method", "logistic", "--batch-size", "256", "--seed", str(seed),
@@ -112,7 +116,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     from mae_fast.train.engine.config import parse_config
 
     cfg = parse_config(pretrain_args(IMG_SIZE) + ["--epochs", str(args.epochs),
-                                                  *arm_args("grown", args.epochs, args.grow_from, args.grow_fraction)])
+                                                  *arm_args("grown", args.epochs, args.grow_from, args.grow_fraction,
+                                                            args.grow_positions)])
     flops = schedule_training_flops(MODEL, cfg.schedule())
     summary: Dict[str, Any] = {"flops_fraction_of_fixed": flops["fraction_of_fixed"],
                                "schedule": cfg.schedule().describe()}
@@ -120,7 +125,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         summary[key] = {arm: spread([r[arm][key] for r in rows]) for arm in ARMS}
         summary[key]["grown_minus_fixed"] = spread([r["grown"][key] - r["fixed"][key] for r in rows])
     summary["time_ratio"] = spread([r["grown"]["seconds"] / r["fixed"]["seconds"] for r in rows])
-    print(f"schedule: {summary['schedule']}; FLOPs {flops['fraction_of_fixed']:.1%} of the fixed size")
+    print(f"schedule: {summary['schedule']}, {args.grow_positions} position tables; FLOPs {flops['fraction_of_fixed']:.1%} of the fixed size")
     for key, s in summary.items():
         if isinstance(s, dict) and "grown_minus_fixed" in s:
             d, f = s["grown_minus_fixed"], s["fixed"]
@@ -130,7 +135,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     t = summary["time_ratio"]
     print(f"wall time grown / fixed: {t['mean']:.3f} ({t['min']:.3f} .. {t['max']:.3f})")
     return {**record_header("progressive_study"), "epochs": args.epochs, "grow_from": args.grow_from,
-            "grow_fraction": args.grow_fraction,
+            "grow_fraction": args.grow_fraction, "grow_positions": args.grow_positions,
             "probe_l2": args.probe_l2,
             "img_size": IMG_SIZE, "seeds": rows, "summary": summary}
 
@@ -145,6 +150,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--grow-from", type=int, default=32, help="the grown arm's first size (a multiple of 8)")
     p.add_argument("--grow-fraction", type=float, default=0.6, help="the grown arm grows over this fraction of the "
                    "epochs, then trains at 64 px")
+    p.add_argument("--grow-positions", choices=["official", "scaled"], default="official",
+                   help="the grown arm's position tables below 64 px (mae-pretrain --grow-positions)")
     p.add_argument("--probe-l2", type=float, default=1e-3, help="the logistic probe's penalty, the same for both arms "
                    "(a fixed one: the penalty search costs minutes per probe)")
     args = p.parse_args(argv)

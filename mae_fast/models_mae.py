@@ -127,6 +127,10 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+#: ``set_input_size`` position tables at another input size: the official code's for that grid, or scaled to
+#: ``img_size``'s grid (each patch's centre in its units)
+INPUT_POSITIONS = ("official", "scaled")
+
 #: ``set_activation_dtype`` names: the residual stream's dtype between blocks (None: as autocast leaves it)
 ACTIVATION_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
@@ -194,6 +198,7 @@ class MaskedAutoencoderViT(nn.Module):
         )
         self.img_size = img_size
         self.input_size = img_size  # the side of the images it takes now (set_input_size)
+        self.input_positions = "official"  # the position tables at another input size (set_input_size)
         self.patch_size = patch_size
         self.in_chans = in_chans
         self.norm_pix_loss = norm_pix_loss
@@ -348,13 +353,18 @@ class MaskedAutoencoderViT(nn.Module):
         """Patches L of the images the model takes now (``input_size``)."""
         return (self.input_size // self.patch_size) ** 2
 
-    def set_input_size(self, size: int) -> None:
+    def set_input_size(self, size: int, positions: Optional[str] = None) -> None:
         """Take ``size`` px images from now on (progressive resolution): the masking draws over its grid, and the
         position tables are that grid's sin-cos tables, computed as the official code computes them for a model
-        of that size. The parameters, and so checkpoints, keep ``img_size``'s tables."""
+        of that size (``positions`` "official"), or at each patch's centre in ``img_size``'s grid ("scaled": a
+        code stays tied to a place in the image). The parameters, and so checkpoints, keep ``img_size``'s
+        tables. ``positions`` None keeps the current choice."""
         if size < self.patch_size or size % self.patch_size:
             raise ValueError(f"input size {size} px is not a multiple of the patch size {self.patch_size}")
+        if positions is not None and positions not in INPUT_POSITIONS:
+            raise ValueError(f"unknown positions {positions!r}; choose one of {list(INPUT_POSITIONS)}")
         self.input_size = int(size)
+        self.input_positions = positions or self.input_positions
 
     @contextlib.contextmanager
     def input_size_as(self, size: int) -> Iterator[None]:
@@ -368,16 +378,18 @@ class MaskedAutoencoderViT(nn.Module):
 
     def position_tables(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """(encoder, decoder) position tables (1, 1 + L, D) of the current input grid: the parameters at
-        ``img_size``, else that grid's official sin-cos tables in the parameters' dtype and device (cached)."""
+        ``img_size``, else that grid's sin-cos tables (``input_positions``) in the parameters' dtype and device
+        (cached)."""
         if self.input_size == self.img_size:
             return self.pos_embed, self.decoder_pos_embed
         grid = self.input_size // self.patch_size
+        span = self.config.grid_size if self.input_positions == "scaled" else None
         dtype, device = self.pos_embed.dtype, self.cls_token.device
-        key = (grid, device, dtype)
+        key = (grid, span, device, dtype)
         if key not in self._grid_tables:
             self._grid_tables[key] = tuple(
-                torch.from_numpy(get_2d_sincos_pos_embed(dim, grid, cls_token=True)).float().unsqueeze(0)
-                .to(device, dtype) for dim in (self.pos_embed.shape[-1], self.decoder_pos_embed.shape[-1]))
+                torch.from_numpy(get_2d_sincos_pos_embed(dim, grid, cls_token=True, span=span)).float()
+                .unsqueeze(0).to(device, dtype) for dim in (self.pos_embed.shape[-1], self.decoder_pos_embed.shape[-1]))
         return self._grid_tables[key]
 
     # ---------------------------------------------------------- layout utils

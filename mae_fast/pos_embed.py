@@ -1,6 +1,8 @@
 """Fixed 2-D sin-cos position tables and their resizing (docs/semantics.md §2)."""
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -16,14 +18,20 @@ def get_1d_sincos_pos_embed(embed_dim: int, pos: np.ndarray) -> np.ndarray:
     return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
 
-def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int, cls_token: bool = False) -> np.ndarray:
+def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int, cls_token: bool = False,
+                            span: Optional[int] = None) -> np.ndarray:
     """Table (g*g [+1], embed_dim) in float64: first half encodes the column, second the row.
 
-    Row-major patch order (index = row * g + col); with ``cls_token`` a zero row comes first.
+    Row-major patch order (index = row * g + col); with ``cls_token`` a zero row comes first. Positions are the
+    patch indices 0 .. g-1 (the official code), or with ``span`` each patch's centre in the units of a
+    ``span`` x ``span`` grid over the same image ((i + 0.5) * span / g - 0.5: progressive resolution's
+    "scaled" tables, equal to the official ones when ``span`` is g).
     """
     if embed_dim % 4 != 0:
         raise ValueError(f"2-D sin-cos embedding needs a width divisible by 4, got {embed_dim}")
     coords = np.arange(grid_size, dtype=np.float64)
+    if span is not None and span != grid_size:
+        coords = (coords + 0.5) * span / grid_size - 0.5
     rows, cols = np.meshgrid(coords, coords, indexing="ij")
     emb = np.concatenate(
         [get_1d_sincos_pos_embed(embed_dim // 2, cols), get_1d_sincos_pos_embed(embed_dim // 2, rows)],

@@ -285,8 +285,29 @@ def test_progressive_study_helpers():
     epoch (it starts the run) unless it is its size's only one."""
     from mae_fast.bench.progressive_study import arm_args, per_size_seconds
 
-    assert arm_args("fixed", 10, 32) == [] and arm_args("grown", 10, 32) == ["--grow-from", "32", "--grow-epochs", "6"]
+    assert arm_args("fixed", 10, 32) == []
+    assert arm_args("grown", 10, 32, 0.3, "scaled") == ["--grow-from", "32", "--grow-epochs", "3", "--grow-positions",
+                                                        "scaled"]
     rows = [{"img_size": 32, "seconds": 9.0}, {"img_size": 32, "seconds": 1.0}, {"img_size": 48, "seconds": 2.0},
             {"img_size": 64, "seconds": 3.0}, {"img_size": 64, "seconds": 5.0}]
     assert per_size_seconds(rows) == {32: 1.0, 48: 2.0, 64: 4.0}
     assert per_size_seconds([{"img_size": 32, "seconds": 9.0}, {"img_size": 64, "seconds": 3.0}]) == {32: 9.0, 64: 3.0}
+
+
+def test_scaled_positions_run_and_are_used_below_the_final_size(tmp_path, caplog):
+    """--grow-positions scaled: the smaller sizes use the scaled tables, the log says so, checkpoints are unchanged
+    in keys and shapes."""
+    from mae_fast.pos_embed import get_2d_sincos_pos_embed
+
+    cfg = parse_config(TOKENS + ["--grow-positions", "scaled", "--max-steps", "3", "--precision", "fp32",
+                                 "--output-dir", str(tmp_path / "scaled")])
+    with caplog.at_level(logging.INFO, logger="mae_fast.train"):
+        summary = train(cfg)
+    assert summary["steps"] == 3
+    assert any(r.getMessage().endswith("below 32 px, scaled position tables") for r in caplog.records)
+    state = weights(checkpoints(tmp_path / "scaled")[-1])
+    model = create_model("mae_vit_tiny_patch8", img_size=32)
+    model.load_state_dict(state, strict=True)
+    model.set_input_size(24, "scaled")
+    want = torch.from_numpy(get_2d_sincos_pos_embed(96, 3, cls_token=True, span=4)).float()
+    assert torch.equal(model.position_tables()[0][0], want)

@@ -143,3 +143,28 @@ def test_a_model_at_another_input_size_computes_what_the_official_model_of_that_
     assert model.input_size == size
     with pytest.raises(ValueError, match="input size 30 px is not a multiple of the patch size 8"):
         model.set_input_size(30)
+
+
+def test_scaled_position_tables_tie_each_code_to_a_place_in_the_image():
+    """"scaled": the patch of a g-grid centred at x (in [0, 1]) gets the final F-grid's code of x, (x * F - 0.5), so
+    at 32 px toward 64 (patch 8) the columns are 0.5, 2.5, 4.5, 6.5; at the final grid the official table."""
+    import numpy as np
+    import torch
+    from mae_fast.models_mae import create_model
+    from mae_fast.pos_embed import get_1d_sincos_pos_embed, get_2d_sincos_pos_embed
+
+    table = get_2d_sincos_pos_embed(96, 4, cls_token=True, span=8)
+    assert table.shape == (17, 96) and not table[0].any()
+    for k, x in enumerate([0.5, 2.5, 4.5, 6.5]):  # row 0, column k: the first half codes the column
+        assert np.allclose(table[1 + k, :48], get_1d_sincos_pos_embed(48, np.array([x]))[0], rtol=0, atol=1e-15)
+        assert np.allclose(table[1 + 4 * k, 48:], get_1d_sincos_pos_embed(48, np.array([x]))[0], rtol=0, atol=1e-15)
+    assert np.array_equal(get_2d_sincos_pos_embed(96, 8, True, span=8), get_2d_sincos_pos_embed(96, 8, True))
+    model = create_model("mae_vit_tiny_patch8", img_size=64)
+    model.set_input_size(32, "scaled")
+    assert torch.equal(model.position_tables()[0][0], torch.from_numpy(table).float())
+    model.set_input_size(48)  # keeps the choice
+    assert model.input_positions == "scaled"
+    model.set_input_size(64)
+    assert model.position_tables()[0] is model.pos_embed
+    with pytest.raises(ValueError, match="unknown positions 'shifted'"):
+        model.set_input_size(32, "shifted")

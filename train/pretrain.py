@@ -144,7 +144,8 @@ class PretrainJob(Job):
         self.shape = EpochShape(cfg.img_size, cfg.batch_size)  # the current epoch's (enter_epoch)
         self.knn = KnnMonitor.from_config(cfg, info, device)  # --knn-data: checked and scanned before training
         if self.schedule.grows and info.is_main:
-            log.info("resolution schedule: %s", self.schedule.describe())
+            log.info("resolution schedule: %s; below %d px, %s position tables", self.schedule.describe(), cfg.img_size,
+                     cfg.grow_positions)
             for first, end, size in self.schedule.phases():
                 shape = self.epoch_shape(first)
                 log.info("  epochs %d-%d: %d px, batch %d per process (%d in all), base lr %.3g", first, end - 1,
@@ -162,7 +163,7 @@ class PretrainJob(Job):
         if shape is None or shape == self.shape:
             return
         self.shape = shape
-        self.model.set_input_size(shape.img_size)
+        self.model.set_input_size(shape.img_size, self.cfg.grow_positions)
         if self.cfg.attn_backend == "auto":  # timed again at this size's shapes (on CUDA)
             self.model.set_attn_backend("auto", dtype=compute_dtype(self.cfg.precision), batch=shape.batch_size,
                                         mask_ratio=self.cfg.mask_ratio)

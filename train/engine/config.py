@@ -13,7 +13,7 @@ from mae_fast.compile import COMPILE_MODES
 from mae_fast.device import DEVICE_CHOICES, PRECISION_DTYPES
 from mae_fast.errors import ConfigError
 from mae_fast.kernels import KERNEL_BACKENDS
-from mae_fast.models_mae import ACTIVATION_DTYPES, MODEL_CONFIGS, MODELS
+from mae_fast.models_mae import ACTIVATION_DTYPES, INPUT_POSITIONS, MODEL_CONFIGS, MODELS
 from mae_fast.resolution import GROW_BATCH, ResolutionSchedule, from_options
 
 from ..data.loader_base import default_workers
@@ -37,6 +37,10 @@ class PretrainConfig:
     grow_batch: str = opt("fixed (the same batch and lr at every size) | tokens (batch and lr x floor(L_final / L) "
                           "at a size of L patches: about the final size's tokens per batch)", "fixed",
                           choices=list(GROW_BATCH))
+    grow_positions: str = opt("position tables below --img-size: official (the official code's for that grid: patch "
+                              "index k has one code at every size) | scaled (each patch's centre in the final grid: a "
+                              "code stays tied to a place in the image; learned more in our digits check)", "official",
+                              choices=list(INPUT_POSITIONS))
     data: str = opt("image folder, ImageFolder tree, list file, tar shards (a .tar file, a brace pattern, a "
                     "folder of .tar files or a list file of them), or 'demo'", "demo")
     loader: str = opt("auto (DALI on CUDA when installed, else nvjpeg on CUDA when torchvision decodes JPEG there "
