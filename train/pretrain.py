@@ -158,10 +158,10 @@ class PretrainJob(Job):
         multiple = self.schedule.batch_at(epoch, 1)
         return EpochShape(self.schedule.size_at(epoch), self.cfg.batch_size * multiple, float(multiple))
 
-    def enter_epoch(self, epoch: int) -> None:
+    def enter_epoch(self, epoch: int) -> bool:
         shape = self.epoch_shape(epoch)
         if shape is None or shape == self.shape:
-            return
+            return False
         self.shape = shape
         self.model.set_input_size(shape.img_size, self.cfg.grow_positions)
         if self.cfg.attn_backend == "auto":  # timed again at this size's shapes (on CUDA)
@@ -170,6 +170,7 @@ class PretrainJob(Job):
         if self.info.is_main:
             log.info("epoch %d: %d px, batch %d per process, lr x%g", epoch, shape.img_size, shape.batch_size,
                      shape.lr_scale)
+        return True
 
     def optimizer_for(self, wrapped: torch.nn.Module) -> torch.optim.Optimizer:
         return build_adamw(wrapped, self.base_lr, self.cfg.weight_decay)

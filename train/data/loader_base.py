@@ -147,7 +147,6 @@ class Loader(ABC):
         self.epoch, self.batch = epoch, min(batch, len(self))
 
     def __iter__(self) -> Iterator[Any]:
-        self._apply_plan(self.epoch)  # the epoch may have advanced at the end of the last pass
         epoch, start = self.epoch, self.batch
         yielded = 0
         for i, (images, labels) in enumerate(self._iter_epoch(epoch, start)):

@@ -203,8 +203,10 @@ class Job(ABC):
         """The image side, batch and lr multiple of ``epoch``, or None: the loader's and ``base_lr`` throughout."""
         return None
 
-    def enter_epoch(self, epoch: int) -> None:
-        """Set the model up for ``epoch`` before its first batch (e.g. the input size of its shape)."""
+    def enter_epoch(self, epoch: int) -> bool:
+        """Set the model up for ``epoch`` before its first batch (e.g. the input size of its shape); whether
+        that changed what the step computes (its first step then times the kernels of the new shapes)."""
+        return False
 
     def evaluate(self, step: int, plan: StepPlan, runlog: RunLog) -> None:
         """Evaluate when due after optimizer step ``step`` (k-NN monitor, top-1 each epoch); default none."""
@@ -293,9 +295,8 @@ def fit(cfg: Any, job: Job, out: Path) -> Dict[str, Any]:
             loader.set_epoch(epoch)
             shape = job.epoch_shape(epoch)
             base_lr = job.base_lr * (shape.lr_scale if shape else 1.0)
-            if shape and epoch > 0 and shape != job.epoch_shape(epoch - 1):
+            if job.enter_epoch(epoch):
                 first_step_of_shape = step + 1  # a new size: its kernels are timed on its first step
-            job.enter_epoch(epoch)
             for batch in loader:
                 if loader.batch > plan.steps_in(epoch) * cfg.accum_iter:
                     continue  # an epoch's tail that does not fill a whole accumulation
